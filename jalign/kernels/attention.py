@@ -1,0 +1,97 @@
+"""Attention: the dispatch function the models call, and its XLA implementation.
+
+Layouts follow the public contract: q ``[B,T,Hq,D]``, k and v ``[B,S,Hkv,D]`` with Hq a multiple of Hkv
+(grouped-query attention), output ``[B,T,Hq,D]`` in q's dtype. Scores and softmax are computed in
+float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla",)
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _check_shapes(q, k, v):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B,T,H,D]; got {q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
+
+
+def _grouped_attention(q, k, v, mask, sm_scale):
+  """Softmax attention with a boolean mask broadcastable to [B, 1, 1, T, S]."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, hq // hkv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * sm_scale
+  scores = jnp.where(mask, scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def attention_xla(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None):
+  """Reference attention in plain XLA ops; differentiable by JAX."""
+  _check_shapes(q, k, v)
+  t, s = q.shape[1], k.shape[1]
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+  mask = jnp.ones((1, 1, 1, t, s), dtype=bool)
+  if causal:
+    if t != s:
+      raise ValueError(f"causal attention needs as many queries as keys; got T={t}, S={s}")
+    qi = jnp.arange(t)[:, None]
+    ki = jnp.arange(s)[None, :]
+    mask = mask & (ki <= qi)
+    if sliding_window is not None:
+      mask = mask & (qi - ki < sliding_window)
+  if segment_ids is not None:
+    if segment_ids.shape != q.shape[:2] or t != s:
+      raise ValueError(f"segment_ids {segment_ids.shape} must be [B,T] with T == S for q {q.shape}")
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = mask & same[:, None, None]
+  return _grouped_attention(q, k, v, mask, sm_scale)
+
+
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, impl=None,
+                    sliding_window=None):
+  """Multi-head (grouped-query) attention; see the module docstring for layouts.
+
+  ``segment_ids`` ``[B,T]``: tokens attend only to tokens with the same id (packed sequences).
+  ``sliding_window`` (Mistral): query i also sees only keys i-window+1..i.
+  ``impl``: one of ``IMPLS`` or None for the best on this backend.
+  """
+  if impl is None:
+    impl = "xla"
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r}; available here: {IMPLS}")
+  return attention_xla(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                       sliding_window=sliding_window)
+
+
+def cached_attention(q, k_cache, v_cache, q_positions, *, sm_scale=None, sliding_window=None):
+  """Attention of new queries against a KV cache whose slot i holds position i.
+
+  q ``[B,T,Hq,D]`` at positions ``q_positions [B,T]``; caches ``[B,S,Hkv,D]``. A query at position p
+  sees slots 0..p, which are all written by the time p is decoded, so stale slots past a row's
+  length are never read.
+  """
+  _check_shapes(q, k_cache, v_cache)
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+  slots = jnp.arange(k_cache.shape[1])[None, None, :]
+  qp = q_positions[:, :, None]
+  mask = slots <= qp
+  if sliding_window is not None:
+    mask = mask & (qp - slots < sliding_window)
+  return _grouped_attention(q, k_cache, v_cache, mask[:, None, None], sm_scale)

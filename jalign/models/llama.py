@@ -1,0 +1,363 @@
+"""The Llama-family decoder in Flax NNX: Llama 2/3/3.1, Mistral, Qwen2 and SmolLM2.
+
+Reads top to bottom: the config and its presets, then the modules from the smallest up (norm, rotary
+embedding, attention, MLP, decoder layer, the stacked transformer). Parameters carry logical axis
+names (``jalign.parallel.logical``) in their ``out_sharding`` metadata; a rules table maps them to a
+mesh later. Layers are created with ``nnx.vmap`` and run with ``nnx.scan``, so compile time does not
+grow with depth.
+
+Weight layouts (H hidden, Hq/Hkv heads, D head dim, F MLP width, V vocabulary, L layers):
+  embed [V,H]; per layer q [H,Hq,D], k/v [H,Hkv,D], o [Hq,D,H], gate/up [H,F], down [F,H];
+  lm_head [H,V] (absent when tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jalign.kernels import cached_attention, flash_attention
+from jalign.parallel.logical import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
+                                     BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
+                                     NORM, VOCAB, active_mesh, constrain)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3.1 frequency scaling ("llama3" in Hugging Face configs)."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int = 0  # 0: hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # Qwen2: q/k/v projections have biases
+  sliding_window: int | None = None  # Mistral
+  max_position_embeddings: int = 4096
+  architecture: str = "llama"  # llama | mistral | qwen2: the Hugging Face class written on save
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # a key of REMAT_POLICIES
+  attention_impl: str | None = None  # see jalign.kernels.flash_attention
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def num_params(self) -> int:
+    h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+    attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+    if self.attention_bias:
+      attn += d * (self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * h * f + 2 * h
+    head = 0 if self.tie_word_embeddings else h * self.vocab_size
+    return self.vocab_size * h + self.num_layers * per_layer + h + head
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "LlamaConfig":
+    if name not in PRESETS:
+      raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+_LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000,
+               eos_token_id=128001)
+_LLAMA31 = dict(_LLAMA3, rope_scaling=RopeScaling(), max_position_embeddings=131072,
+                eos_token_id=(128001, 128008, 128009))
+PRESETS: dict[str, LlamaConfig] = {
+    # The embedded test model: vocabulary of the tokenizer shipped in jalign/assets/tiny_tokenizer.
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
+                        num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3, rope_theta=100000.0,
+                                tie_word_embeddings=True, max_position_embeddings=8192,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "llama3-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                             num_heads=32, num_kv_heads=8, max_position_embeddings=8192, **_LLAMA3),
+    "llama3-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                              num_heads=64, num_kv_heads=8, max_position_embeddings=8192, **_LLAMA3),
+    "llama3.1-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                               num_heads=32, num_kv_heads=8, **_LLAMA31),
+    "llama3.1-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                num_heads=64, num_kv_heads=8, **_LLAMA31),
+    "llama3.1-405b": LlamaConfig(hidden_size=16384, intermediate_size=53248, num_layers=126,
+                                 num_heads=128, num_kv_heads=8, **_LLAMA31),
+    "mistral-7b": LlamaConfig(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=1e6,
+                              max_position_embeddings=32768, architecture="mistral",
+                              bos_token_id=1, eos_token_id=2),
+    "qwen2-7b": LlamaConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                            num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1e6,
+                            rms_norm_eps=1e-6, attention_bias=True, max_position_embeddings=32768,
+                            architecture="qwen2", eos_token_id=151645),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, ``[L,B,S,Hkv,D]``; slot i of a row holds position i."""
+  k: jax.Array
+  v: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  elif std == 0.0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(names))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, (dim,), (NORM,), param_dtype, std=None)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Per-pair rotation frequencies, with Llama 3.1 scaling when the config asks for it."""
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  s = config.rope_scaling
+  if s is None:
+    return inv.astype(np.float32)
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions, config: LlamaConfig, dtype):
+  """cos and sin ``[B,T,1,D]`` for the half-split rotation used by Hugging Face checkpoints."""
+  inv = jnp.asarray(rope_inverse_frequencies(config))
+  angles = positions.astype(jnp.float32)[..., None] * inv
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    h, d, hq, hkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    pd, std = config.param_dtype, config.initializer_range
+    self.q_proj = _param(rngs, (h, hq, d), (EMBED, HEADS, HEAD_DIM), pd, std)
+    self.k_proj = _param(rngs, (h, hkv, d), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
+    self.v_proj = _param(rngs, (h, hkv, d), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
+    self.o_proj = _param(rngs, (hq, d, h), (HEADS, HEAD_DIM, EMBED), pd, std)
+    if config.attention_bias:
+      self.q_bias = _param(rngs, (hq, d), (HEADS, HEAD_DIM), pd, 0.0)
+      self.k_bias = _param(rngs, (hkv, d), (KV_HEADS, HEAD_DIM), pd, 0.0)
+      self.v_bias = _param(rngs, (hkv, d), (KV_HEADS, HEAD_DIM), pd, 0.0)
+
+  def _project(self, x, name):
+    y = jnp.einsum("bth,hnd->btnd", x, getattr(self, f"{name}_proj")[...].astype(x.dtype))
+    if self.config.attention_bias:
+      y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
+    return y
+
+  def __call__(self, x, cos, sin, positions, segment_ids, cache):
+    cfg = self.config
+    q = constrain(apply_rope(self._project(x, "q"), cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
+    k = constrain(apply_rope(self._project(x, "k"), cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    v = constrain(self._project(x, "v"), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    if cache is None:
+      o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids, impl=cfg.attention_impl,
+                          sliding_window=cfg.sliding_window)
+    else:
+      k_cache, v_cache = cache
+      rows = jnp.arange(x.shape[0])[:, None]
+      k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
+      v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
+      o = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions,
+                           sliding_window=cfg.sliding_window)
+      cache = (k_cache, v_cache)
+    out = jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(x.dtype))
+    return constrain(out, (BATCH, LENGTH, ACT_EMBED)), cache
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    h, f = config.hidden_size, config.intermediate_size
+    pd, std = config.param_dtype, config.initializer_range
+    self.gate_proj = _param(rngs, (h, f), (EMBED, MLP), pd, std)
+    self.up_proj = _param(rngs, (h, f), (EMBED, MLP), pd, std)
+    self.down_proj = _param(rngs, (f, h), (MLP, EMBED), pd, std)
+
+  def __call__(self, x):
+    gate = x @ self.gate_proj[...].astype(x.dtype)
+    up = x @ self.up_proj[...].astype(x.dtype)
+    hidden = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
+    return constrain(hidden @ self.down_proj[...].astype(x.dtype), (BATCH, LENGTH, ACT_EMBED))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    pd = config.param_dtype
+    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd, rngs=rngs)
+    self.mlp = FeedForward(config, rngs=rngs)
+
+  def __call__(self, x, cos, sin, positions, segment_ids, cache):
+    attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, segment_ids, cache)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x, cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer; ``model(tokens)`` gives float32 logits ``[B,T,V]``.
+
+  With ``cache=`` (from ``init_cache``) it returns ``(logits, cache)`` and writes the keys and
+  values of ``tokens`` at their ``positions``: call it once on the prompt (prefill), then on one
+  token per row at a time.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, with_lm_head: bool = True):
+    self.config = config
+    with nnx.use_eager_sharding(active_mesh() is not None):
+      self.embed = _param(rngs, (config.vocab_size, config.hidden_size), (VOCAB, EMBED),
+                          config.param_dtype, config.initializer_range)
+
+      @nnx.split_rngs(splits=config.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+      def make_layers(rngs):
+        return DecoderLayer(config, rngs=rngs)
+
+      self.layers = make_layers(rngs)
+      self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                param_dtype=config.param_dtype, rngs=rngs)
+      if with_lm_head and not config.tie_word_embeddings:
+        self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), (EMBED, VOCAB),
+                              config.param_dtype, config.initializer_range)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    cfg = self.config
+    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def lm_head_kernel(self) -> jax.Array:
+    """The ``[H,V]`` output projection (the transposed embedding when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...].T
+    if not hasattr(self, "lm_head"):
+      raise ValueError("this model was built without an output projection (with_lm_head=False)")
+    return self.lm_head[...]
+
+  def hidden_states(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """Final-norm hidden states ``[B,T,H]`` (and the updated cache when one is given)."""
+    cfg = self.config
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B,T] integers; got shape {tokens.shape}")
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jnp.asarray(positions, jnp.int32)
+    if segment_ids is not None:
+      segment_ids = jnp.asarray(segment_ids)
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
+    cos, sin = rope_tables(positions, cfg, dtype)
+
+    def body(x, layer, layer_cache):
+      return layer(x, cos, sin, positions, segment_ids, layer_cache)
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none":
+      body = nnx.remat(body, policy=policy, prevent_cse=False)
+    layer_caches = None if cache is None else (cache.k, cache.v)
+    x, new_caches = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+        x, self.layers, layer_caches)
+    x = self.final_norm(x)
+    if cache is None:
+      return x
+    return x, KVCache(k=new_caches[0], v=new_caches[1])
+
+  def logits(self, hidden) -> jax.Array:
+    kernel = self.lm_head_kernel().astype(hidden.dtype)
+    out = jnp.einsum("bth,hv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+    return constrain(out, (BATCH, LENGTH, ACT_VOCAB))
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    out = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    if cache is None:
+      return self.logits(out)
+    hidden, cache = out
+    return self.logits(hidden), cache

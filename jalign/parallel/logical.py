@@ -1,0 +1,64 @@
+"""Logical axis names for parameters and activations, and the helper that pins activations to them.
+
+Every model array carries a tuple of logical names (``"batch"``, ``"embed"``, ``"heads"``...). A rules
+table, set with ``flax.nnx.logical_axis_rules(rules)``, maps each name to mesh axes. Without an active
+mesh (``jax.set_mesh``) and rules, the helpers here do nothing, so the same model code runs in a
+notebook on one CPU and sharded over hundreds of GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
+
+# Parameter axes.
+VOCAB = "vocab"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+LAYERS = "layers"
+NORM = "norm"
+VALUE_OUT = "value_out"
+# Activation axes.
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_KV_HEADS = "act_kv_heads"
+ACT_MLP = "act_mlp"
+ACT_VOCAB = "act_vocab"
+CACHE_LENGTH = "cache_length"
+
+LogicalNames = Sequence[str | None]
+
+
+def active_mesh():
+  """The mesh set with ``jax.set_mesh``, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def logical_to_spec(names: LogicalNames, rules=None) -> PartitionSpec:
+  """Map logical names to a PartitionSpec; names without a rule stay unsharded."""
+  if rules is None:
+    rules = flax_spmd.get_logical_axis_rules()
+  table: dict[str, object] = {}
+  for logical, mesh_axes in rules:
+    table.setdefault(logical, mesh_axes)  # first rule wins, as in Flax
+  return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
+
+
+def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
+  """Pin an activation to its logical sharding; identity without a mesh and rules."""
+  rules = flax_spmd.get_logical_axis_rules()
+  mesh = active_mesh()
+  if mesh is None or not rules:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"logical names {tuple(names)} do not match an array of shape {x.shape}")
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
