@@ -245,8 +245,8 @@ def _check_tensors(reader: SafetensorsReader, maps: list[TensorMap], cfg: LlamaC
         continue
       want, got = m.hf_shape(cfg), reader.shape(name)
       if tuple(got) != tuple(want):
-        raise CheckpointError(f"{reader.path(name)}: tensor {name!r} has shape {tuple(got)}, but "
-                              f"{path / 'config.json'} implies {tuple(want)}")
+        raise CheckpointError(f"{reader.path(name)}: tensor {name!r} has shape {tuple(got)}; "
+                              f"the model config implies {tuple(want)}")
   if missing:
     more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
     raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}{more}")
