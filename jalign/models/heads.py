@@ -13,17 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jalign.models.llama import LlamaConfig, Transformer
-from jalign.parallel.logical import ACT_EMBED, BATCH, EMBED, LENGTH, VALUE_OUT, active_mesh, constrain
+from jalign.parallel.logical import ACT_EMBED, BATCH, EMBED, LENGTH, VALUE_OUT, constrain
 
 
 class ValueHead(nnx.Module):
 
   def __init__(self, hidden_size: int, num_outputs: int = 1, *, rngs: nnx.Rngs, std: float = 0.02):
     kernel = std * jax.random.normal(rngs.params(), (hidden_size, num_outputs), jnp.float32)
-    with nnx.use_eager_sharding(active_mesh() is not None):
-      self.kernel = nnx.Param(kernel,
-                              out_sharding=(EMBED, VALUE_OUT))
-      self.bias = nnx.Param(jnp.zeros((num_outputs,), jnp.float32), out_sharding=(VALUE_OUT,))
+    self.kernel = nnx.Param(kernel, logical_axes=(EMBED, VALUE_OUT))
+    self.bias = nnx.Param(jnp.zeros((num_outputs,), jnp.float32), logical_axes=(VALUE_OUT,))
 
   def __call__(self, hidden):
     hidden = constrain(hidden.astype(jnp.float32), (BATCH, LENGTH, ACT_EMBED))

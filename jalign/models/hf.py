@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from jalign.models.llama import LlamaConfig, RopeScaling, Transformer
 from jalign.models.safetensors_io import CheckpointError, SafetensorsReader, write_file_lazy
-from jalign.parallel.logical import logical_to_spec
+from jalign.parallel.logical import fit_spec, logical_to_spec
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -272,7 +272,7 @@ def _host_value(reader, m: TensorMap, cfg: LlamaConfig, dtype, index=None) -> np
 def _place(reader, m: TensorMap, cfg, shape, dtype, names, mesh):
   if mesh is None:
     return jnp.asarray(_host_value(reader, m, cfg, dtype))
-  sharding = NamedSharding(mesh, logical_to_spec(names))
+  sharding = NamedSharding(mesh, fit_spec(logical_to_spec(names), shape, mesh))
   return jax.make_array_from_callback(shape, sharding,
                                       lambda idx: _host_value(reader, m, cfg, dtype, idx))
 
@@ -291,7 +291,7 @@ def load_weights(reader: SafetensorsReader, cfg: LlamaConfig, *, mesh=None, with
   dtype = np.dtype(jnp.dtype(cfg.param_dtype))
   for m in maps:
     var = variables[m.ours]
-    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    names = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
     var.set_value(_place(reader, m, cfg, var.shape, dtype, names, mesh))
   return nnx.merge(graphdef, state)
 
@@ -374,10 +374,14 @@ def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer is not None:
       tokenizer.save(tmp)
-    if path.exists():
-      shutil.rmtree(path)
-    os.replace(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  if path.exists():  # keep the old folder until the new one is in place
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, path)
   return path

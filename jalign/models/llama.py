@@ -2,8 +2,8 @@
 
 Reads top to bottom: the config and its presets, then the modules from the smallest up (norm, rotary
 embedding, attention, MLP, decoder layer, the stacked transformer). Parameters carry logical axis
-names (``jalign.parallel.logical``) in their ``out_sharding`` metadata; a rules table maps them to a
-mesh later. Layers are created with ``nnx.vmap`` and run with ``nnx.scan``, so compile time does not
+names (``jalign.parallel.logical``) in their ``logical_axes`` metadata; one rules table maps them to
+the mesh. (Not Flax's ``out_sharding``: Flax would read names without a rule as mesh axes.) Layers are created with ``nnx.vmap`` and run with ``nnx.scan``, so compile time does not
 grow with depth.
 
 Weight layouts (H hidden, Hq/Hkv heads, D head dim, F MLP width, V vocabulary, L layers):
@@ -26,7 +26,7 @@ from flax import nnx
 from jalign.kernels import cached_attention, flash_attention
 from jalign.parallel.logical import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
                                      BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
-                                     NORM, VOCAB, active_mesh, constrain)
+                                     NORM, VOCAB, constrain)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = {
@@ -156,7 +156,7 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
     value = jnp.zeros(shape, dtype)
   else:
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, out_sharding=tuple(names))
+  return nnx.Param(value, logical_axes=tuple(names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,21 +289,21 @@ class Transformer(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, with_lm_head: bool = True):
     self.config = config
-    with nnx.use_eager_sharding(active_mesh() is not None):
-      self.embed = _param(rngs, (config.vocab_size, config.hidden_size), (VOCAB, EMBED),
-                          config.param_dtype, config.initializer_range)
+    self.embed = _param(rngs, (config.vocab_size, config.hidden_size), (VOCAB, EMBED),
+                        config.param_dtype, config.initializer_range)
 
-      @nnx.split_rngs(splits=config.num_layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
-      def make_layers(rngs):
-        return DecoderLayer(config, rngs=rngs)
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: LAYERS, "logical_axes": LAYERS})
+    def make_layers(rngs):
+      return DecoderLayer(config, rngs=rngs)
 
-      self.layers = make_layers(rngs)
-      self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                param_dtype=config.param_dtype, rngs=rngs)
-      if with_lm_head and not config.tie_word_embeddings:
-        self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), (EMBED, VOCAB),
-                              config.param_dtype, config.initializer_range)
+    self.layers = make_layers(rngs)
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                              param_dtype=config.param_dtype, rngs=rngs)
+    if with_lm_head and not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), (EMBED, VOCAB),
+                            config.param_dtype, config.initializer_range)
 
   def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     cfg = self.config

@@ -62,3 +62,35 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
   if len(names) != x.ndim:
     raise ValueError(f"logical names {tuple(names)} do not match an array of shape {x.shape}")
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def param_specs(state, rules=None):
+  """PartitionSpecs for every Variable of an NNX state (or module), from its logical names."""
+  from flax import nnx
+
+  if isinstance(state, nnx.Module):
+    state = nnx.state(state)
+
+  def spec(v):
+    names = v.get_metadata().get("logical_axes")
+    return logical_to_spec(names if names else (None,) * len(v.shape), rules)
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+  """Drop mesh axes from dimensions they do not divide (e.g. 8 KV heads on 16-way tensor parallel).
+
+  Such dimensions are replicated instead, which is what a user with more devices than heads wants.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    group = axes if isinstance(axes, tuple) else (axes,)
+    size = 1
+    for a in group:
+      size *= mesh.shape[a]
+    out.append(axes if dim % size == 0 else None)
+  return PartitionSpec(*out)

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JALIGN_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench fetch-models clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m jalign.demo
+
+fetch-models: $(VENV)/.installed
+	$(PY) -c "from jalign.models.pretrained import smollm2_path; print(smollm2_path())"
+
+test: $(VENV)/.installed-test fetch-models
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+bench: $(VENV)/.installed-test fetch-models
+	$(PY) bench/bench_model.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
