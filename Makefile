@@ -27,7 +27,7 @@ fetch-models: $(VENV)/.installed
 	$(PY) -c "from jalign.models.pretrained import smollm2_path; print(smollm2_path())"
 
 test: $(VENV)/.installed-test fetch-models
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 bench: $(VENV)/.installed-test fetch-models
 	$(PY) bench/bench_model.py

@@ -1,0 +1,1 @@
+"""Alignment algorithms as pure functions: losses and jitted step builders, one file each."""
