@@ -330,6 +330,8 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = jnp.asarray(positions, jnp.int32)
     if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids cannot be combined with a KV cache: one sequence per row when decoding")
       segment_ids = jnp.asarray(segment_ids)
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)

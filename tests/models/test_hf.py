@@ -96,10 +96,13 @@ def test_load_onto_a_mesh_places_each_tensor_in_its_sharding(checkpoints):
 # -- bad input: each error names the file and the problem ---------------------------------------
 
 
-def _copy(checkpoints, kind, tmp_path):
+def _copy(checkpoints, kind, tmp_path, **config_changes):
+  """A copy of a checkpoint folder, with keys of its config.json changed."""
   src, _, _ = checkpoints[kind]
   dst = tmp_path / kind
   shutil.copytree(src, dst)
+  cfg = json.loads((dst / "config.json").read_text())
+  (dst / "config.json").write_text(json.dumps({**cfg, **config_changes}))
   return dst
 
 
@@ -113,30 +116,20 @@ def test_missing_shard_is_named(checkpoints, tmp_path):
 
 
 def test_unsupported_architecture_is_named(checkpoints, tmp_path):
-  path = _copy(checkpoints, "llama", tmp_path)
-  cfg = json.loads((path / "config.json").read_text())
-  cfg["architectures"] = ["GPT2LMHeadModel"]
-  cfg["model_type"] = "gpt2"
-  (path / "config.json").write_text(json.dumps(cfg))
+  path = _copy(checkpoints, "llama", tmp_path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
   with pytest.raises(CheckpointError, match=r"config.json: unsupported architecture.*GPT2LMHeadModel"):
     hf.load(path)
 
 
 def test_mismatched_shape_names_file_and_tensor(checkpoints, tmp_path):
-  path = _copy(checkpoints, "llama", tmp_path)
-  cfg = json.loads((path / "config.json").read_text())
-  cfg["intermediate_size"] = 96
-  (path / "config.json").write_text(json.dumps(cfg))
+  path = _copy(checkpoints, "llama", tmp_path, intermediate_size=96)
   with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' "
                                             r"has shape \(128, 64\).*\(96, 64\)"):
     hf.load(path)
 
 
 def test_missing_tensor_and_missing_config_are_named(checkpoints, tmp_path):
-  path = _copy(checkpoints, "llama", tmp_path)
-  cfg = json.loads((path / "config.json").read_text())
-  cfg["num_hidden_layers"] = 3
-  (path / "config.json").write_text(json.dumps(cfg))
+  path = _copy(checkpoints, "llama", tmp_path, num_hidden_layers=3)
   with pytest.raises(CheckpointError, match=r"missing tensors model.layers.2"):
     hf.load(path)
   (path / "config.json").unlink()
