@@ -1,0 +1,141 @@
+"""The base ml_collections config every ``configs/*.py`` file starts from, and its validation.
+
+``validate(config)`` runs before anything is built or compiled; its errors name the key, e.g.
+``config.train.micro_batch_size: 6 does not divide the per-process batch of 16``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import ml_collections
+from ml_collections import config_dict
+
+ALGORITHMS = ("sft",)
+MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>"
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algorithm = "sft"
+  c.run_dir = "runs/run"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = "random"          # random | smollm2 | hf:<folder> | gguf:<file>
+  c.model.preset = "tiny"          # LlamaConfig.preset name, for init=random
+  c.model.dtype = "float32"        # compute dtype (bfloat16 with float32 master weights is the GPU norm)
+  c.model.param_dtype = "float32"
+  c.model.remat = "none"
+
+  c.tokenizer = "model"            # model (the checkpoint's own) | tiny | <folder with tokenizer.json>
+
+  c.data = ml_collections.ConfigDict()
+  c.data.format = "chat"           # chat | prompt_response
+  c.data.train = "bundled:sft_chat_train.jsonl"
+  c.data.validation = "bundled:sft_chat_val.jsonl"  # "" for none
+  c.data.max_seq_length = 256
+  c.data.pack = True
+  c.data.shuffle = True
+  c.data.prompt_template = "{input} {output}"
+  c.data.truncation = "right"      # which end of the prompt is cut when an example is too long
+  c.data.add_bos = False
+  c.data.add_eos = True
+  c.data.chat_prompt_tokens = "default"  # default (\x00 \x11 \x12) | extra_id (<extra_id_N>)
+  c.data.skip_bad_lines = False
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 16
+  c.train.micro_batch_size = 8
+  c.train.max_steps = 100
+  c.train.val_check_interval = 25
+  c.train.save_interval = 50
+  c.train.keep_last = 2
+  c.train.keep_best = 1
+  c.train.max_time_s = 0.0
+  c.train.log_every = 10
+  c.train.resume = True
+  c.train.wandb_project = ""
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 3e-5
+  c.optimizer.min_lr = config_dict.placeholder(float)  # None: lr / 10
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-8
+  c.optimizer.warmup_steps = 10
+  c.optimizer.constant_steps = 0
+  c.optimizer.grad_clip = 1.0
+  return c
+
+
+def data_path(spec: str) -> Path:
+  """``bundled:<name>`` is a file shipped in ``jalign/assets/data``; anything else is a path."""
+  if spec.startswith("bundled:"):
+    return Path(str(resources.files("jalign") / "assets" / "data" / spec[len("bundled:"):]))
+  return Path(spec)
+
+
+def _require(ok: bool, key: str, message: str):
+  if not ok:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
+  _require(c.algorithm in ALGORITHMS, "algorithm", f"{c.algorithm!r} is not one of {ALGORITHMS}")
+  init = c.model.init
+  _require(init in MODEL_INITS or init.startswith(("hf:", "gguf:")), "model.init",
+           f"{init!r} is not random, smollm2, hf:<folder> or gguf:<file>")
+  if init.startswith("hf:"):
+    _require(Path(init[3:]).is_dir(), "model.init", f"{init[3:]} is not a folder")
+  if init.startswith("gguf:"):
+    _require(Path(init[5:]).is_file(), "model.init", f"{init[5:]} is not a file")
+  if init == "random":
+    from jalign.models.llama import PRESETS
+    _require(c.model.preset in PRESETS, "model.preset", f"{c.model.preset!r} is not one of {sorted(PRESETS)}")
+  for key in ("dtype", "param_dtype"):
+    _require(c.model[key] in ("float32", "bfloat16", "float16"), f"model.{key}",
+             f"{c.model[key]!r} is not float32, bfloat16 or float16")
+  _require(c.tokenizer in ("model", "tiny") or Path(c.tokenizer).is_dir(), "tokenizer",
+           f"{c.tokenizer!r} is not 'model', 'tiny' or a folder")
+  _require(c.tokenizer != "model" or init != "random", "tokenizer",
+           "a randomly initialised model has no tokenizer of its own; use 'tiny' or a folder")
+
+  d = c.data
+  _require(d.format in ("chat", "prompt_response"), "data.format", f"{d.format!r} is not chat or prompt_response")
+  _require(data_path(d.train).is_file(), "data.train", f"{data_path(d.train)} not found")
+  if d.validation:
+    _require(data_path(d.validation).is_file(), "data.validation", f"{data_path(d.validation)} not found")
+  _require(d.max_seq_length >= 8, "data.max_seq_length", f"{d.max_seq_length} is too short")
+  _require(d.truncation in ("right", "left"), "data.truncation", f"{d.truncation!r} is not right or left")
+  _require(d.chat_prompt_tokens in ("default", "extra_id"), "data.chat_prompt_tokens",
+           f"{d.chat_prompt_tokens!r} is not default or extra_id")
+  _require("{input}" in d.prompt_template and "{output}" in d.prompt_template, "data.prompt_template",
+           "must contain {input} and {output}")
+
+  t = c.train
+  _require(t.max_steps >= 1, "train.max_steps", "must be at least 1")
+  _require(t.global_batch_size % process_count == 0, "train.global_batch_size",
+           f"{t.global_batch_size} does not split over {process_count} processes")
+  per_process = t.global_batch_size // process_count
+  _require(t.micro_batch_size >= 1 and per_process % t.micro_batch_size == 0, "train.micro_batch_size",
+           f"{t.micro_batch_size} does not divide the per-process batch of {per_process}")
+  _require(t.keep_last >= 1, "train.keep_last", "must be at least 1")
+  for key in ("val_check_interval", "save_interval"):
+    _require(t[key] >= 0, f"train.{key}", "must be >= 0")
+  if t.save_interval and t.val_check_interval and t.keep_best:
+    _require(t.save_interval % t.val_check_interval == 0, "train.save_interval",
+             f"{t.save_interval} must be a multiple of val_check_interval {t.val_check_interval} "
+             "so that every checkpoint has a validation loss to rank it by")
+
+  o = c.optimizer
+  _require(o.lr > 0, "optimizer.lr", "must be positive")
+  _require(o.min_lr is None or 0 <= o.min_lr <= o.lr, "optimizer.min_lr", "must be within [0, lr]")
+  _require(o.warmup_steps >= 0 and o.constant_steps >= 0, "optimizer.warmup_steps",
+           "warmup_steps and constant_steps must be >= 0")

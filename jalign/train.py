@@ -1,0 +1,142 @@
+"""``python -m jalign.train --config=configs/<name>.py [--config.<key>=<value> ...]``.
+
+Reads the config, validates it, builds the model, data and step for its ``algorithm``, and runs the
+loop. The resolved config is saved as ``config.json`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from jalign import config as config_lib
+from jalign import optim, trainer
+from jalign.algos import sft
+from jalign.data import formats, packing, pipeline
+from jalign.data.chat import NemoChatFormat
+from jalign.data.sft import encode_records
+from jalign.data.tokenizer import Tokenizer
+from jalign.models import LlamaConfig, Transformer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file", lock_config=True)
+
+
+def build_model(c):
+  """``(model, tokenizer or None)`` from ``config.model``."""
+  m = c.model
+  kwargs = dict(dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat)
+  if m.init == "random":
+    cfg = LlamaConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    return Transformer(cfg, rngs=nnx.Rngs(c.seed)), None
+  if m.init == "smollm2":
+    from jalign.models.pretrained import load_smollm2
+    return load_smollm2(**kwargs)
+  if m.init.startswith("gguf:"):
+    from jalign.models import gguf
+    return gguf.load(m.init[5:], **kwargs)
+  from jalign.models import hf
+  folder = m.init[3:]
+  return hf.load(folder, **kwargs), (Tokenizer.from_dir(folder) if (Path(folder) / "tokenizer.json").is_file() else None)
+
+
+def build_tokenizer(c, own: Tokenizer | None) -> Tokenizer:
+  if c.tokenizer == "tiny":
+    return Tokenizer.tiny()
+  if c.tokenizer == "model":
+    if own is None:
+      raise config_lib.ConfigError(f"config.tokenizer: {c.model.init} has no tokenizer; name a folder")
+    return own
+  return Tokenizer.from_dir(c.tokenizer)
+
+
+def load_examples(c, tok: Tokenizer, spec: str, log):
+  d = c.data
+  path = config_lib.data_path(spec)
+  records, report = formats.read_jsonl(path, d.format, skip_bad_lines=d.skip_bad_lines)
+  chat_format = NemoChatFormat.extra_id() if d.chat_prompt_tokens == "extra_id" else NemoChatFormat()
+  examples, stats = encode_records(records, d.format, tok, max_length=d.max_seq_length,
+                                   template=d.prompt_template, truncation=d.truncation, add_bos=d.add_bos,
+                                   add_eos=d.add_eos, chat_format=chat_format)
+  log(f"{path}: {report.records} records, {report.bad_lines} bad lines skipped, "
+      f"{stats.truncated} truncated, {stats.dropped} dropped, {stats.tokens} tokens")
+  return examples, {"bad_lines": report.bad_lines, **stats.as_dict()}
+
+
+def run(c, log=print) -> dict:
+  """Train with a (locked or unlocked) ConfigDict; returns the trainer's summary."""
+  config_lib.validate(c, process_count=jax.process_count())
+  run_dir = Path(c.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
+
+  model, own_tokenizer = build_model(c)
+  tok = build_tokenizer(c, own_tokenizer)
+  if tok.vocab_size > model.config.vocab_size:
+    raise config_lib.ConfigError(f"config.tokenizer: {tok.vocab_size} tokens, more than the model's "
+                                 f"vocabulary of {model.config.vocab_size}")
+  pad_id = tok.pad_id if tok.pad_id is not None else 0
+  d, t = c.data, c.train
+  per_process = t.global_batch_size // jax.process_count()
+
+  train_examples, train_stats = load_examples(c, tok, d.train, log)
+  rows = packing.plan_rows(train_examples, d.max_seq_length, pack=d.pack)
+  train_batches = pipeline.batches(rows, train_examples, length=d.max_seq_length, pad_id=pad_id,
+                                   batch_size=per_process, seed=c.seed, shuffle=d.shuffle)
+  val_batches = None
+  if d.validation:
+    val_examples, _ = load_examples(c, tok, d.validation, log)
+    val_rows = packing.plan_rows(val_examples, d.max_seq_length, pack=d.pack)
+    val_batch = min(per_process, len(val_rows))
+    val_batches = lambda: pipeline.row_dataset(val_rows, val_examples, length=d.max_seq_length, pad_id=pad_id,
+                                               batch_size=val_batch, seed=0, shuffle=False, num_epochs=1)
+  (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
+
+  o = c.optimizer
+  schedule = optim.nemo_schedule(o.lr, max_steps=t.max_steps, warmup_steps=o.warmup_steps,
+                                 constant_steps=o.constant_steps, min_lr=o.min_lr)
+  tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                   grad_clip=o.grad_clip or None)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed)
+  loss_fn = {"sft": sft.loss}[c.algorithm]
+  train_step = trainer.make_train_step(graphdef, loss_fn, tx, schedule,
+                                       micro_batches=per_process // t.micro_batch_size)
+  options = trainer.TrainerOptions(
+      max_steps=t.max_steps, val_check_interval=t.val_check_interval if val_batches else 0,
+      save_interval=t.save_interval, keep_last=t.keep_last, keep_best=t.keep_best if val_batches else 0,
+      max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume,
+      flops_per_token=trainer.train_flops_per_token(model.config, d.max_seq_length))
+  loop = trainer.Trainer(state=state, train_step=train_step, eval_step=trainer.make_eval_step(graphdef, loss_fn),
+                         train_batches=train_batches, val_batches=val_batches, run_dir=run_dir, options=options,
+                         wandb_project=t.wandb_project or None, config=c.to_dict())
+  summary = loop.run()
+  summary["losses"] = loop.losses
+  log(f"{summary['stopped']} after {summary['steps']} steps; run folder: {run_dir.absolute()}")
+  return summary
+
+
+def main(argv):
+  if logging.get_verbosity() == logging.INFO and "--verbosity" not in " ".join(sys.argv):
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<name>.py is required")
+  try:
+    run(_CONFIG.value)
+  except (config_lib.ConfigError, formats.DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

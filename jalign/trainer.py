@@ -1,0 +1,341 @@
+"""The training loop every algorithm reuses.
+
+Two halves, kept apart:
+- pure, jitted functions: ``make_train_step(...)(state, batch) -> (state, metrics)`` with gradient
+  accumulation over micro-batches inside one step, and ``make_eval_step``;
+- ``Trainer``, the Python that feeds them: batches, validation, orbax checkpoints (async, atomic,
+  keep the last N and the best by a metric), resume, SIGTERM and time limits, NaN stops, metrics in
+  ``metrics.jsonl`` (and TensorBoard when ``tensorboardX`` is installed) and a progress display.
+
+An algorithm supplies ``loss_fn(model, micro_batch, rng) -> (loss_sum, weight, metric_sums)``; the
+step's loss is ``sum(loss_sum) / sum(weight)`` over all micro-batches, and each reported metric is
+its sum divided by the same total weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 scalar: optimizer steps taken
+  params: Any           # nnx.State of the trained parameters
+  rest: Any             # any other model state
+  opt_state: Any
+  rng: jax.Array        # uint32[2], split once per step
+
+
+def init_state(model, tx: optax.GradientTransformation, seed: int = 0):
+  """``(graphdef, TrainState)`` for an NNX model."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(seed))
+  return graphdef, state
+
+
+def _split_micro(batch, micro_batches: int):
+  def split(x):
+    if x.shape[0] % micro_batches:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {micro_batches} micro-batches")
+    return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None, *, micro_batches: int = 1):
+  """A pure ``(state, batch) -> (state, metrics)``; jit it (with ``donate_argnums=0``)."""
+
+  def step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    micro = _split_micro(batch, micro_batches)
+
+    def grads_of(mb, i):
+      def f(params):
+        model = nnx.merge(graphdef, params, state.rest)
+        total, weight, sums = loss_fn(model, mb, jax.random.fold_in(step_rng, i))
+        return total, (weight, sums)
+      (total, (weight, sums)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+      return grads, total, weight, sums
+
+    def accumulate(carry, xs):
+      mb, i = xs
+      grads, total, weight, sums = grads_of(mb, i)
+      acc_g, acc_t, acc_w, acc_s = carry
+      return (jax.tree.map(jnp.add, acc_g, grads), acc_t + total, acc_w + weight,
+              jax.tree.map(jnp.add, acc_s, sums)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    g0, t0, w0, s0 = grads_of(first, 0)
+    if micro_batches > 1:
+      rest = jax.tree.map(lambda x: x[1:], micro)
+      (g0, t0, w0, s0), _ = jax.lax.scan(accumulate, (g0, t0, w0, s0),
+                                         (rest, jnp.arange(1, micro_batches)))
+    weight = jnp.maximum(w0, 1e-9)
+    grads = jax.tree.map(lambda g: g / weight, g0)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": t0 / weight, "grad_norm": optax.global_norm(grads), "weight": w0}
+    metrics.update({k: v / weight for k, v in s0.items()})
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new, metrics
+
+  return step
+
+
+def make_eval_step(graphdef, loss_fn: LossFn):
+  """A pure ``(state, batch) -> (loss_sum, weight, metric_sums)``."""
+
+  def evaluate(state: TrainState, batch):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    return loss_fn(model, batch, jax.random.PRNGKey(0))
+
+  return evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and progress
+# ----------------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+  """``metrics.jsonl`` in the run folder, plus TensorBoard event files when tensorboardX is present."""
+
+  def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None):
+    self.path = run_dir / "metrics.jsonl"
+    self._file = open(self.path, "a")
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+    except ImportError:
+      pass
+    self._wandb = None
+    if wandb_project:
+      import wandb  # optional: only when the config asks for it
+      self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    clean = {k: float(v) for k, v in metrics.items()}
+    self._file.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(f"{prefix}/{k}", v, step)
+    if self._wandb is not None:
+      self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
+
+  def close(self):
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+class Progress:
+  """A rich progress bar with ETA on a terminal; plain lines every ``every`` steps otherwise."""
+
+  def __init__(self, total: int, start: int, every: int = 10):
+    self.total, self.every = total, every
+    self._bar = None
+    if sys.stdout.isatty():
+      from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+      self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+      self._bar.start()
+      self._task = self._bar.add_task("train", total=total, completed=start, info="")
+
+  def update(self, step: int, metrics: dict):
+    info = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "grad_norm", "lr", "tokens_per_s") if k in metrics)
+    if self._bar is not None:
+      self._bar.update(self._task, completed=step, info=info)
+    elif step % self.every == 0 or step == self.total:
+      print(f"step {step}/{self.total} {info}", flush=True)
+
+  def log(self, text: str):
+    (self._bar.console.print if self._bar is not None else print)(text)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainerOptions:
+  max_steps: int
+  val_check_interval: int = 0       # 0: no validation
+  save_interval: int = 0            # 0: save only at the end (and on SIGTERM / time limit)
+  keep_last: int = 2
+  keep_best: int = 1                # by ``monitor`` (lower is better); 0: keep only the last ones
+  monitor: str = "val_loss"
+  max_time_s: float = 0.0           # 0: no limit
+  log_every: int = 10
+  resume: bool = True
+  flops_per_token: float = 0.0      # for the MFU estimate
+
+
+class Trainer:
+  """Runs a jitted train step over batches, with validation, checkpoints and metrics."""
+
+  def __init__(self, *, state: TrainState, train_step, eval_step, train_batches, run_dir,
+               options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
+               state_sharding=None, batch_sharding=None, wandb_project: str | None = None,
+               config: dict | None = None):
+    self.state = state
+    self.options = options
+    self.run_dir = Path(run_dir)
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self.train_batches = train_batches
+    self.val_batches = val_batches
+    jit_kwargs = {}
+    if state_sharding is not None:
+      jit_kwargs = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+    self._train_step = jax.jit(train_step, donate_argnums=0, **jit_kwargs)
+    self._eval_step = jax.jit(eval_step)
+    o = options
+    policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
+    if o.keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor], reverse=True,
+                                                     n=o.keep_best, keep_checkpoints_without_metrics=False))
+    self.checkpoints = ocp.CheckpointManager(
+        (self.run_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=True, cleanup_tmp_directories=True))
+    self.metrics = MetricsWriter(self.run_dir, wandb_project, config)
+    self._stop_signal = None
+    self.losses: dict[int, float] = {}
+    self.last_val: dict | None = None
+
+  # -- checkpoints ------------------------------------------------------------------------------
+
+  def _save(self, step: int, metrics: dict | None = None):
+    data_state = self.train_batches.get_state() if hasattr(self.train_batches, "get_state") else {}
+    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                         data=ocp.args.JsonSave(data_state)),
+                          metrics=metrics, force=True)
+
+  def restore(self) -> int | None:
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+    restored = self.checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    self.state = restored.state
+    if restored.data and hasattr(self.train_batches, "set_state"):
+      self.train_batches.set_state(restored.data)
+    return step
+
+  # -- validation -------------------------------------------------------------------------------
+
+  def validate(self) -> dict:
+    total = weight = 0.0
+    sums: dict[str, float] = {}
+    for batch in self.val_batches():
+      t, w, s = self._eval_step(self.state, batch)
+      total += float(t)
+      weight += float(w)
+      for k, v in s.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    weight = max(weight, 1e-9)
+    return {"val_loss": total / weight, **{f"val_{k}": v / weight for k, v in sums.items()}}
+
+  # -- the loop ---------------------------------------------------------------------------------
+
+  def _on_signal(self, signum, frame):
+    self._stop_signal = signum
+
+  def run(self) -> dict:
+    o = self.options
+    start_step = (self.restore() if o.resume else None) or 0
+    progress = Progress(o.max_steps, start_step, o.log_every)
+    if start_step:
+      progress.log(f"resumed from step {start_step} ({self.run_dir / 'checkpoints'})")
+    previous = signal.signal(signal.SIGTERM, self._on_signal)
+    began = time.monotonic()
+    reason = "finished"
+    step = start_step
+    peak = _peak_flops()
+    try:
+      while step < o.max_steps:
+        batch = next(self.train_batches)
+        t0 = time.perf_counter()
+        self.state, metrics = self._train_step(self.state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step_time = time.perf_counter() - t0
+        step += 1
+        if not math.isfinite(metrics["loss"]):
+          last = self.checkpoints.latest_step()
+          raise TrainingError(f"step {step}: loss is {metrics['loss']}; stopping. The last good checkpoint "
+                              f"is {'step ' + str(last) if last is not None else 'none'} in {self.run_dir / 'checkpoints'}")
+        tokens = float(np.sum(batch["loss_mask"] > 0)) if "loss_mask" in batch else float(np.size(batch["tokens"]))
+        all_tokens = float(np.sum(batch["segment_ids"] > 0)) if "segment_ids" in batch else float(np.size(batch["tokens"]))
+        metrics.update(step_time=step_time, tokens_per_s=all_tokens / step_time)
+        if o.flops_per_token and peak:
+          metrics["mfu"] = o.flops_per_token * all_tokens / step_time / (peak * jax.device_count())
+        metrics["target_tokens"] = tokens
+        self.losses[step] = metrics["loss"]
+        self.metrics.write(step, metrics)
+        progress.update(step, metrics)
+
+        val = None
+        if o.val_check_interval and self.val_batches and (step % o.val_check_interval == 0 or step == o.max_steps):
+          val = self.validate()
+          self.last_val = val
+          self.metrics.write(step, val, prefix="val")
+          progress.log(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        timed_out = o.max_time_s and time.monotonic() - began > o.max_time_s
+        if (o.save_interval and step % o.save_interval == 0) or step == o.max_steps or timed_out or self._stop_signal:
+          self._save(step, {o.monitor: val[o.monitor]} if val and o.monitor in val else None)
+        if self._stop_signal or timed_out:
+          reason = "SIGTERM" if self._stop_signal else "time limit"
+          break
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      self.checkpoints.wait_until_finished()
+      progress.close()
+      self.metrics.close()
+    return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
+            "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
+
+
+def _peak_flops() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def train_flops_per_token(config, seq_len: int) -> float:
+  """Forward + backward FLOPs per token: 6 per parameter, plus attention scores and values."""
+  return 6.0 * config.num_params + 12.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
