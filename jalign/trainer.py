@@ -5,7 +5,7 @@ Two halves, kept apart:
   accumulation over micro-batches inside one step, and ``make_eval_step``;
 - ``Trainer``, the Python that feeds them: batches, validation, orbax checkpoints (async, atomic,
   keep the last N and the best by a metric), resume, SIGTERM and time limits, NaN stops, metrics in
-  ``metrics.jsonl`` (and TensorBoard when ``tensorboardX`` is installed) and a progress display.
+  ``metrics.jsonl`` and TensorBoard event files, optionally Weights & Biases, and a progress display.
 
 An algorithm supplies ``loss_fn(model, micro_batch, rng) -> (loss_sum, weight, metric_sums)``; the
 step's loss is ``sum(loss_sum) / sum(weight)`` over all micro-batches, and each reported metric is
@@ -31,6 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from tensorboardX import SummaryWriter
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -124,17 +125,12 @@ def make_eval_step(graphdef, loss_fn: LossFn):
 
 
 class MetricsWriter:
-  """``metrics.jsonl`` in the run folder, plus TensorBoard event files when tensorboardX is present."""
+  """``metrics.jsonl`` and TensorBoard event files in the run folder; W&B when a project is named."""
 
   def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None):
     self.path = run_dir / "metrics.jsonl"
     self._file = open(self.path, "a")
-    self._tb = None
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-    except ImportError:
-      pass
+    self._tb = SummaryWriter(str(run_dir / "tensorboard"))
     self._wandb = None
     if wandb_project:
       import wandb  # optional: only when the config asks for it
@@ -144,16 +140,14 @@ class MetricsWriter:
     clean = {k: float(v) for k, v in metrics.items()}
     self._file.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
     self._file.flush()
-    if self._tb is not None:
-      for k, v in clean.items():
-        self._tb.add_scalar(f"{prefix}/{k}", v, step)
+    for k, v in clean.items():
+      self._tb.add_scalar(f"{prefix}/{k}", v, step)
     if self._wandb is not None:
       self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
 
   def close(self):
     self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
 
