@@ -6,7 +6,7 @@ export JALIGN_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench fetch-models clean
+.PHONY: demo chat test bench bench-sft fetch-models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+# The main job on the embedded default: SFT of the tiny model on the bundled chat data.
 demo: $(VENV)/.installed
+	$(PY) -m jalign.train --config=configs/sft_tiny.py --config.run_dir=runs/sft_tiny-$$(date +%Y%m%d-%H%M%S)
+
+# SmolLM2-135M-Instruct answering chat prompts with greedy decoding.
+chat: $(VENV)/.installed
 	$(PY) -m jalign.demo
 
 fetch-models: $(VENV)/.installed

@@ -68,8 +68,8 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
   return examples, {"bad_lines": report.bad_lines, **stats.as_dict()}
 
 
-def run(c, log=print) -> dict:
-  """Train with a (locked or unlocked) ConfigDict; returns the trainer's summary."""
+def build_trainer(c, log=print) -> trainer.Trainer:
+  """Everything a config describes, ready to ``run()``: model, data, step, checkpoints."""
   config_lib.validate(c, process_count=jax.process_count())
   run_dir = Path(c.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,10 +111,17 @@ def run(c, log=print) -> dict:
       save_interval=t.save_interval, keep_last=t.keep_last, keep_best=t.keep_best if val_batches else 0,
       max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume,
       flops_per_token=trainer.train_flops_per_token(model.config, d.max_seq_length))
-  loop = trainer.Trainer(state=state, train_step=train_step, eval_step=trainer.make_eval_step(graphdef, loss_fn),
-                         train_batches=train_batches, val_batches=val_batches, run_dir=run_dir, options=options,
+  return trainer.Trainer(state=state, train_step=train_step,
+                         eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,
+                         val_batches=val_batches, run_dir=run_dir, options=options,
                          wandb_project=t.wandb_project or None, config=c.to_dict())
+
+
+def run(c, log=print) -> dict:
+  """Train with a ConfigDict; returns the trainer's summary (with the loss of every step run)."""
+  loop = build_trainer(c, log)
   summary = loop.run()
+  run_dir = Path(c.run_dir)
   summary["losses"] = loop.losses
   log(f"{summary['stopped']} after {summary['steps']} steps; run folder: {run_dir.absolute()}")
   return summary

@@ -99,7 +99,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g / weight, g0)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": t0 / weight, "grad_norm": optax.global_norm(grads), "weight": w0}
+    metrics = {"loss": t0 / weight, "grad_norm": optax.tree.norm(grads), "weight": w0}
     metrics.update({k: v / weight for k, v in s0.items()})
     if schedule is not None:
       metrics["lr"] = schedule(state.step)

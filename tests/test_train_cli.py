@@ -1,0 +1,56 @@
+"""The command line: python -m jalign.train and the jalign script, config overrides and errors that name the key."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.train.max_steps=3", "--config.train.val_check_interval=0", "--config.train.save_interval=0",
+         "--config.data.max_seq_length=64", "--config.train.global_batch_size=4", "--config.train.micro_batch_size=2"]
+
+
+def train(*args, command=(sys.executable, "-m", "jalign.train")):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([*command, "--config=configs/sft_tiny.py", *SMALL, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_runs_with_overrides_and_saves_the_resolved_config(tmp_path):
+  out = train(f"--config.run_dir={tmp_path / 'run'}", "--config.optimizer.lr=1e-3")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"run folder: {tmp_path / 'run'}" in out.stdout
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["optimizer"]["lr"] == 1e-3 and saved["train"]["max_steps"] == 3
+  assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+
+
+def test_jalign_script_is_the_same_command(tmp_path):
+  script = Path(sys.executable).parent / "jalign"
+  out = train(f"--config.run_dir={tmp_path / 'run'}", command=(str(script), "train"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "finished after 3 steps" in out.stdout
+
+
+def test_invalid_config_names_the_key_before_compiling(tmp_path):
+  out = train(f"--config.run_dir={tmp_path / 'run'}", "--config.train.micro_batch_size=3")
+  assert out.returncode == 2
+  assert "config.train.micro_batch_size: 3 does not divide the per-process batch of 4" in out.stderr
+  assert not (tmp_path / "run").exists()
+  out = train("--config.train.no_such_key=1")
+  assert out.returncode != 0 and "no_such_key" in out.stderr
+
+
+def test_malformed_data_line_stops_before_training(tmp_path):
+  data = tmp_path / "bad.jsonl"
+  good = (ROOT / "jalign" / "assets" / "data" / "sft_chat_val.jsonl").read_text().splitlines()
+  data.write_text("\n".join(good[:5] + ['{"system": "", "conversations": "oops"}'] + good[5:]) + "\n")
+  out = train(f"--config.run_dir={tmp_path / 'run'}", f"--config.data.train={data}")
+  assert out.returncode == 2
+  assert f"{data}:6: field 'conversations' must be a non-empty list" in out.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  out = train(f"--config.run_dir={tmp_path / 'run2'}", f"--config.data.train={data}",
+              "--config.data.skip_bad_lines=True")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "1 bad lines skipped" in out.stdout

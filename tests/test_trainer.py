@@ -1,0 +1,168 @@
+"""The training loop: SFT learns, resume is exact, checkpoints survive crashes, NaNs and signals stop cleanly."""
+
+import importlib.util
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jalign import optim, trainer
+from jalign.algos import sft
+from jalign.models import LlamaConfig, Transformer
+from jalign.train import build_trainer, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(run_dir, **train):
+  spec = importlib.util.spec_from_file_location("sft_tiny", ROOT / "configs" / "sft_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.run_dir = str(run_dir)
+  c.data.max_seq_length = 64
+  c.train.global_batch_size = 8
+  c.train.micro_batch_size = 4
+  c.train.val_check_interval = 0
+  c.train.save_interval = 0
+  c.train.log_every = 1000
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def quiet(*_):
+  pass
+
+
+def test_sft_loss_falls_well_below_its_start(tmp_path):
+  c = tiny_config(tmp_path / "run", max_steps=60, val_check_interval=30)
+  summary = run(c, log=quiet)
+  losses = summary["losses"]
+  assert losses[60] < 0.35 * losses[1], (losses[1], losses[60])
+  assert summary["val"]["val_loss"] < 0.5 * losses[1]
+  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 62 and '"tokens_per_s"' in lines[0] and '"grad_norm"' in lines[0]
+  assert any(p.name.startswith("events") for p in (tmp_path / "run" / "tensorboard").iterdir())
+  assert (tmp_path / "run" / "config.json").is_file()
+
+
+class SigtermAt:
+  """Batches that deliver SIGTERM to this process when batch ``n`` is asked for."""
+
+  def __init__(self, inner, n):
+    self.inner, self.n, self.count = inner, n, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_resume_after_sigterm_repeats_the_uninterrupted_losses(tmp_path):
+  steps = 8
+  straight = run(tiny_config(tmp_path / "a", max_steps=steps), log=quiet)["losses"]
+
+  loop = build_trainer(tiny_config(tmp_path / "b", max_steps=steps), log=quiet)
+  loop.train_batches = SigtermAt(loop.train_batches, 4)
+  first = loop.run()
+  assert first["stopped"] == "SIGTERM" and first["steps"] == 4 and first["last_checkpoint"] == 4
+
+  loop = build_trainer(tiny_config(tmp_path / "b", max_steps=steps), log=quiet)
+  second = loop.run()
+  assert second["steps"] == steps and sorted(loop.losses) == list(range(5, steps + 1))
+  for step in range(5, steps + 1):
+    assert abs(loop.losses[step] - straight[step]) <= 1e-6 * abs(straight[step]), step
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
+  c = tiny_config(tmp_path / "run", max_steps=4, save_interval=2)
+  done = run(c, log=quiet)
+  ckpt = tmp_path / "run" / "checkpoints"
+  assert sorted(p.name for p in ckpt.iterdir()) == ["2", "4"]
+  # A save of step 6 killed halfway: its temporary folder holds part of the files.
+  partial = ckpt / "6.orbax-checkpoint-tmp"
+  shutil.copytree(ckpt / "4", partial)
+  for f in sorted(partial.rglob("*"))[::2]:
+    if f.is_file():
+      f.unlink()
+  loop = build_trainer(tiny_config(tmp_path / "run", max_steps=6, save_interval=2), log=quiet)
+  assert loop.restore() == 4
+  restored = jax.tree.leaves(loop.state.params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in restored)
+  assert not partial.exists()  # the torn save is cleaned up, never mistaken for a checkpoint
+  assert done["last_checkpoint"] == 4
+
+
+def test_time_limit_saves_and_stops(tmp_path):
+  summary = run(tiny_config(tmp_path / "run", max_steps=50, max_time_s=1e-9), log=quiet)
+  assert summary["stopped"] == "time limit" and summary["steps"] == 1 and summary["last_checkpoint"] == 1
+
+
+# -- the pure step ------------------------------------------------------------------------------
+
+
+def _batch(seed=0, rows=8, length=16):
+  r = np.random.RandomState(seed)
+  tokens = r.randint(3, 512, (rows, length)).astype(np.int32)
+  return {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+          "loss_mask": (r.rand(rows, length) > 0.3).astype(np.float32)}
+
+
+def test_micro_batches_do_not_change_the_step():
+  model = Transformer(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0))
+  tx = optax.sgd(1.0)  # the update is the gradient itself (Adam's first step would hide differences)
+  graphdef, state = trainer.init_state(model, tx)
+  batch = _batch()
+  outs = []
+  for micro in (1, 4):
+    step = jax.jit(trainer.make_train_step(graphdef, sft.loss, tx, micro_batches=micro))
+    new, metrics = step(state, batch)
+    outs.append((metrics, new.params))
+  assert abs(float(outs[0][0]["loss"]) - float(outs[1][0]["loss"])) < 1e-6
+  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  model = Transformer(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0))
+  tx = optax.adam(1e-3)
+  graphdef, state = trainer.init_state(model, tx)
+
+  def poisoned(model, batch, rng):
+    total, weight, sums = sft.loss(model, batch, rng)
+    return total * batch["scale"][0], weight, sums
+
+  batches = iter([dict(_batch(i), scale=np.full((8,), np.nan if i == 3 else 1.0, np.float32)) for i in range(6)])
+  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, poisoned, tx),
+                         eval_step=trainer.make_eval_step(graphdef, poisoned), train_batches=batches,
+                         run_dir=tmp_path, options=trainer.TrainerOptions(max_steps=6, save_interval=2,
+                                                                          keep_best=0, log_every=100))
+  with pytest.raises(trainer.TrainingError, match=r"step 4: loss is nan.*last good checkpoint is step 2"):
+    loop.run()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_nemo_schedule_and_weight_decay_mask():
+  s = optim.nemo_schedule(1.0, max_steps=110, warmup_steps=10, constant_steps=20, min_lr=0.1)
+  assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
+  assert abs(float(s(10 + 40)) - 0.55) < 1e-6  # cosine halfway between 1.0 and 0.1
+  assert abs(float(s(95)) - 0.1) < 1e-6 and abs(float(s(109)) - 0.1) < 1e-6
+  params = {"embed": jnp.ones((2, 2)), "final_norm": {"scale": jnp.ones(2)}, "q_bias": jnp.ones(2)}
+  updates, _ = optim.adamw(optax.constant_schedule(0.0), weight_decay=0.5).update(
+      jax.tree.map(jnp.zeros_like, params), optim.adamw(optax.constant_schedule(0.0)).init(params), params)
+  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))  # lr 0: nothing moves
