@@ -6,7 +6,7 @@ export JALIGN_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo chat test bench bench-sft fetch-models clean
+.PHONY: demo chat test bench fetch-models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,7 @@ test: $(VENV)/.installed-test fetch-models
 
 bench: $(VENV)/.installed-test fetch-models
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_sft.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
