@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation = "bundled:sft_chat_val.jsonl"  # "" for none
   c.data.max_seq_length = 256
   c.data.pack = True
+  c.data.pad_to_multiple_of = 0    # 0: every batch is max_seq_length wide; N: cut to the longest row, rounded up to N
   c.data.shuffle = True
   c.data.prompt_template = "{input} {output}"
   c.data.truncation = "right"      # which end of the prompt is cut when an example is too long
@@ -113,6 +114,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
   if d.validation:
     _require(data_path(d.validation).is_file(), "data.validation", f"{data_path(d.validation)} not found")
   _require(d.max_seq_length >= 8, "data.max_seq_length", f"{d.max_seq_length} is too short")
+  _require(d.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", "must be >= 0")
   _require(d.truncation in ("right", "left"), "data.truncation", f"{d.truncation!r} is not right or left")
   _require(d.chat_prompt_tokens in ("default", "extra_id"), "data.chat_prompt_tokens",
            f"{d.chat_prompt_tokens!r} is not default or extra_id")

@@ -87,14 +87,16 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   rows = packing.plan_rows(train_examples, d.max_seq_length, pack=d.pack)
   train_batches = pipeline.batches(rows, train_examples, length=d.max_seq_length, pad_id=pad_id,
-                                   batch_size=per_process, seed=c.seed, shuffle=d.shuffle)
+                                   batch_size=per_process, seed=c.seed, shuffle=d.shuffle,
+                                   pad_to_multiple_of=d.pad_to_multiple_of)
   val_batches = None
   if d.validation:
     val_examples, _ = load_examples(c, tok, d.validation, log)
     val_rows = packing.plan_rows(val_examples, d.max_seq_length, pack=d.pack)
     val_batch = min(per_process, len(val_rows))
     val_batches = lambda: pipeline.row_dataset(val_rows, val_examples, length=d.max_seq_length, pad_id=pad_id,
-                                               batch_size=val_batch, seed=0, shuffle=False, num_epochs=1)
+                                               batch_size=val_batch, seed=0, shuffle=False, num_epochs=1,
+                                               pad_to_multiple_of=d.pad_to_multiple_of)
   (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
 
   o = c.optimizer

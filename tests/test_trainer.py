@@ -166,3 +166,27 @@ def test_nemo_schedule_and_weight_decay_mask():
   updates, _ = optim.adamw(optax.constant_schedule(0.0), weight_decay=0.5).update(
       jax.tree.map(jnp.zeros_like, params), optim.adamw(optax.constant_schedule(0.0)).init(params), params)
   assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))  # lr 0: nothing moves
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
+  c = tiny_config(tmp_path / "run", max_steps=6)
+  c.model.dtype = "bfloat16"
+  c.data.pad_to_multiple_of = 16
+  loop = build_trainer(c, log=quiet)
+  summary = loop.run()
+  assert summary["steps"] == 6 and np.isfinite(list(loop.losses.values())).all()
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(loop.state.params))
+
+
+@pytest.mark.slow
+def test_smollm2_sft_config_trains(tmp_path, smollm2_file):
+  spec = importlib.util.spec_from_file_location("sft_smollm2", ROOT / "configs" / "sft_smollm2.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.run_dir = str(tmp_path / "run")
+  c.data.max_seq_length = 64
+  c.train.global_batch_size, c.train.micro_batch_size, c.train.max_steps = 2, 2, 2
+  c.train.val_check_interval = c.train.save_interval = 0
+  summary = run(c, log=quiet)
+  assert summary["steps"] == 2 and all(0 < v < 10 for v in summary["losses"].values())

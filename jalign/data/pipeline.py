@@ -34,10 +34,21 @@ class BatchIterator:
     self._it.set_state(state)
 
 
+def trim_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """Cut the padding columns past the longest row, keeping a multiple of ``multiple`` columns."""
+  used = int(np.max(np.nonzero(batch["segment_ids"].any(axis=0))[0], initial=0)) + 1
+  width = min(batch["tokens"].shape[1], -(-used // multiple) * multiple)
+  return {k: v[:, :width] for k, v in batch.items()}
+
+
 def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
-                process_count: int | None = None) -> grain.MapDataset:
-  """Batches of ``batch_size`` rows for this process; ``batch_size`` is the per-process batch."""
+                process_count: int | None = None, pad_to_multiple_of: int = 0) -> grain.MapDataset:
+  """Batches of ``batch_size`` rows for this process; ``batch_size`` is the per-process batch.
+
+  Rows are ``length`` long; with ``pad_to_multiple_of`` each batch is cut to its longest row rounded
+  up to that multiple (less padding, one compilation per distinct width).
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   ds = grain.MapDataset.source(rows)[process_index::process_count]
@@ -47,7 +58,10 @@ def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, ba
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.map(lambda row: build_row([examples[i] for i in row], length, pad_id))
-  return ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if pad_to_multiple_of:
+    ds = ds.map(lambda batch: trim_batch(batch, pad_to_multiple_of))
+  return ds
 
 
 def batches(rows, examples, **kwargs) -> BatchIterator:

@@ -108,3 +108,11 @@ def test_pipeline_resumes_with_the_exact_next_batch_and_shards_by_process():
   halves = [list(row_dataset([[i] for i in range(40)], examples, length=64, pad_id=0, batch_size=1, seed=0,
                              shuffle=False, num_epochs=1, process_index=p, process_count=2)) for p in (0, 1)]
   assert len(halves[0]) == len(halves[1]) == 20
+
+
+def test_padding_to_a_multiple_cuts_unused_columns():
+  examples, _ = encode_records([CHAT] * 8, "chat", TOK, max_length=64)
+  rows = plan_rows(examples, 64, pack=False)
+  batch = next(batches(rows, examples, length=64, pad_id=0, batch_size=4, seed=0, pad_to_multiple_of=16))
+  n = len(examples[0])
+  assert batch["tokens"].shape == (4, -(-n // 16) * 16) and batch["segment_ids"][:, :n].all()
