@@ -43,8 +43,12 @@ def trim_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndar
 
 def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
-                process_count: int | None = None, pad_to_multiple_of: int = 0) -> grain.MapDataset:
+                process_count: int | None = None, pad_to_multiple_of: int = 0,
+                make_row=build_row) -> grain.MapDataset:
   """Batches of ``batch_size`` rows for this process; ``batch_size`` is the per-process batch.
+
+  A row is ``make_row([items...], length, pad_id)`` of the items its entry of ``rows`` indexes
+  (several for packed SFT rows; one pair, feedback, prompt or regression text otherwise).
 
   Rows are ``length`` long; with ``pad_to_multiple_of`` each batch is cut to its longest row rounded
   up to that multiple (less padding, one compilation per distinct width).
@@ -57,7 +61,7 @@ def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, ba
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds.map(lambda row: build_row([examples[i] for i in row], length, pad_id))
+  ds = ds.map(lambda row: make_row([examples[i] for i in row], length, pad_id))
   ds = ds.batch(batch_size, drop_remainder=True)
   if pad_to_multiple_of:
     ds = ds.map(lambda batch: trim_batch(batch, pad_to_multiple_of))
@@ -66,3 +70,12 @@ def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, ba
 
 def batches(rows, examples, **kwargs) -> BatchIterator:
   return BatchIterator(row_dataset(rows, examples, **kwargs))
+
+
+def single(make_item_row):
+  """A ``make_row`` for rows of one item (pairs, feedback, prompts, regression texts)."""
+  def make_row(items, length, pad_id):
+    if len(items) != 1:
+      raise ValueError(f"this data has one item per row, got {len(items)}")
+    return make_item_row(items[0], length, pad_id)
+  return make_row

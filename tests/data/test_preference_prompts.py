@@ -1,0 +1,69 @@
+"""Comparison, KTO, prompt and regression data: tokenization, masks, truncation and batches."""
+
+import numpy as np
+import pytest
+
+from jalign.data.chat import NemoChatFormat
+from jalign.data.pipeline import batches, single
+from jalign.data.preference import encode_feedback, encode_pairs, feedback_row, pair_row, render_prompt
+from jalign.data.prompts import encode_prompts, encode_regression, prompt_row, regression_row
+from jalign.data.tokenizer import Tokenizer
+
+TOK = Tokenizer.tiny()
+PAIR = {"prompt": "User: What is the capital of France?\nAssistant:", "chosen_response": " Paris.",
+        "rejected_response": " The moon.", "chosen_reward": 1.0, "rejected_reward": 0.0}
+
+
+def test_pairs_share_the_prompt_and_mask_only_responses():
+  pairs, stats = encode_pairs([PAIR], TOK, max_length=64)
+  p = pairs[0]
+  n = int((~p.chosen.loss_mask).sum())
+  np.testing.assert_array_equal(p.chosen.tokens[:n], p.rejected.tokens[:n])
+  assert TOK.decode(p.chosen.tokens[p.chosen.loss_mask], skip_special_tokens=False) == " Paris.<|im_end|>"
+  assert TOK.decode(p.rejected.tokens[p.rejected.loss_mask], skip_special_tokens=False) == " The moon.<|im_end|>"
+  assert stats.examples == 1 and stats.dropped == 0
+
+
+def test_message_prompts_render_in_the_nemo_chat_format():
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  text, is_chat = render_prompt(messages, NemoChatFormat())
+  assert is_chat and text == "\x00System\nBe brief.\n\x11User\nHi\n\x11Assistant\n"
+  pairs, _ = encode_pairs([dict(PAIR, prompt=messages)], TOK, max_length=64)
+  tail = TOK.decode(pairs[0].chosen.tokens[pairs[0].chosen.loss_mask], skip_special_tokens=False)
+  assert tail == " Paris.\n\x11"
+
+
+def test_long_prompts_lose_their_left_end_and_hopeless_pairs_are_dropped():
+  long = dict(PAIR, prompt="word " * 50 + "Assistant:")
+  pairs, stats = encode_pairs([long], TOK, max_length=20)
+  assert stats.truncated == 1 and len(pairs[0].chosen) <= 20 and len(pairs[0].rejected) <= 20
+  assert TOK.decode(pairs[0].chosen.tokens).rstrip().endswith("Assistant: Paris.")
+  _, stats = encode_pairs([dict(PAIR, rejected_response=" no" * 40)], TOK, max_length=20)
+  assert stats.dropped == 1 and stats.examples == 0
+
+
+def test_pair_and_feedback_batches():
+  pairs, _ = encode_pairs([PAIR] * 6, TOK, max_length=32)
+  batch = next(batches([[i] for i in range(6)], pairs, length=32, pad_id=0, batch_size=4, seed=0,
+                       make_row=single(pair_row)))
+  assert batch["chosen"]["tokens"].shape == (4, 32) and batch["rejected"]["loss_mask"].shape == (4, 32)
+  assert batch["chosen_reward"].tolist() == [1.0] * 4
+  fb, _ = encode_feedback([{"prompt": "Hi", "response": "Hello", "desirable": False}] * 4, TOK, max_length=32)
+  batch = next(batches([[i] for i in range(4)], fb, length=32, pad_id=0, batch_size=2, seed=0,
+                       make_row=single(feedback_row)))
+  assert batch["desirable"].tolist() == [False, False] and batch["loss_mask"].sum() > 0
+
+
+def test_prompts_keep_their_end_and_regression_drops_what_does_not_fit():
+  prompts, stats = encode_prompts([{"text": "one two three four five six seven"}], TOK, max_length=4)
+  assert stats.truncated == 1 and len(prompts[0]) == 4
+  assert TOK.decode(prompts[0]).endswith("seven")
+  row = prompt_row(prompts[0], 8, pad_id=0)
+  assert row["length"] == 4 and row["tokens"][4:].tolist() == [0] * 4
+  items, stats = encode_regression([{"text": "short", "label": [4, -100]}, {"text": "long " * 40, "label": [1, 2]}],
+                                   TOK, max_length=16, num_attributes=2)
+  assert stats.examples == 1 and stats.dropped == 1
+  row = regression_row(items[0], 16, pad_id=0)
+  assert row["label"].tolist() == [4.0, -100.0] and row["length"] == len(items[0][0])
+  with pytest.raises(ValueError, match="record 0: label has 2 attributes, expected 9"):
+    encode_regression([{"text": "x", "label": [1, 2]}], TOK, max_length=16, num_attributes=9)
