@@ -22,11 +22,11 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 
 # The main job on the embedded default: SFT of the tiny model on the bundled chat data.
 demo: $(VENV)/.installed
-	$(PY) -m jalign.train --config=configs/sft_tiny.py --config.run_dir=runs/sft_tiny-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m jalign.demo --run-dir=runs/sft_tiny-$$(date +%Y%m%d-%H%M%S)
 
 # SmolLM2-135M-Instruct answering chat prompts with greedy decoding.
 chat: $(VENV)/.installed
-	$(PY) -m jalign.demo
+	$(PY) -m jalign.demo --chat
 
 fetch-models: $(VENV)/.installed
 	$(PY) -c "from jalign.models.pretrained import smollm2_path; print(smollm2_path())"

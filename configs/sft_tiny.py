@@ -20,9 +20,9 @@ def get_config():
   c.data.pack = True
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8
-  c.train.max_steps = 150
-  c.train.val_check_interval = 50
-  c.train.save_interval = 50
+  c.train.max_steps = 400
+  c.train.val_check_interval = 100
+  c.train.save_interval = 100
   c.optimizer.lr = 3e-3
   c.optimizer.min_lr = 3e-4
   c.optimizer.warmup_steps = 10

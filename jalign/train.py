@@ -68,6 +68,27 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
   return examples, {"bad_lines": report.bad_lines, **stats.as_dict()}
 
 
+def load_config_file(path: str | Path, overrides: dict | None = None):
+  """``get_config()`` of a config file, with dotted-key overrides (``{"train.max_steps": 10}``)."""
+  import importlib.util
+  path = Path(path)
+  if not path.is_file():
+    raise config_lib.ConfigError(f"{path}: config file not found")
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in (overrides or {}).items():
+    parent = c
+    *head, last = key.split(".")
+    for part in head:
+      parent = parent[part]
+    if last not in parent:
+      raise config_lib.ConfigError(f"config.{key}: no such key in {path}")
+    parent[last] = value
+  return c
+
+
 def build_trainer(c, log=print) -> trainer.Trainer:
   """Everything a config describes, ready to ``run()``: model, data, step, checkpoints."""
   config_lib.validate(c, process_count=jax.process_count())
@@ -116,7 +137,7 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   return trainer.Trainer(state=state, train_step=train_step,
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,
                          val_batches=val_batches, run_dir=run_dir, options=options,
-                         wandb_project=t.wandb_project or None, config=c.to_dict())
+                         wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
 
 
 def run(c, log=print) -> dict:

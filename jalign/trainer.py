@@ -205,8 +205,9 @@ class Trainer:
   def __init__(self, *, state: TrainState, train_step, eval_step, train_batches, run_dir,
                options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
                state_sharding=None, batch_sharding=None, wandb_project: str | None = None,
-               config: dict | None = None):
+               config: dict | None = None, graphdef=None):
     self.state = state
+    self.graphdef = graphdef
     self.options = options
     self.run_dir = Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,12 @@ class Trainer:
     self._stop_signal = None
     self.losses: dict[int, float] = {}
     self.last_val: dict | None = None
+
+  def model(self):
+    """The model with the current parameters (needs the ``graphdef`` the trainer was given)."""
+    if self.graphdef is None:
+      raise ValueError("this Trainer was built without a graphdef")
+    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
 
   # -- checkpoints ------------------------------------------------------------------------------
 
