@@ -129,14 +129,19 @@ class MetricsWriter:
 
   def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None):
     self.path = run_dir / "metrics.jsonl"
+    self.enabled = jax.process_index() == 0  # one writer per job
+    self._wandb = None
+    if not self.enabled:
+      return
     self._file = open(self.path, "a")
     self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-    self._wandb = None
     if wandb_project:
       import wandb  # optional: only when the config asks for it
       self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
 
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    if not self.enabled:
+      return
     clean = {k: float(v) for k, v in metrics.items()}
     self._file.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
     self._file.flush()
@@ -146,6 +151,8 @@ class MetricsWriter:
       self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
 
   def close(self):
+    if not self.enabled:
+      return
     self._file.close()
     self._tb.close()
     if self._wandb is not None:
@@ -301,12 +308,11 @@ class Trainer:
           last = self.checkpoints.latest_step()
           raise TrainingError(f"step {step}: loss is {metrics['loss']}; stopping. The last good checkpoint "
                               f"is {'step ' + str(last) if last is not None else 'none'} in {self.run_dir / 'checkpoints'}")
-        tokens = float(np.sum(batch["loss_mask"] > 0)) if "loss_mask" in batch else float(np.size(batch["tokens"]))
-        all_tokens = float(np.sum(batch["segment_ids"] > 0)) if "segment_ids" in batch else float(np.size(batch["tokens"]))
+        all_tokens = _count(batch, "segment_ids")
         metrics.update(step_time=step_time, tokens_per_s=all_tokens / step_time)
         if o.flops_per_token and peak:
           metrics["mfu"] = o.flops_per_token * all_tokens / step_time / (peak * jax.device_count())
-        metrics["target_tokens"] = tokens
+        metrics["target_tokens"] = _count(batch, "loss_mask")
         self.losses[step] = metrics["loss"]
         self.metrics.write(step, metrics)
         progress.update(step, metrics)
@@ -330,6 +336,13 @@ class Trainer:
       self.metrics.close()
     return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
+
+
+def _count(batch, name: str) -> float:
+  """Non-zero entries of every ``name`` array in a (possibly nested) batch: real or target tokens."""
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  return float(sum(np.count_nonzero(np.asarray(v)) for path, v in leaves
+                   if getattr(path[-1], "key", None) == name))
 
 
 def _peak_flops() -> float | None:
