@@ -59,10 +59,14 @@ def init_state(model, tx: optax.GradientTransformation, seed: int = 0):
 
 
 def _split_micro(batch, micro_batches: int):
+  """``[B, ...] -> [M, B/M, ...]`` with micro-batch i = rows i, i+M, i+2M, ...
+
+  Strided, so that a batch sharded by rows stays sharded the same way within every micro-batch.
+  """
   def split(x):
     if x.shape[0] % micro_batches:
       raise ValueError(f"batch of {x.shape[0]} rows does not split into {micro_batches} micro-batches")
-    return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+    return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
   return jax.tree.map(split, batch)
 
 

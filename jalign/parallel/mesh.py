@@ -1,0 +1,112 @@
+"""The device mesh, the logical-axis rules table, and shardings for states and batches.
+
+One mesh with axes ``(data, pipeline, fsdp, tensor)``, outermost first: with several hosts the outer
+axes span hosts and ``tensor`` stays inside a host. Axes are ``Auto`` (GSPMD): the model pins
+activations with ``with_sharding_constraint`` and XLA inserts the collectives.
+
+One rules table maps the model's logical names to mesh axes (Megatron-style tensor parallelism,
+ZeRO-3-style FSDP):
+  column-parallel q/k/v/gate/up: their ``heads``/``kv_heads``/``mlp`` output dims over ``tensor``;
+  row-parallel o/down: the same names, now their input dims; vocab-parallel embedding and LM head;
+  every parameter's ``embed`` dim over ``fsdp`` (parameters, gradients and Adam moments alike);
+  the batch over ``data`` and ``fsdp``.
+A dimension a mesh axis does not divide is replicated instead (``fit_spec``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jalign.parallel.logical import fit_spec, logical_to_spec
+
+AXES = ("data", "pipeline", "fsdp", "tensor")
+DEFAULT_RULES = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+)
+
+
+def mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
+  """Axis sizes with at most one -1 filled so that the product is ``device_count``."""
+  unknown = [a for a in sizes if a not in AXES]
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; the axes are {AXES}")
+  shape = {a: int(sizes.get(a, 1)) for a in AXES}
+  fill = [a for a, n in shape.items() if n == -1]
+  if len(fill) > 1:
+    raise ValueError(f"only one mesh axis may be -1, got {fill}")
+  known = math.prod(n for n in shape.values() if n != -1)
+  if fill:
+    if device_count % known:
+      raise ValueError(f"{device_count} devices do not split into {shape}")
+    shape[fill[0]] = device_count // known
+  if math.prod(shape.values()) != device_count:
+    raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices, there are {device_count}")
+  return shape
+
+
+def make_mesh(sizes: Mapping[str, int] | None = None, *, devices=None) -> Mesh:
+  """A mesh over ``devices`` (default: all), axes in ``AXES`` order, all ``Auto``.
+
+  With several processes, devices are ordered process by process, so the outer axes span hosts and
+  the inner ones (``tensor`` first) stay within a host.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes or {"data": -1}, len(devices))
+  devices.sort(key=lambda d: (d.process_index, d.id))
+  grid = np.asarray(devices, dtype=object).reshape([shape[a] for a in AXES])
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh | None, rules=DEFAULT_RULES):
+  """Trace and run under ``mesh`` with ``rules`` (so that activation constraints apply)."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+    yield
+
+
+def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a pytree: Variables by their logical axes, anything else replicated."""
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      names = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
+      spec = fit_spec(logical_to_spec(names, rules), x.shape, mesh)
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Rows of a batch over the mesh axes the ``batch`` rule names; everything else whole."""
+  return NamedSharding(mesh, logical_to_spec(("batch",), rules))
+
+
+def put_batch(batch, sharding: NamedSharding):
+  """Global arrays from each process's share of the batch (rows in process order)."""
+  def put(x):
+    x = np.asarray(x)
+    spec = PartitionSpec(*sharding.spec, *([None] * (x.ndim - len(sharding.spec))))
+    return jax.make_array_from_process_local_data(NamedSharding(sharding.mesh, spec), x)
+  return jax.tree.map(put, batch)
