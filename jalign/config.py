@@ -12,6 +12,8 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
+from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
+
 ALGORITHMS = ("sft",)
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>"
 
@@ -50,9 +52,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.chat_prompt_tokens = "default"  # default (\x00 \x11 \x12) | extra_id (<extra_id_N>)
   c.data.skip_bad_lines = False
 
+  # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
+  c.sharding_rules = DEFAULT_RULES
+
+  # Multi-host: empty values are found from the environment (Slurm, Open MPI) when there is one.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.local_device_count = 0  # CPU only: devices per process
+
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 16
-  c.train.micro_batch_size = 8
+  c.train.micro_batch_size = 8  # rows per micro-batch on each data-parallel rank (NeMo's meaning)
   c.train.max_steps = 100
   c.train.val_check_interval = 25
   c.train.save_interval = 50
@@ -88,7 +101,7 @@ def _require(ok: bool, key: str, message: str):
     raise ConfigError(f"config.{key}: {message}")
 
 
-def validate(c: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
+def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: int = 1) -> None:
   _require(c.algorithm in ALGORITHMS, "algorithm", f"{c.algorithm!r} is not one of {ALGORITHMS}")
   init = c.model.init
   _require(init in MODEL_INITS or init.startswith(("hf:", "gguf:")), "model.init",
@@ -121,13 +134,29 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
   _require("{input}" in d.prompt_template and "{output}" in d.prompt_template, "data.prompt_template",
            "must contain {input} and {output}")
 
+  try:
+    shape = mesh_shape(dict(c.mesh), device_count)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  _require(shape["pipeline"] == 1, "mesh.pipeline", "pipeline parallelism is not available in training yet")
+  rule_names = {r[0] for r in c.sharding_rules}
+  _require("batch" in rule_names, "sharding_rules", "needs a rule for 'batch'")
+  for logical, axes in c.sharding_rules:
+    for a in (axes if isinstance(axes, (tuple, list)) else (axes,)):
+      _require(a is None or a in shape, "sharding_rules", f"rule {logical!r} names unknown mesh axis {a!r}")
+  from jalign.parallel.logical import logical_to_spec
+  rows = logical_to_spec(("batch",), tuple(c.sharding_rules))[0]
+  dp = 1
+  for a in (() if rows is None else rows if isinstance(rows, tuple) else (rows,)):
+    dp *= shape[a]
+
   t = c.train
   _require(t.max_steps >= 1, "train.max_steps", "must be at least 1")
   _require(t.global_batch_size % process_count == 0, "train.global_batch_size",
            f"{t.global_batch_size} does not split over {process_count} processes")
-  per_process = t.global_batch_size // process_count
-  _require(t.micro_batch_size >= 1 and per_process % t.micro_batch_size == 0, "train.micro_batch_size",
-           f"{t.micro_batch_size} does not divide the per-process batch of {per_process}")
+  _require(t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0,
+           "train.micro_batch_size", f"{t.micro_batch_size} rows on each of {dp} data-parallel ranks do not "
+           f"divide the global batch of {t.global_batch_size}")
   _require(t.keep_last >= 1, "train.keep_last", "must be at least 1")
   for key in ("val_check_interval", "save_interval"):
     _require(t[key] >= 0, f"train.{key}", "must be >= 0")

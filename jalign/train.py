@@ -23,6 +23,8 @@ from jalign.data.chat import NemoChatFormat
 from jalign.data.sft import encode_records
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import LlamaConfig, Transformer
+from jalign.parallel import distributed
+from jalign.parallel import mesh as pmesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file", lock_config=True)
 
@@ -91,7 +93,9 @@ def load_config_file(path: str | Path, overrides: dict | None = None):
 
 def build_trainer(c, log=print) -> trainer.Trainer:
   """Everything a config describes, ready to ``run()``: model, data, step, checkpoints."""
-  config_lib.validate(c, process_count=jax.process_count())
+  config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
+  mesh = pmesh.make_mesh(dict(c.mesh))
+  rules = tuple(tuple(r) for r in c.sharding_rules)
   run_dir = Path(c.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
@@ -103,21 +107,21 @@ def build_trainer(c, log=print) -> trainer.Trainer:
                                  f"vocabulary of {model.config.vocab_size}")
   pad_id = tok.pad_id if tok.pad_id is not None else 0
   d, t = c.data, c.train
-  per_process = t.global_batch_size // jax.process_count()
+  micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
 
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   rows = packing.plan_rows(train_examples, d.max_seq_length, pack=d.pack)
   train_batches = pipeline.batches(rows, train_examples, length=d.max_seq_length, pad_id=pad_id,
-                                   batch_size=per_process, seed=c.seed, shuffle=d.shuffle,
+                                   batch_size=t.global_batch_size, seed=c.seed, shuffle=d.shuffle,
                                    pad_to_multiple_of=d.pad_to_multiple_of)
   val_batches = None
   if d.validation:
     val_examples, _ = load_examples(c, tok, d.validation, log)
     val_rows = packing.plan_rows(val_examples, d.max_seq_length, pack=d.pack)
-    val_batch = min(per_process, len(val_rows))
     val_batches = lambda: pipeline.row_dataset(val_rows, val_examples, length=d.max_seq_length, pad_id=pad_id,
-                                               batch_size=val_batch, seed=0, shuffle=False, num_epochs=1,
-                                               pad_to_multiple_of=d.pad_to_multiple_of)
+                                               batch_size=t.global_batch_size, seed=0, shuffle=False,
+                                               num_epochs=1, pad_to_multiple_of=d.pad_to_multiple_of,
+                                               pad_last_batch=True)
   (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
 
   o = c.optimizer
@@ -127,8 +131,7 @@ def build_trainer(c, log=print) -> trainer.Trainer:
                    grad_clip=o.grad_clip or None)
   graphdef, state = trainer.init_state(model, tx, seed=c.seed)
   loss_fn = {"sft": sft.loss}[c.algorithm]
-  train_step = trainer.make_train_step(graphdef, loss_fn, tx, schedule,
-                                       micro_batches=per_process // t.micro_batch_size)
+  train_step = trainer.make_train_step(graphdef, loss_fn, tx, schedule, micro_batches=micro_batches)
   options = trainer.TrainerOptions(
       max_steps=t.max_steps, val_check_interval=t.val_check_interval if val_batches else 0,
       save_interval=t.save_interval, keep_last=t.keep_last, keep_best=t.keep_best if val_batches else 0,
@@ -136,7 +139,7 @@ def build_trainer(c, log=print) -> trainer.Trainer:
       flops_per_token=trainer.train_flops_per_token(model.config, d.max_seq_length))
   return trainer.Trainer(state=state, train_step=train_step,
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,
-                         val_batches=val_batches, run_dir=run_dir, options=options,
+                         val_batches=val_batches, run_dir=run_dir, options=options, mesh=mesh, rules=rules,
                          wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
 
 
@@ -157,8 +160,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
+  dist = _CONFIG.value.distributed
+  distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
   try:
-    run(_CONFIG.value)
+    run(_CONFIG.value, log=print if jax.process_index() == 0 else (lambda *_: None))
   except (config_lib.ConfigError, formats.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

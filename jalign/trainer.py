@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tensorboardX import SummaryWriter
 
+from jalign.parallel import mesh as pmesh
+
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
@@ -169,7 +171,8 @@ class Progress:
   def __init__(self, total: int, start: int, every: int = 10):
     self.total, self.every = total, every
     self._bar = None
-    if sys.stdout.isatty():
+    self.quiet = jax.process_index() != 0  # one voice per job
+    if sys.stdout.isatty() and not self.quiet:
       from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
       self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -180,11 +183,12 @@ class Progress:
     info = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "grad_norm", "lr", "tokens_per_s") if k in metrics)
     if self._bar is not None:
       self._bar.update(self._task, completed=step, info=info)
-    elif step % self.every == 0 or step == self.total:
+    elif not self.quiet and (step % self.every == 0 or step == self.total):
       print(f"step {step}/{self.total} {info}", flush=True)
 
   def log(self, text: str):
-    (self._bar.console.print if self._bar is not None else print)(text)
+    if not self.quiet:
+      (self._bar.console.print if self._bar is not None else print)(text)
 
   def close(self):
     if self._bar is not None:
@@ -215,20 +219,23 @@ class Trainer:
 
   def __init__(self, *, state: TrainState, train_step, eval_step, train_batches, run_dir,
                options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
-               state_sharding=None, batch_sharding=None, wandb_project: str | None = None,
+               mesh=None, rules=pmesh.DEFAULT_RULES, wandb_project: str | None = None,
                config: dict | None = None, graphdef=None):
-    self.state = state
+    """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows."""
     self.graphdef = graphdef
+    self.mesh, self.rules = mesh, rules
+    self.state_sharding = None
+    if mesh is not None:
+      self.state_sharding = pmesh.tree_shardings(state, mesh, rules)
+      state = jax.device_put(state, self.state_sharding)
+    self.state = state
     self.options = options
     self.run_dir = Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.train_batches = train_batches
     self.val_batches = val_batches
-    jit_kwargs = {}
-    if state_sharding is not None:
-      jit_kwargs = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
-    self._train_step = jax.jit(train_step, donate_argnums=0, **jit_kwargs)
-    self._eval_step = jax.jit(eval_step)
+    self._train_fn, self._eval_fn = train_step, eval_step
+    self._train_step = self._eval_step = None
     o = options
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
     if o.keep_best:
@@ -243,6 +250,20 @@ class Trainer:
     self._stop_signal = None
     self.losses: dict[int, float] = {}
     self.last_val: dict | None = None
+
+  def _put(self, batch):
+    return batch if self.mesh is None else pmesh.put_batch(batch, self.mesh, self.rules)
+
+  def _jit(self, batch):
+    """Jit the steps on the first batch, with explicit shardings when there is a mesh."""
+    if self._train_step is None:
+      kwargs, eval_kwargs = {}, {}
+      if self.mesh is not None:
+        batch_sh = pmesh.batch_shardings(batch, self.mesh, self.rules)
+        kwargs = dict(in_shardings=(self.state_sharding, batch_sh), out_shardings=(self.state_sharding, None))
+        eval_kwargs = dict(in_shardings=(self.state_sharding, batch_sh))
+      self._train_step = jax.jit(self._train_fn, donate_argnums=0, **kwargs)
+      self._eval_step = jax.jit(self._eval_fn, **eval_kwargs)
 
   def model(self):
     """The model with the current parameters (needs the ``graphdef`` the trainer was given)."""
@@ -276,7 +297,7 @@ class Trainer:
     total = weight = 0.0
     sums: dict[str, float] = {}
     for batch in self.val_batches():
-      t, w, s = self._eval_step(self.state, batch)
+      t, w, s = self._eval_step(self.state, self._put(batch))
       total += float(t)
       weight += float(w)
       for k, v in s.items():
@@ -290,6 +311,10 @@ class Trainer:
     self._stop_signal = signum
 
   def run(self) -> dict:
+    with pmesh.use(self.mesh, self.rules):
+      return self._run()
+
+  def _run(self) -> dict:
     o = self.options
     start_step = (self.restore() if o.resume else None) or 0
     progress = Progress(o.max_steps, start_step, o.log_every)
@@ -304,7 +329,8 @@ class Trainer:
       while step < o.max_steps:
         batch = next(self.train_batches)
         t0 = time.perf_counter()
-        self.state, metrics = self._train_step(self.state, batch)
+        self._jit(batch)
+        self.state, metrics = self._train_step(self.state, self._put(batch))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         step_time = time.perf_counter() - t0
         step += 1
@@ -312,11 +338,11 @@ class Trainer:
           last = self.checkpoints.latest_step()
           raise TrainingError(f"step {step}: loss is {metrics['loss']}; stopping. The last good checkpoint "
                               f"is {'step ' + str(last) if last is not None else 'none'} in {self.run_dir / 'checkpoints'}")
-        all_tokens = _count(batch, "segment_ids")
+        all_tokens = _count(batch, "segment_ids") * jax.process_count()
         metrics.update(step_time=step_time, tokens_per_s=all_tokens / step_time)
         if o.flops_per_token and peak:
           metrics["mfu"] = o.flops_per_token * all_tokens / step_time / (peak * jax.device_count())
-        metrics["target_tokens"] = _count(batch, "loss_mask")
+        metrics["target_tokens"] = metrics.pop("weight")
         self.losses[step] = metrics["loss"]
         self.metrics.write(step, metrics)
         progress.update(step, metrics)

@@ -36,7 +36,8 @@ def test_jalign_script_is_the_same_command(tmp_path):
 def test_invalid_config_names_the_key_before_compiling(tmp_path):
   out = train(f"--config.run_dir={tmp_path / 'run'}", "--config.train.micro_batch_size=3")
   assert out.returncode == 2
-  assert "config.train.micro_batch_size: 3 does not divide the per-process batch of 4" in out.stderr
+  assert ("config.train.micro_batch_size: 3 rows on each of 1 data-parallel ranks do not divide the global "
+          "batch of 4") in out.stderr
   assert not (tmp_path / "run").exists()
   out = train("--config.train.no_such_key=1")
   assert out.returncode != 0 and "no_such_key" in out.stderr

@@ -29,7 +29,7 @@ def tiny_config(run_dir, **train):
   c.run_dir = str(run_dir)
   c.data.max_seq_length = 64
   c.train.global_batch_size = 8
-  c.train.micro_batch_size = 4
+  c.train.micro_batch_size = 1  # per data-parallel rank: the tests see 8 CPU devices
   c.train.val_check_interval = 0
   c.train.save_interval = 0
   c.train.log_every = 1000
@@ -186,7 +186,7 @@ def test_smollm2_sft_config_trains(tmp_path, smollm2_file):
   c = module.get_config()
   c.run_dir = str(tmp_path / "run")
   c.data.max_seq_length = 64
-  c.train.global_batch_size, c.train.micro_batch_size, c.train.max_steps = 2, 2, 2
+  c.train.global_batch_size, c.train.micro_batch_size, c.train.max_steps = 8, 1, 2
   c.train.val_check_interval = c.train.save_interval = 0
   summary = run(c, log=quiet)
   assert summary["steps"] == 2 and all(0 < v < 10 for v in summary["losses"].values())

@@ -1,8 +1,10 @@
-"""Grain pipelines: rows -> shuffled, per-process, batched numpy dicts with a checkpointable position.
+"""Grain pipelines: rows -> shuffled global batches -> this process's slice, as numpy dicts.
 
-Each process of a multi-host job reads only its share of the rows (``rows[process::processes]``)
-and produces its slice of the global batch. ``BatchIterator.get_state()`` is a small JSON-able dict;
-``set_state`` resumes with exactly the next batch.
+The order of rows is shuffled once per epoch with the seed and cut into global batches; process p
+of P builds only rows ``[p*B/P, (p+1)*B/P)`` of each global batch. So the global batches (and the
+losses) are the same whatever the number of processes, and each process tokenizes nothing twice
+and builds only its share. ``BatchIterator.get_state()`` is a small JSON-able dict; ``set_state``
+resumes with exactly the next batch.
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ def trim_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndar
 def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, pad_to_multiple_of: int = 0,
-                make_row=build_row) -> grain.MapDataset:
-  """Batches of ``batch_size`` rows for this process; ``batch_size`` is the per-process batch.
+                make_row=build_row, pad_last_batch: bool = False) -> grain.MapDataset:
+  """This process's slices of global batches of ``batch_size`` rows.
+
+  With ``pad_last_batch`` (evaluation), the last partial batch is filled with empty rows, which
+  carry no loss weight, instead of being dropped.
 
   A row is ``make_row([items...], length, pad_id)`` of the items its entry of ``rows`` indexes
   (several for packed SFT rows; one pair, feedback, prompt or regression text otherwise).
@@ -55,14 +60,23 @@ def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, ba
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(rows)[process_index::process_count]
-  if len(ds) < batch_size:
-    raise ValueError(f"{len(ds)} rows for this process, fewer than its batch of {batch_size}")
+  if batch_size % process_count:
+    raise ValueError(f"a global batch of {batch_size} rows does not split over {process_count} processes")
+  if len(rows) < batch_size and not pad_last_batch:
+    raise ValueError(f"{len(rows)} rows, fewer than one batch of {batch_size}")
+  share = batch_size // process_count
+  ds = grain.MapDataset.range(len(rows))
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
-  ds = ds.map(lambda row: make_row([examples[i] for i in row], length, pad_id))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=not pad_last_batch)
+
+  def local_rows(indices):
+    indices = np.pad(indices, (0, batch_size - len(indices)), constant_values=-1)
+    mine = indices[process_index * share:(process_index + 1) * share]
+    built = [make_row([examples[i] for i in rows[int(r)]] if r >= 0 else [], length, pad_id) for r in mine]
+    return jax.tree.map(lambda *xs: np.stack(xs), *built)
+
+  ds = ds.map(local_rows)
   if pad_to_multiple_of:
     ds = ds.map(lambda batch: trim_batch(batch, pad_to_multiple_of))
   return ds

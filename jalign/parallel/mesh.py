@@ -98,15 +98,20 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-  """Rows of a batch over the mesh axes the ``batch`` rule names; everything else whole."""
-  return NamedSharding(mesh, logical_to_spec(("batch",), rules))
+def batch_shardings(batch, mesh: Mesh, rules=DEFAULT_RULES):
+  """For every array of a batch: rows over the mesh axes the ``batch`` rule names, the rest whole."""
+  rows = logical_to_spec(("batch",), rules)[0]
+  return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(rows, *([None] * (np.ndim(x) - 1)))), batch)
 
 
-def put_batch(batch, sharding: NamedSharding):
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways the rows of a batch are split."""
+  rows = logical_to_spec(("batch",), rules)[0]
+  axes = () if rows is None else (rows if isinstance(rows, tuple) else (rows,))
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def put_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
   """Global arrays from each process's share of the batch (rows in process order)."""
-  def put(x):
-    x = np.asarray(x)
-    spec = PartitionSpec(*sharding.spec, *([None] * (x.ndim - len(sharding.spec))))
-    return jax.make_array_from_process_local_data(NamedSharding(sharding.mesh, spec), x)
-  return jax.tree.map(put, batch)
+  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
+                      batch, batch_shardings(batch, mesh, rules))

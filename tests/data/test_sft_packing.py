@@ -103,11 +103,18 @@ def test_pipeline_resumes_with_the_exact_next_batch_and_shards_by_process():
   again.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(again)["tokens"], e)
-  # Two processes read disjoint halves of the rows.
+  # Two processes build disjoint halves of the same global batches.
   from jalign.data.pipeline import row_dataset
-  halves = [list(row_dataset([[i] for i in range(40)], examples, length=64, pad_id=0, batch_size=1, seed=0,
-                             shuffle=False, num_epochs=1, process_index=p, process_count=2)) for p in (0, 1)]
-  assert len(halves[0]) == len(halves[1]) == 20
+  examples = [type(ex)(ex.tokens + i, ex.loss_mask)
+              for i, ex in enumerate(examples)]  # make every row distinct
+  whole = list(row_dataset(rows, examples, length=64, pad_id=0, batch_size=4, seed=7, num_epochs=1,
+                           process_index=0, process_count=1))
+  halves = [list(row_dataset(rows, examples, length=64, pad_id=0, batch_size=4, seed=7, num_epochs=1,
+                             process_index=p, process_count=2)) for p in (0, 1)]
+  assert len(whole) == len(halves[0]) == 10
+  for w, a, b in zip(whole, *halves):
+    assert a["tokens"].shape == (2, 64)
+    np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), w["tokens"])
 
 
 def test_padding_to_a_multiple_cuts_unused_columns():

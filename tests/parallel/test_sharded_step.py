@@ -39,8 +39,10 @@ def _step(mesh=None, micro_batches=2):
   with pmesh.use(mesh):
     shardings = pmesh.tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
-    batch = pmesh.put_batch(batch, pmesh.batch_sharding(mesh))
-    new, metrics = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None))(state, batch)
+    batch_shardings = pmesh.batch_shardings(batch, mesh)
+    batch = pmesh.put_batch(batch, mesh)
+    new, metrics = jax.jit(step, in_shardings=(shardings, batch_shardings),
+                           out_shardings=(shardings, None))(state, batch)
   return state, new, metrics
 
 
