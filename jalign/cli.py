@@ -2,7 +2,7 @@
 
 import sys
 
-COMMANDS = {"train": "jalign.train", "demo": "jalign.demo"}
+COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "demo": "jalign.demo"}
 
 
 def main():
@@ -11,9 +11,9 @@ def main():
     sys.exit(2)
   command = sys.argv.pop(1)
   sys.argv[0] = f"jalign {command}"
-  if command == "train":
-    from jalign.train import entry
-    entry()
+  if command in ("train", "plan"):
+    import importlib
+    importlib.import_module(COMMANDS[command]).entry()
   else:
     from jalign.demo import main as demo
     demo(sys.argv[1:])

@@ -101,14 +101,16 @@ def _require(ok: bool, key: str, message: str):
     raise ConfigError(f"config.{key}: {message}")
 
 
-def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: int = 1) -> None:
+def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: int = 1,
+             check_files: bool = True) -> None:
+  """Check every key; ``check_files=False`` (the planner) skips the existence of data and model files."""
   _require(c.algorithm in ALGORITHMS, "algorithm", f"{c.algorithm!r} is not one of {ALGORITHMS}")
   init = c.model.init
   _require(init in MODEL_INITS or init.startswith(("hf:", "gguf:")), "model.init",
            f"{init!r} is not random, smollm2, hf:<folder> or gguf:<file>")
-  if init.startswith("hf:"):
+  if init.startswith("hf:") and check_files:
     _require(Path(init[3:]).is_dir(), "model.init", f"{init[3:]} is not a folder")
-  if init.startswith("gguf:"):
+  if init.startswith("gguf:") and check_files:
     _require(Path(init[5:]).is_file(), "model.init", f"{init[5:]} is not a file")
   if init == "random":
     from jalign.models.llama import PRESETS
@@ -116,15 +118,15 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   for key in ("dtype", "param_dtype"):
     _require(c.model[key] in ("float32", "bfloat16", "float16"), f"model.{key}",
              f"{c.model[key]!r} is not float32, bfloat16 or float16")
-  _require(c.tokenizer in ("model", "tiny") or Path(c.tokenizer).is_dir(), "tokenizer",
+  _require(c.tokenizer in ("model", "tiny") or Path(c.tokenizer).is_dir() or not check_files, "tokenizer",
            f"{c.tokenizer!r} is not 'model', 'tiny' or a folder")
   _require(c.tokenizer != "model" or init != "random", "tokenizer",
            "a randomly initialised model has no tokenizer of its own; use 'tiny' or a folder")
 
   d = c.data
   _require(d.format in ("chat", "prompt_response"), "data.format", f"{d.format!r} is not chat or prompt_response")
-  _require(data_path(d.train).is_file(), "data.train", f"{data_path(d.train)} not found")
-  if d.validation:
+  _require(not check_files or data_path(d.train).is_file(), "data.train", f"{data_path(d.train)} not found")
+  if d.validation and check_files:
     _require(data_path(d.validation).is_file(), "data.validation", f"{data_path(d.validation)} not found")
   _require(d.max_seq_length >= 8, "data.max_seq_length", f"{d.max_seq_length} is too short")
   _require(d.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", "must be >= 0")

@@ -26,8 +26,6 @@ from jalign.models import LlamaConfig, Transformer
 from jalign.parallel import distributed
 from jalign.parallel import mesh as pmesh
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "an ml_collections config file", lock_config=True)
-
 
 def build_model(c):
   """``(model, tokenizer or None)`` from ``config.model``."""
@@ -153,24 +151,28 @@ def run(c, log=print) -> dict:
   return summary
 
 
-def main(argv):
+def main(argv, config_flag):
   if logging.get_verbosity() == logging.INFO and "--verbosity" not in " ".join(sys.argv):
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  config = config_flag.value
+  if config is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  dist = _CONFIG.value.distributed
+  dist = config.distributed
   distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
   try:
-    run(_CONFIG.value, log=print if jax.process_index() == 0 else (lambda *_: None))
+    run(config, log=print if jax.process_index() == 0 else (lambda *_: None))
   except (config_lib.ConfigError, formats.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 def entry():
-  app.run(main)
+  # Flags are defined here, not at import, so that other entry points can import this module.
+  config_flag = config_flags.DEFINE_config_file("config", None, "an ml_collections config file",
+                                                lock_config=True)
+  app.run(lambda argv: main(argv, config_flag))
 
 
 if __name__ == "__main__":
