@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8  # rows per micro-batch on each data-parallel rank (NeMo's meaning)
+  c.train.pipeline_microbatches = 0  # with mesh.pipeline > 1; 0: as many as stages
+  c.train.pipeline_repeats = 1       # > 1: circular (interleaved) schedule
   c.train.max_steps = 100
   c.train.val_check_interval = 25
   c.train.save_interval = 50
@@ -140,7 +142,6 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     shape = mesh_shape(dict(c.mesh), device_count)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
-  _require(shape["pipeline"] == 1, "mesh.pipeline", "pipeline parallelism is not available in training yet")
   rule_names = {r[0] for r in c.sharding_rules}
   _require("batch" in rule_names, "sharding_rules", "needs a rule for 'batch'")
   for logical, axes in c.sharding_rules:
@@ -159,6 +160,13 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   _require(t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0,
            "train.micro_batch_size", f"{t.micro_batch_size} rows on each of {dp} data-parallel ranks do not "
            f"divide the global batch of {t.global_batch_size}")
+  if shape["pipeline"] > 1:
+    pipe_micro = t.pipeline_microbatches or shape["pipeline"]
+    rows = t.micro_batch_size * dp
+    _require(rows % pipe_micro == 0, "train.pipeline_microbatches",
+             f"{pipe_micro} pipeline micro-batches do not divide the {rows} rows of a micro-batch")
+    _require(t.pipeline_repeats == 1 or pipe_micro >= shape["pipeline"], "train.pipeline_microbatches",
+             f"the circular schedule needs at least {shape['pipeline']} (one per stage)")
   _require(t.keep_last >= 1, "train.keep_last", "must be at least 1")
   for key in ("val_check_interval", "save_interval"):
     _require(t[key] >= 0, f"train.{key}", "must be >= 0")

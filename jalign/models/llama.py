@@ -26,7 +26,7 @@ from flax import nnx
 from jalign.kernels import cached_attention, flash_attention
 from jalign.parallel.logical import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
                                      BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
-                                     NORM, VOCAB, constrain)
+                                     NORM, VOCAB, active_mesh, constrain)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = {
@@ -71,6 +71,10 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # a key of REMAT_POLICIES
   attention_impl: str | None = None  # see jalign.kernels.flash_attention
+  # Pipeline parallelism (jalign.parallel.pipeline): stages = the mesh's pipeline axis.
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
+  pipeline_repeats: int = 1  # > 1: the circular (interleaved) schedule
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -81,6 +85,9 @@ class LlamaConfig:
       raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    if self.pipeline_stages > 1 and self.num_layers % (self.pipeline_stages * self.pipeline_repeats):
+      raise ValueError(f"{self.num_layers} layers do not split into {self.pipeline_stages} stages x "
+                       f"{self.pipeline_repeats} repeats")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -341,6 +348,9 @@ class Transformer(nnx.Module):
     def body(x, layer, layer_cache):
       return layer(x, cos, sin, positions, segment_ids, layer_cache)
 
+    if cfg.pipeline_stages > 1 and cache is None:
+      x = self._pipelined_layers(x, positions, segment_ids)
+      return self.final_norm(x)
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
       body = nnx.remat(body, policy=policy, prevent_cse=False)
@@ -351,6 +361,45 @@ class Transformer(nnx.Module):
     if cache is None:
       return x
     return x, KVCache(k=new_caches[0], v=new_caches[1])
+
+  def _pipelined_layers(self, x, positions, segment_ids):
+    """The layers as pipeline stages over the ``pipeline`` mesh axis (see jalign.parallel.pipeline)."""
+    from jalign.parallel import pipeline
+
+    cfg = self.config
+    stages, repeats, micro = cfg.pipeline_stages, cfg.pipeline_repeats, cfg.pipeline_microbatches
+    b = x.shape[0]
+    if b % micro:
+      raise ValueError(f"a batch of {b} rows does not split into {micro} pipeline micro-batches")
+    graphdef, state = nnx.split(self.layers)
+    policy = REMAT_POLICIES[cfg.remat]
+
+    def stage_fn(params, h, aux):
+      pos, seg = aux
+      cos, sin = rope_tables(pos, cfg, h.dtype)
+
+      def one_layer(h, layer_params):
+        h, _ = nnx.merge(graphdef, layer_params)(h, cos, sin, pos, seg, None)
+        return h, None
+
+      if cfg.remat != "none":
+        one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+      return jax.lax.scan(one_layer, h, params)[0]
+
+    # Strided micro-batches (rows m, m+M, ...), so that rows sharded over data stay where they are.
+    split = lambda a: a.reshape(b // micro, micro, *a.shape[1:]).swapaxes(0, 1)
+    merge = lambda a: a.swapaxes(0, 1).reshape(b, *a.shape[2:])
+    seg = segment_ids if segment_ids is not None else jnp.zeros(positions.shape, jnp.int32)
+    aux = (split(positions), split(seg))
+    axis = "pipeline" if active_mesh() is not None else None
+    per = cfg.num_layers // (stages * repeats)
+    if repeats == 1:
+      params = jax.tree.map(lambda p: p.reshape(stages, per, *p.shape[1:]), state)
+      ys = pipeline.gpipe(stage_fn, params, split(x), aux, spmd_axis_name=axis)
+    else:
+      params = jax.tree.map(lambda p: p.reshape(repeats, stages, per, *p.shape[1:]), state)
+      ys = pipeline.circular(stage_fn, params, split(x), aux, repeats=repeats, spmd_axis_name=axis)
+    return merge(ys)
 
   def logits(self, hidden) -> jax.Array:
     kernel = self.lm_head_kernel().astype(hidden.dtype)

@@ -35,6 +35,7 @@ DEFAULT_RULES = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     # parameters
+    ("layers", "pipeline"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),

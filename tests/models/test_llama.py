@@ -148,3 +148,17 @@ def test_bad_configs_are_refused():
     LlamaConfig.preset("tiny", remat="sometimes")
   with pytest.raises(KeyError, match="unknown preset"):
     LlamaConfig.preset("llama9-1t")
+
+
+@pytest.mark.parametrize("stages,repeats,micro", [(2, 1, 1), (2, 1, 2), (2, 1, 4), (2, 2, 2), (2, 2, 4)])
+def test_pipelined_layers_equal_the_scanned_layers(stages, repeats, micro):
+  cfg = TINY.replace(num_layers=4)
+  tokens = _tokens(4, 8)
+  plain = Transformer(cfg, rngs=nnx.Rngs(0))
+  piped = Transformer(cfg.replace(pipeline_stages=stages, pipeline_repeats=repeats, pipeline_microbatches=micro),
+                      rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(piped(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+  loss = lambda m: jnp.mean(m(tokens) ** 2)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.grad(loss)(piped)), nnx.to_flat_state(nnx.grad(loss)(plain))):
+    a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-9, path

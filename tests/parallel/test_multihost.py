@@ -63,7 +63,7 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     assert loop.restore() == STEPS and int(loop.state.step) == STEPS
     q = loop.state.params["layers"]["attn"]["q_proj"].get_value()
     if sizes.get("tensor"):
-      assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+      assert q.sharding.spec == jax.sharding.PartitionSpec("pipeline", "fsdp", "tensor", None)
     params.append([np.asarray(v.get_value()) for _, v in nnx.to_flat_state(loop.state.params)])
   for a, b in zip(*params):
     np.testing.assert_array_equal(a, b)

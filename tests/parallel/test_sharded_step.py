@@ -12,10 +12,11 @@ from jalign.models import LlamaConfig, Transformer
 from jalign.parallel import mesh as pmesh
 
 # Wide enough that every axis divides something: 8 heads, 4 KV heads (replicated on tensor=8).
-CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=8,
                      num_kv_heads=4)
 LR = 1e4
-MESHES = [{"data": 8}, {"fsdp": 8}, {"tensor": 8}, {"data": 2, "fsdp": 2, "tensor": 2}]
+MESHES = [{"data": 8}, {"fsdp": 8}, {"tensor": 8}, {"data": 2, "fsdp": 2, "tensor": 2},
+          {"data": 2, "pipeline": 2, "tensor": 2}, {"pipeline": 4, "data": 2}]
 
 
 def _batch(rows=16, length=16):
@@ -28,7 +29,9 @@ def _batch(rows=16, length=16):
 
 
 def _step(mesh=None, micro_batches=2):
-  model = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  stages = 1 if mesh is None else mesh.shape["pipeline"]
+  cfg = CONFIG.replace(pipeline_stages=stages, pipeline_microbatches=stages)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
   tx = optax.sgd(LR)  # new params = params - LR * grads: LR large so the parameters' rounding is negligible
   graphdef, state = trainer.init_state(model, tx)
   step = trainer.make_train_step(graphdef, sft.loss, tx, micro_batches=micro_batches)
@@ -70,9 +73,9 @@ def test_parameters_are_sharded_as_the_rules_say():
   old, new, _ = _step(mesh)
   P = jax.sharding.PartitionSpec
   specs = {path: v.get_value().sharding.spec for path, v in nnx.to_flat_state(new.params)}
-  assert specs[("layers", "attn", "q_proj")] == P(None, "fsdp", "tensor", None)  # column parallel
-  assert specs[("layers", "attn", "o_proj")] == P(None, "tensor", None, "fsdp")  # row parallel
-  assert specs[("layers", "mlp", "down_proj")] == P(None, "tensor", "fsdp")
+  assert specs[("layers", "attn", "q_proj")] == P("pipeline", "fsdp", "tensor", None)  # column parallel
+  assert specs[("layers", "attn", "o_proj")] == P("pipeline", "tensor", None, "fsdp")  # row parallel
+  assert specs[("layers", "mlp", "down_proj")] == P("pipeline", "tensor", "fsdp")
   assert specs[("embed",)] == P("tensor", "fsdp") and specs[("lm_head",)] == P("fsdp", "tensor")  # vocab parallel
 
 
