@@ -37,6 +37,7 @@ test: $(VENV)/.installed-test fetch-models
 bench: $(VENV)/.installed-test fetch-models
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_sft.py
+	$(PY) bench/bench_mesh.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
