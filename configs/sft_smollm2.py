@@ -12,6 +12,8 @@ def get_config():
   c.run_dir = "runs/sft_smollm2"
   c.model.init = "smollm2"
   c.tokenizer = "model"
+  # Shard parameters and Adam moments over all devices rather than copying them to each.
+  c.mesh.update({"data": 1, "fsdp": -1, "tensor": 1, "pipeline": 1})
   c.data.format = "chat"
   c.data.max_seq_length = 256
   c.data.pack = True
