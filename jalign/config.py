@@ -91,6 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def pipeline_fields(c) -> dict:
+  """The model config's pipeline settings, from the mesh and ``train.pipeline_*``."""
+  stages = int(c.mesh.pipeline) if int(c.mesh.pipeline) > 0 else 1
+  if stages == 1:
+    return {}
+  return dict(pipeline_stages=stages, pipeline_microbatches=c.train.pipeline_microbatches or stages,
+              pipeline_repeats=c.train.pipeline_repeats)
+
+
 def data_path(spec: str) -> Path:
   """``bundled:<name>`` is a file shipped in ``jalign/assets/data``; anything else is a path."""
   if spec.startswith("bundled:"):

@@ -30,7 +30,6 @@ from jalign import optim, trainer
 from jalign.algos import sft
 from jalign.models import LlamaConfig, Transformer
 from jalign.parallel import mesh as pmesh
-from jalign.train import pipeline_fields
 
 GiB = 1024**3
 
@@ -65,8 +64,8 @@ def model_config(c) -> LlamaConfig:
   m = c.model
   if m.init == "random":
     return LlamaConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                              **pipeline_fields(c))
-  kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **pipeline_fields(c))
+                              **config_lib.pipeline_fields(c))
+  kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **config_lib.pipeline_fields(c))
   if m.init.startswith("hf:"):
     from jalign.models import hf
     return hf.config_from_hf(hf.read_config_file(Path(m.init[3:])), Path(m.init[3:]) / "config.json", **kwargs)

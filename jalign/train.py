@@ -27,22 +27,13 @@ from jalign.parallel import distributed
 from jalign.parallel import mesh as pmesh
 
 
-def pipeline_fields(c) -> dict:
-  """The model's pipeline settings from the mesh and the train config."""
-  stages = int(c.mesh.pipeline) if int(c.mesh.pipeline) > 0 else 1
-  if stages == 1:
-    return {}
-  return dict(pipeline_stages=stages, pipeline_microbatches=c.train.pipeline_microbatches or stages,
-              pipeline_repeats=c.train.pipeline_repeats)
-
-
 def build_model(c):
   """``(model, tokenizer or None)`` from ``config.model``."""
   m = c.model
-  kwargs = dict(dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat, **pipeline_fields(c))
+  kwargs = dict(dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat, **config_lib.pipeline_fields(c))
   if m.init == "random":
     cfg = LlamaConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                             **pipeline_fields(c))
+                             **config_lib.pipeline_fields(c))
     return Transformer(cfg, rngs=nnx.Rngs(c.seed)), None
   if m.init == "smollm2":
     from jalign.models.pretrained import load_smollm2

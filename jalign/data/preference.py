@@ -81,10 +81,7 @@ def encode_pairs(records: list[dict], tok: Tokenizer, *, max_length: int,
     if chosen is None or rejected is None:
       stats.dropped += 1
       continue
-    stats.truncated += bool(cut_c or cut_r)
-    stats.examples += 1
-    stats.tokens += len(chosen) + len(rejected)
-    stats.loss_tokens += int(chosen.loss_mask.sum() + rejected.loss_mask.sum())
+    stats.keep(chosen, rejected, truncated=cut_c or cut_r)
     pairs.append(Pair(chosen, rejected, rec["chosen_reward"], rec["rejected_reward"]))
   return pairs, stats
 
@@ -100,10 +97,7 @@ def encode_feedback(records: list[dict], tok: Tokenizer, *, max_length: int,
     if ex is None:
       stats.dropped += 1
       continue
-    stats.truncated += bool(cut)
-    stats.examples += 1
-    stats.tokens += len(ex)
-    stats.loss_tokens += int(ex.loss_mask.sum())
+    stats.keep(ex, truncated=cut)
     out.append(Feedback(ex, rec["desirable"]))
   return out, stats
 

@@ -29,6 +29,13 @@ class EncodeStats:
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  def keep(self, *examples: "Example", truncated: bool) -> None:
+    """Count one record kept, made of ``examples`` (one, or a chosen/rejected pair)."""
+    self.examples += 1
+    self.truncated += bool(truncated)
+    self.tokens += sum(len(ex) for ex in examples)
+    self.loss_tokens += sum(int(ex.loss_mask[1:].sum()) for ex in examples)
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -94,12 +101,9 @@ def encode_records(records: list[dict], fmt: str, tok: Tokenizer, *, max_length:
       ex, cut = encode_chat(rec, tok, max_length=max_length, chat_format=chat_format or NemoChatFormat())
     else:
       raise ValueError(f"SFT reads 'prompt_response' or 'chat' data, not {fmt!r}")
-    stats.truncated += bool(cut and ex is not None)
     if ex is None:
       stats.dropped += 1
       continue
-    stats.examples += 1
-    stats.tokens += len(ex)
-    stats.loss_tokens += int(ex.loss_mask[1:].sum())
+    stats.keep(ex, truncated=cut)
     out.append(ex)
   return out, stats
