@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas")
 DEFAULT_CHUNK = 256
 
 
@@ -46,9 +46,16 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
 
 
 def token_logprobs(hidden, lm_head, targets, *, impl=None, return_entropy=False):
-  """Log-probs ``[B,T]`` float32 of ``targets`` (and the softmax entropy with ``return_entropy``)."""
+  """Log-probs ``[B,T]`` float32 of ``targets`` (and the softmax entropy with ``return_entropy``).
+
+  ``impl``: "xla" (chunked, the default) or "pallas" (the fused kernel of ``logprobs_pallas``; in
+  interpret mode on CPU, where it is for testing, not speed).
+  """
   if impl is None:
     impl = "xla"
   if impl not in IMPLS:
     raise ValueError(f"unknown token_logprobs impl {impl!r}; available here: {IMPLS}")
+  if impl == "pallas":
+    from jalign.kernels.logprobs_pallas import token_logprobs_pallas
+    return token_logprobs_pallas(hidden, lm_head, targets, return_entropy=return_entropy)
   return token_logprobs_xla(hidden, lm_head, targets, return_entropy=return_entropy)
