@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas")
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -69,12 +69,20 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, im
 
   ``segment_ids`` ``[B,T]``: tokens attend only to tokens with the same id (packed sequences).
   ``sliding_window`` (Mistral): query i also sees only keys i-window+1..i.
-  ``impl``: one of ``IMPLS`` or None for the best on this backend.
+  ``impl``: one of ``IMPLS`` or None for the default ("xla" until the GPU measurements pick one;
+  "pallas" runs the kernels of ``attention_pallas``, in interpret mode on CPU).
   """
   if impl is None:
     impl = "xla"
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; available here: {IMPLS}")
+  if impl == "pallas":
+    _check_shapes(q, k, v)
+    if causal and q.shape[1] != k.shape[1]:
+      raise ValueError(f"causal attention needs as many queries as keys; got T={q.shape[1]}, S={k.shape[1]}")
+    from jalign.kernels.attention_pallas import attention_pallas
+    return attention_pallas(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                            sliding_window=sliding_window)
   return attention_xla(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                        sliding_window=sliding_window)
 

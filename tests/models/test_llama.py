@@ -162,3 +162,10 @@ def test_pipelined_layers_equal_the_scanned_layers(stages, repeats, micro):
   for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.grad(loss)(piped)), nnx.to_flat_state(nnx.grad(loss)(plain))):
     a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-9, path
+
+
+def test_pallas_attention_in_the_model_matches_xla(model):
+  tokens = _tokens(2, 10)
+  segments = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
+  pallas = Transformer(TINY.replace(attention_impl="pallas"), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(pallas(tokens, segment_ids=segments), model(tokens, segment_ids=segments), atol=2e-5)
