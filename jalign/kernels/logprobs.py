@@ -1,27 +1,85 @@
 """Token log-probs (and entropy) from hidden states and the output projection.
 
 ``token_logprobs(hidden [B,T,H], lm_head [H,V], targets [B,T])`` equals
-``log_softmax(hidden @ lm_head)[targets]``. The XLA implementation walks the sequence in chunks
-under ``jax.checkpoint`` so that only one ``[B, chunk, V]`` block of logits is alive at a time, in
-the forward and in the backward pass.
+``log_softmax(hidden @ lm_head)[targets]``. The XLA implementation walks the rows (B*T flattened)
+in chunks so that only a ``[chunk, V]`` block of logits is alive at a time. Its custom backward
+walks the vocabulary instead, in blocks of ``VOCAB_CHUNK`` columns: for each block it recomputes
+those logits for all rows, writes that block of the LM-head gradient in place and adds the block's
+share to the (small) hidden-state gradient. The formulas are the Pallas kernel's (``logprobs_pallas``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("xla", "pallas")
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 256  # rows of B*T per block of logits in the forward pass
+VOCAB_CHUNK = 2048   # vocabulary columns per block in the backward pass
 
 
-def _chunk_logprobs(hidden, lm_head, targets):
-  logits = jnp.einsum("bth,hv->btv", hidden, lm_head, preferred_element_type=jnp.float32)
+def _chunk_stats(h, w, targets):
+  """Log-probs, entropies and log-normalisers of one ``[rows, H]`` chunk."""
+  logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  probs = jnp.exp(logits - logz[..., None])
-  entropy = logz - jnp.sum(probs * logits, axis=-1)
-  return picked - logz, entropy
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  probs = jnp.exp(logits - logz[:, None])
+  return picked - logz, logz - jnp.sum(probs * logits, axis=-1), logz
+
+
+def _chunks(x, chunk):
+  n = -(-x.shape[0] // chunk)
+  x = jnp.pad(x, [(0, n * chunk - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape(n, chunk, *x.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(hidden, lm_head, targets, chunk):
+  return _chunked_fwd(hidden, lm_head, targets, chunk)[0]
+
+
+def _chunked_fwd(hidden, lm_head, targets, chunk):
+  rows = hidden.shape[0]
+  lp, ent, logz = jax.lax.map(lambda a: _chunk_stats(a[0], lm_head, a[1]),
+                              (_chunks(hidden, chunk), _chunks(targets, chunk)))
+  lp, ent, logz = (x.reshape(-1)[:rows] for x in (lp, ent, logz))
+  return (lp, ent), (hidden, lm_head, targets, logz, ent)
+
+
+def _chunked_bwd(chunk, residuals, grads):
+  del chunk
+  hidden, lm_head, targets, logz, ent = residuals
+  g_lp, g_ent = grads
+  vocab = lm_head.shape[1]
+  width = min(VOCAB_CHUNK, vocab)
+  blocks = -(-vocab // width)
+  expectation = (logz - ent)[:, None]
+
+  def body(c, carry):
+    dh, dw = carry
+    # The last block is shifted back to end at V; columns an earlier block covered are masked out.
+    start = jnp.minimum(c * width, vocab - width)
+    w = jax.lax.dynamic_slice_in_dim(lm_head, start, width, axis=1)
+    logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+    cols = start + jnp.arange(width)
+    p = jnp.exp(logits - logz[:, None])
+    onehot = (cols[None, :] == targets[:, None]).astype(jnp.float32)
+    dx = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (logits - expectation)
+    dx = jnp.where(cols[None, :] >= c * width, dx, 0.0)
+    dh = dh + jnp.dot(dx, w.astype(jnp.float32).T)
+    dw_block = jnp.dot(hidden.astype(jnp.float32).T, dx).astype(lm_head.dtype)
+    old = jax.lax.dynamic_slice_in_dim(dw, start, width, axis=1)
+    dw_block = jnp.where(cols[None, :] >= c * width, dw_block, old)
+    return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_block, start, axis=1)
+
+  init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(lm_head.shape, lm_head.dtype))
+  dh, dw = jax.lax.fori_loop(0, blocks, body, init)
+  return dh.astype(hidden.dtype), dw, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=DEFAULT_CHUNK):
@@ -30,18 +88,8 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
   if targets.shape != hidden.shape[:2]:
     raise ValueError(f"targets {targets.shape} must be [B,T] = {hidden.shape[:2]}")
   b, t, h = hidden.shape
-  targets = targets.astype(jnp.int32)
-  if t <= chunk:
-    lp, ent = _chunk_logprobs(hidden, lm_head, targets)
-  else:
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    hid = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, h).swapaxes(0, 1)
-    tgt = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    body = jax.checkpoint(lambda args: _chunk_logprobs(args[0], lm_head, args[1]))
-    lp, ent = jax.lax.map(body, (hid, tgt))
-    lp = lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-    ent = ent.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  lp, ent = _chunked(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t).astype(jnp.int32), chunk)
+  lp, ent = lp.reshape(b, t), ent.reshape(b, t)
   return (lp, ent) if return_entropy else lp
 
 

@@ -89,10 +89,12 @@ class TestTokenLogprobs:
     np.testing.assert_allclose(ent, ref_ent, atol=1e-4)
     assert lp.dtype == jnp.float32 and lp.shape == (2, t)
 
-  def test_gradients_match_autodiff_of_the_full_softmax(self, impl):
+  @pytest.mark.parametrize("vocab", [30, 300])  # one vocabulary block, and several with a ragged last one
+  def test_gradients_match_autodiff_of_the_full_softmax(self, impl, vocab, monkeypatch):
+    monkeypatch.setattr(logprobs, "VOCAB_CHUNK", 64)
     r = np.random.RandomState(1)
-    hidden, lm_head = jnp.asarray(r.randn(2, 300, 8), jnp.float32), jnp.asarray(r.randn(8, 30), jnp.float32)
-    targets = jnp.asarray(r.randint(0, 30, (2, 300)))
+    hidden, lm_head = jnp.asarray(r.randn(2, 300, 8), jnp.float32), jnp.asarray(r.randn(8, vocab), jnp.float32)
+    targets = jnp.asarray(r.randint(0, vocab, (2, 300)))
 
     def ref(h, w):
       logp = jax.nn.log_softmax(h @ w)
