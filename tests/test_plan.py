@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 
 from jalign.models import LlamaConfig
 from jalign.plan import plan
