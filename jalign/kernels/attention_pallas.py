@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jalign.kernels.padding import pad_to_multiple
+
 _NEG = -1e30
 
 
@@ -134,15 +136,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, 
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _pad(x, axis, multiple):
-  pad = -x.shape[axis] % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def _specs(bq, s_pad, d, group, has_seg):
   """BlockSpecs for (q, k, v, q_seg, k_seg) on a grid (batch, query head, query block)."""
   q = pl.BlockSpec((None, bq, None, d), lambda b, h, i: (b, i, h, 0))
@@ -165,12 +158,12 @@ def _flash_fwd(q, k, v, seg, causal, scale, bq, bk, window):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
-  qp, kp, vp = _pad(q, 1, bq), _pad(k, 1, bk), _pad(v, 1, bk)
+  qp, kp, vp = pad_to_multiple(q, 1, bq), pad_to_multiple(k, 1, bk), pad_to_multiple(v, 1, bk)
   t_pad, s_pad = qp.shape[1], kp.shape[1]
   has_seg = seg is not None
   args = [qp, kp, vp]
   if has_seg:
-    args += [_pad(seg, 1, bq), _pad(seg, 1, bk)]
+    args += [pad_to_multiple(seg, 1, bq), pad_to_multiple(seg, 1, bk)]
   kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk, seq_k=s, window=window)
   if not has_seg:
     kernel = _without_segments(kernel, 3)
@@ -188,11 +181,11 @@ def _flash_bwd(causal, scale, bq, bk, window, res, do):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
-  qp, kp, vp, dop = _pad(q, 1, bq), _pad(k, 1, bk), _pad(v, 1, bk), _pad(do, 1, bq)
+  qp, kp, vp, dop = pad_to_multiple(q, 1, bq), pad_to_multiple(k, 1, bk), pad_to_multiple(v, 1, bk), pad_to_multiple(do, 1, bq)
   t_pad, s_pad = qp.shape[1], kp.shape[1]
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), dop.astype(jnp.float32))
   has_seg = seg is not None
-  segs = [_pad(seg, 1, bq), _pad(seg, 1, bk)] if has_seg else []
+  segs = [pad_to_multiple(seg, 1, bq), pad_to_multiple(seg, 1, bk)] if has_seg else []
 
   # dK, dV: grid (batch, KV head, key block); all query rows of the group's heads in view.
   q_all = pl.BlockSpec((None, t_pad, group, d), lambda b, h, j: (b, 0, h, 0))

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jalign.kernels.padding import pad_to_multiple
+
 _NEG = -1e30
 
 
@@ -97,19 +99,10 @@ def _dweight_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dw
   dw_ref[...] = jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(dw_ref.shape, jnp.float32)).astype(dw_ref.dtype)
 
 
-def _pad_to(x, axis, multiple):
-  pad = -x.shape[axis] % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def _prepare(hidden, lm_head, targets, block_rows, block_vocab):
-  h = _pad_to(_pad_to(hidden, 1, pl.next_power_of_2(hidden.shape[1])), 0, block_rows)
-  w = _pad_to(_pad_to(lm_head, 0, h.shape[1]), 1, block_vocab)
-  t = _pad_to(targets.astype(jnp.int32), 0, block_rows)
+  h = pad_to_multiple(pad_to_multiple(hidden, 1, pl.next_power_of_2(hidden.shape[1])), 0, block_rows)
+  w = pad_to_multiple(pad_to_multiple(lm_head, 0, h.shape[1]), 1, block_vocab)
+  t = pad_to_multiple(targets.astype(jnp.int32), 0, block_rows)
   return h, w, t
 
 
@@ -142,7 +135,7 @@ def _fused_bwd(block_rows, block_vocab, residuals, grads):
   n, vocab = hidden.shape[0], lm_head.shape[1]
   h, w, t = _prepare(hidden, lm_head, targets, block_rows, block_vocab)
   rows = h.shape[0]
-  per_row = [_pad_to(x.astype(jnp.float32), 0, block_rows) for x in (lse, entropy, g_lp, g_ent)]
+  per_row = [pad_to_multiple(x.astype(jnp.float32), 0, block_rows) for x in (lse, entropy, g_lp, g_ent)]
   dh = pl.pallas_call(
       functools.partial(_dhidden_kernel, block_vocab=block_vocab, vocab_size=vocab),
       grid=(rows // block_rows,),
