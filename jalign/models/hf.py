@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from jalign.models.llama import LlamaConfig, RopeScaling, Transformer
 from jalign.models.safetensors_io import CheckpointError, SafetensorsReader, write_file_lazy
-from jalign.parallel.logical import fit_spec, logical_to_spec
+from jalign.parallel.logical import variable_spec
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -269,11 +269,12 @@ def _host_value(reader, m: TensorMap, cfg: LlamaConfig, dtype, index=None) -> np
   return np.stack(parts)
 
 
-def _place(reader, m: TensorMap, cfg, shape, dtype, names, mesh):
+def _place(reader, m: TensorMap, cfg, var, dtype, mesh):
+  """The parameter ``var`` read from ``reader``, on the host or straight into its mesh sharding."""
   if mesh is None:
     return jnp.asarray(_host_value(reader, m, cfg, dtype))
-  sharding = NamedSharding(mesh, fit_spec(logical_to_spec(names), shape, mesh))
-  return jax.make_array_from_callback(shape, sharding,
+  sharding = NamedSharding(mesh, variable_spec(var, mesh=mesh))
+  return jax.make_array_from_callback(var.shape, sharding,
                                       lambda idx: _host_value(reader, m, cfg, dtype, idx))
 
 
@@ -291,8 +292,7 @@ def load_weights(reader: SafetensorsReader, cfg: LlamaConfig, *, mesh=None, with
   dtype = np.dtype(jnp.dtype(cfg.param_dtype))
   for m in maps:
     var = variables[m.ours]
-    names = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-    var.set_value(_place(reader, m, cfg, var.shape, dtype, names, mesh))
+    var.set_value(_place(reader, m, cfg, var, dtype, mesh))
   return nnx.merge(graphdef, state)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
@@ -107,12 +107,6 @@ class SafetensorsReader:
 
   def get(self, name: str) -> np.ndarray:
     return self.files[name].get(name)
-
-
-def write_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-               metadata: Mapping[str, str] | None = None) -> None:
-  """Write a mapping of names to arrays as one safetensors file."""
-  write_file_lazy(path, [(n, a.shape, a.dtype, (lambda a=a: a)) for n, a in tensors.items()], metadata)
 
 
 def write_file_lazy(path, entries, metadata=None) -> None:

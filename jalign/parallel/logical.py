@@ -64,18 +64,20 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
 
+def variable_spec(variable, rules=None, mesh=None) -> PartitionSpec:
+  """The PartitionSpec of an NNX Variable from its ``logical_axes``; with ``mesh``, fitted to it."""
+  names = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
+  spec = logical_to_spec(names, rules)
+  return spec if mesh is None else fit_spec(spec, variable.shape, mesh)
+
+
 def param_specs(state, rules=None):
   """PartitionSpecs for every Variable of an NNX state (or module), from its logical names."""
   from flax import nnx
 
   if isinstance(state, nnx.Module):
     state = nnx.state(state)
-
-  def spec(v):
-    names = v.get_metadata().get("logical_axes")
-    return logical_to_spec(names if names else (None,) * len(v.shape), rules)
-
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(lambda v: variable_spec(v, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:

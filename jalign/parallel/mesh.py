@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jalign.parallel.logical import fit_spec, logical_to_spec
+from jalign.parallel.logical import logical_to_spec, variable_spec
 
 AXES = ("data", "pipeline", "fsdp", "tensor")
 DEFAULT_RULES = (
@@ -91,9 +91,7 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
 
   def one(x):
     if isinstance(x, nnx.Variable):
-      names = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
-      spec = fit_spec(logical_to_spec(names, rules), x.shape, mesh)
-      return x.replace(NamedSharding(mesh, spec))
+      return x.replace(NamedSharding(mesh, variable_spec(x, rules, mesh)))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
