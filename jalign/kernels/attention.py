@@ -12,7 +12,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "cudnn")
+DECODE_IMPLS = ("xla", "pallas")
+# Measured per backend (bench/gpu_kernels.py, bench/RESULTS.md); anything else gets "xla".
+DEFAULT_IMPL = {"cpu": "xla", "gpu": "cudnn"}
+DEFAULT_DECODE_IMPL = {"cpu": "xla", "gpu": "pallas"}
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -63,28 +67,85 @@ def attention_xla(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, slid
   return _grouped_attention(q, k, v, mask, sm_scale)
 
 
+def attention_cudnn(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None):
+  """``jax.nn.dot_product_attention``: cuDNN's fused kernel on NVIDIA GPUs (bf16/fp16 inputs), its
+  XLA path on other backends. Segment ids become a boolean mask (cuDNN then takes it as a bias)."""
+  _check_shapes(q, k, v)
+  mask = None
+  if segment_ids is not None:
+    if segment_ids.shape != q.shape[:2] or q.shape[1] != k.shape[1]:
+      raise ValueError(f"segment_ids {segment_ids.shape} must be [B,T] with T == S for q {q.shape}")
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  window = None if sliding_window is None or not causal else (int(sliding_window) - 1, 0)
+  on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=causal,
+                                      local_window_size=window, implementation="cudnn" if on_gpu else None)
+
+
+def default_impl(table=None) -> str:
+  return (table or DEFAULT_IMPL).get(jax.default_backend(), "xla")
+
+
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, impl=None,
                     sliding_window=None):
   """Multi-head (grouped-query) attention; see the module docstring for layouts.
 
   ``segment_ids`` ``[B,T]``: tokens attend only to tokens with the same id (packed sequences).
   ``sliding_window`` (Mistral): query i also sees only keys i-window+1..i.
-  ``impl``: one of ``IMPLS`` or None for the default ("xla" until the GPU measurements pick one;
-  "pallas" runs the kernels of ``attention_pallas``, in interpret mode on CPU).
+  ``impl``: one of ``IMPLS``, or None for the backend's measured default (``DEFAULT_IMPL``).
+  "pallas" runs the kernels of ``attention_pallas`` (in interpret mode on CPU); "cudnn" calls
+  ``jax.nn.dot_product_attention`` (cuDNN on GPU for bf16/fp16, else its XLA path).
   """
   if impl is None:
-    impl = "xla"
+    impl = default_impl()
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; available here: {IMPLS}")
+  _check_shapes(q, k, v)
+  if causal and q.shape[1] != k.shape[1]:
+    raise ValueError(f"causal attention needs as many queries as keys; got T={q.shape[1]}, S={k.shape[1]}")
+  kwargs = dict(causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, sliding_window=sliding_window)
   if impl == "pallas":
-    _check_shapes(q, k, v)
-    if causal and q.shape[1] != k.shape[1]:
-      raise ValueError(f"causal attention needs as many queries as keys; got T={q.shape[1]}, S={k.shape[1]}")
     from jalign.kernels.attention_pallas import attention_pallas
-    return attention_pallas(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
-                            sliding_window=sliding_window)
-  return attention_xla(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
-                       sliding_window=sliding_window)
+    return attention_pallas(q, k, v, **kwargs)
+  if impl == "cudnn":
+    return attention_cudnn(q, k, v, **kwargs)
+  return attention_xla(q, k, v, **kwargs)
+
+
+def decode_attention_xla(q, k_cache, v_cache, lengths, *, sm_scale=None, sliding_window=None):
+  """One query per row (``q [B,Hq,D]``) against the first ``lengths[b]`` slots of the caches."""
+  slots = jnp.arange(k_cache.shape[1])[None, :]
+  last = jnp.asarray(lengths)[:, None]
+  mask = slots < last
+  if sliding_window is not None:
+    mask = mask & (slots >= last - sliding_window)
+  out = _grouped_attention(q[:, None], k_cache, v_cache, mask[:, None, None, None], _scale(q, sm_scale))
+  return out[:, 0]
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, sliding_window=None, impl=None):
+  """Attention for the token being decoded: q ``[B,Hq,D]``, caches ``[B,S,Hkv,D]``, ``lengths [B]``
+  the valid slots per row (ragged; the new token's K/V already written). Returns ``[B,Hq,D]``.
+
+  ``impl``: one of ``DECODE_IMPLS`` or None for the backend's default (``DEFAULT_DECODE_IMPL``).
+  """
+  if impl is None:
+    impl = default_impl(DEFAULT_DECODE_IMPL)
+  if impl not in DECODE_IMPLS:
+    raise ValueError(f"unknown decode attention impl {impl!r}; available here: {DECODE_IMPLS}")
+  if q.ndim != 3:
+    raise ValueError(f"decode q must be [B,Hq,D]; got {q.shape}")
+  _check_shapes(q[:, None], k_cache, v_cache)
+  if jnp.shape(lengths) != (q.shape[0],):
+    raise ValueError(f"lengths must be [B] = [{q.shape[0]}]; got {jnp.shape(lengths)}")
+  if impl == "pallas":
+    from jalign.kernels.decode_pallas import decode_attention_pallas
+    return decode_attention_pallas(q, k_cache, v_cache, lengths, sm_scale=sm_scale, sliding_window=sliding_window)
+  return decode_attention_xla(q, k_cache, v_cache, lengths, sm_scale=sm_scale, sliding_window=sliding_window)
+
+
+def _scale(q, sm_scale):
+  return 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
 
 
 def cached_attention(q, k_cache, v_cache, q_positions, *, sm_scale=None, sliding_window=None):

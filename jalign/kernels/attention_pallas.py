@@ -28,13 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jalign.kernels.padding import pad_to_multiple
+from jalign.kernels.padding import compiler_params, interpret, pad_to_multiple
 
 _NEG = -1e30
-
-
-def _interpret() -> bool:
-  return jax.default_backend() == "cpu"
 
 
 def _mask(q_start, k_start, bq, bk, seq_k, causal, q_seg, k_seg, window=None):
@@ -58,21 +54,23 @@ def _num_key_blocks(q_block, bq, bk, num_k, causal):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, scale, causal, bq, bk, seq_k, window):
   i = pl.program_id(2)
-  q = q_ref[...].astype(jnp.float32) * scale
+  q = q_ref[...]
   q_seg = None if qs_ref is None else qs_ref[...]
   num_k = k_ref.shape[0] // bk
 
   def body(j, carry):
     m, l, acc = carry
-    k = k_ref[pl.ds(j * bk, bk), :].astype(jnp.float32)
-    v = v_ref[pl.ds(j * bk, bk), :].astype(jnp.float32)
+    k = k_ref[pl.ds(j * bk, bk), :]
+    v = v_ref[pl.ds(j * bk, bk), :]
     k_seg = None if ks_ref is None else ks_ref[pl.ds(j * bk, bk)]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+    # Matmul operands stay in the input dtype (bf16 tensor cores), accumulating in float32.
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
     s = jnp.where(_mask(i * bq, j * bk, bq, bk, seq_k, causal, q_seg, k_seg, window), s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp(s - m_new[:, None])
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + jnp.dot(p, v)
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
   init = (jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
           jnp.zeros((bq, q.shape[1]), jnp.float32))
@@ -85,8 +83,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, scale, c
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, *,
                 scale, causal, bq, bk, seq_k, group, window):
   j = pl.program_id(2)
-  k = k_ref[...].astype(jnp.float32)
-  v = v_ref[...].astype(jnp.float32)
+  k = k_ref[...]
+  v = v_ref[...]
   k_seg = None if ks_ref is None else ks_ref[...]
   num_q = q_ref.shape[0] // bq
   first = (j * bk) // bq if causal else 0
@@ -95,16 +93,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
     def body(i, carry):
       dk, dv = carry
       rows = pl.ds(i * bq, bq)
-      q = q_ref[rows, g, :].astype(jnp.float32)
-      do = do_ref[rows, g, :].astype(jnp.float32)
+      q = q_ref[rows, g, :]
+      do = do_ref[rows, g, :]
       q_seg = None if qs_ref is None else qs_ref[rows]
-      s = jnp.dot(q * scale, k.T, preferred_element_type=jnp.float32)
+      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
       keep = _mask(i * bq, j * bk, bq, bk, seq_k, causal, q_seg, k_seg, window)
       p = jnp.where(keep, jnp.exp(s - lse_ref[g, rows][:, None]), 0.0)
-      dv = dv + jnp.dot(p.T, do)
-      dp = jnp.dot(do, v.T)
+      dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
+      dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_ref[g, rows][:, None])
-      return dk + jnp.dot(ds.T, q) * scale, dv
+      return dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32) * scale, dv
     return jax.lax.fori_loop(first, num_q, body, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -116,21 +114,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *,
                scale, causal, bq, bk, seq_k, window):
   i = pl.program_id(2)
-  q = q_ref[...].astype(jnp.float32)
-  do = do_ref[...].astype(jnp.float32)
+  q = q_ref[...]
+  do = do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_seg = None if qs_ref is None else qs_ref[...]
   num_k = k_ref.shape[0] // bk
 
   def body(j, dq):
-    k = k_ref[pl.ds(j * bk, bk), :].astype(jnp.float32)
-    v = v_ref[pl.ds(j * bk, bk), :].astype(jnp.float32)
+    k = k_ref[pl.ds(j * bk, bk), :]
+    v = v_ref[pl.ds(j * bk, bk), :]
     k_seg = None if ks_ref is None else ks_ref[pl.ds(j * bk, bk)]
-    s = jnp.dot(q * scale, k.T, preferred_element_type=jnp.float32)
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
     keep = _mask(i * bq, j * bk, bq, bk, seq_k, causal, q_seg, k_seg, window)
     p = jnp.where(keep, jnp.exp(s - lse[:, None]), 0.0)
-    ds = p * (jnp.dot(do, v.T) - delta[:, None])
-    return dq + jnp.dot(ds, k) * scale
+    ds = p * (jnp.dot(do, v.T, preferred_element_type=jnp.float32) - delta[:, None])
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
 
   dq = jax.lax.fori_loop(0, _num_key_blocks(i, bq, bk, num_k, causal), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -149,12 +147,12 @@ def _without_segments(kernel, n_inputs):
   return lambda *refs: kernel(*refs[:n_inputs], None, None, *refs[n_inputs:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _flash(q, k, v, seg, causal, scale, bq, bk, window):
-  return _flash_fwd(q, k, v, seg, causal, scale, bq, bk, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _flash(q, k, v, seg, causal, scale, bq, bk, window, warps):
+  return _flash_fwd(q, k, v, seg, causal, scale, bq, bk, window, warps)[0]
 
 
-def _flash_fwd(q, k, v, seg, causal, scale, bq, bk, window):
+def _flash_fwd(q, k, v, seg, causal, scale, bq, bk, window, warps):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -172,11 +170,11 @@ def _flash_fwd(q, k, v, seg, causal, scale, bq, bk, window):
       out_specs=[pl.BlockSpec((None, bq, None, d), lambda b, h, i: (b, i, h, 0)),
                  pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t_pad), jnp.float32)],
-      interpret=_interpret())(*args)
+      interpret=interpret(), compiler_params=compiler_params(*warps))(*args)
   return o[:, :t], (q, k, v, seg, o, lse)
 
 
-def _flash_bwd(causal, scale, bq, bk, window, res, do):
+def _flash_bwd(causal, scale, bq, bk, window, warps, res, do):
   q, k, v, seg, o, lse = res
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -201,7 +199,7 @@ def _flash_bwd(causal, scale, bq, bk, window, res, do):
       in_specs=[q_all, kv_blk, kv_blk, q_all, rows_all, rows_all] + (seg_specs if has_seg else []),
       out_specs=[kv_blk, kv_blk],
       out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-      interpret=_interpret())(qp, kp, vp, dop, lse, delta, *segs)
+      interpret=interpret(), compiler_params=compiler_params(*warps))(qp, kp, vp, dop, lse, delta, *segs)
 
   # dQ: grid (batch, query head, query block), walking the key blocks.
   q_blk = pl.BlockSpec((None, bq, None, d), lambda b, h, i: (b, i, h, 0))
@@ -215,7 +213,7 @@ def _flash_bwd(causal, scale, bq, bk, window, res, do):
       kernel, grid=(b, hq, t_pad // bq),
       in_specs=[q_blk, kv_all, kv_all, q_blk, row_blk, row_blk] + (seg_specs if has_seg else []),
       out_specs=q_blk, out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-      interpret=_interpret())(qp, kp, vp, dop, lse, delta, *segs)
+      interpret=interpret(), compiler_params=compiler_params(*warps))(qp, kp, vp, dop, lse, delta, *segs)
   return dq[:, :t], dk[:, :s], dv[:, :s], None
 
 
@@ -223,11 +221,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention_pallas(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None,
-                     block_q=64, block_k=64):
-  """Flash attention; see the module docstring. Block sizes are powers of two."""
+                     block_q=64, block_k=64, num_warps=4, num_stages=2):
+  """Flash attention; see the module docstring. Block sizes are powers of two (at least 16 on GPU);
+  ``num_warps`` and ``num_stages`` are passed to Triton."""
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
   window = None if sliding_window is None else int(sliding_window)
-  return _flash(q, k, v, segment_ids, bool(causal), float(sm_scale), int(block_q), int(block_k), window)
+  return _flash(q, k, v, segment_ids, bool(causal), float(sm_scale), int(block_q), int(block_k), window,
+                (int(num_warps), int(num_stages)))
