@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 IMPLS = ("xla", "pallas", "cudnn")
 DECODE_IMPLS = ("xla", "pallas")
-# Measured per backend (bench/gpu_kernels.py, bench/RESULTS.md); anything else gets "xla".
+# Measured per backend (bench/gpu_kernels.py on an H100, bench/RESULTS.md); other backends get "xla".
 DEFAULT_IMPL = {"cpu": "xla", "gpu": "cudnn"}
 DEFAULT_DECODE_IMPL = {"cpu": "xla", "gpu": "pallas"}
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)

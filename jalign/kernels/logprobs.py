@@ -96,8 +96,8 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
 def token_logprobs(hidden, lm_head, targets, *, impl=None, return_entropy=False):
   """Log-probs ``[B,T]`` float32 of ``targets`` (and the softmax entropy with ``return_entropy``).
 
-  ``impl``: "xla" (chunked, the default) or "pallas" (the fused kernel of ``logprobs_pallas``; in
-  interpret mode on CPU, where it is for testing, not speed).
+  ``impl``: "xla" (chunked; the default on every backend: on an H100 it beats the Pallas kernel,
+  bench/RESULTS.md) or "pallas" (the fused kernel of ``logprobs_pallas``; interpret mode on CPU).
   """
   if impl is None:
     impl = "xla"

@@ -122,7 +122,7 @@ def _dweight_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dw
 
 
 def _prepare(hidden, lm_head, targets, blocks):
-  block_rows, block_vocab, block_hidden = blocks
+  block_rows, block_vocab, block_hidden, *warps = blocks
   h = pad_to_multiple(pad_to_multiple(hidden, 1, block_hidden), 0, block_rows)
   w = pad_to_multiple(pad_to_multiple(lm_head, 0, block_hidden), 1, block_vocab)
   t = pad_to_multiple(targets.astype(jnp.int32), 0, block_rows)
@@ -139,7 +139,7 @@ def _fused(hidden, lm_head, targets, blocks):
 
 
 def _fused_fwd(hidden, lm_head, targets, blocks):
-  block_rows, block_vocab, block_hidden = blocks
+  block_rows, block_vocab, block_hidden, *warps = blocks
   n, vocab = hidden.shape[0], lm_head.shape[1]
   h, w, t = _prepare(hidden, lm_head, targets, blocks)
   rows = h.shape[0]
@@ -149,13 +149,13 @@ def _fused_fwd(hidden, lm_head, targets, blocks):
       grid=(rows // block_rows,),
       in_specs=[_row_spec(block_rows, h.shape[1]), pl.BlockSpec(w.shape, lambda i: (0, 0)), _row_spec(block_rows)],
       out_specs=[_row_spec(block_rows)] * 3, out_shape=[out, out, out],
-      interpret=interpret(), compiler_params=compiler_params(),
+      interpret=interpret(), compiler_params=compiler_params(*warps),
   )(h, w, t)
   return (lp[:n], ent[:n]), (hidden, lm_head, targets, lse[:n], ent[:n])
 
 
 def _fused_bwd(blocks, residuals, grads):
-  block_rows, block_vocab, block_hidden = blocks
+  block_rows, block_vocab, block_hidden, *warps = blocks
   hidden, lm_head, targets, lse, entropy = residuals
   g_lp, g_ent = grads
   n, vocab = hidden.shape[0], lm_head.shape[1]
@@ -169,7 +169,7 @@ def _fused_bwd(blocks, residuals, grads):
       in_specs=[_row_spec(block_rows, h.shape[1]), pl.BlockSpec(w.shape, lambda i: (0, 0))]
       + [_row_spec(block_rows)] * 5,
       out_specs=_row_spec(block_rows, h.shape[1]), out_shape=jax.ShapeDtypeStruct(h.shape, jnp.float32),
-      interpret=interpret(), compiler_params=compiler_params(),
+      interpret=interpret(), compiler_params=compiler_params(*warps),
   )(h, w, t, *per_row)
   whole_rows = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   dw = pl.pallas_call(
@@ -178,7 +178,7 @@ def _fused_bwd(blocks, residuals, grads):
       in_specs=[whole_rows(*h.shape), pl.BlockSpec(w.shape, lambda j: (0, 0))] + [whole_rows(rows)] * 5,
       out_specs=pl.BlockSpec((w.shape[0], block_vocab), lambda j: (0, j)),
       out_shape=jax.ShapeDtypeStruct(w.shape, jnp.float32), interpret=interpret(),
-      compiler_params=compiler_params(),
+      compiler_params=compiler_params(*warps),
   )(h, w, t, *per_row)
   return (dh[:n, :hidden.shape[1]].astype(hidden.dtype), dw[:lm_head.shape[0], :vocab].astype(lm_head.dtype),
           None)
@@ -187,19 +187,22 @@ def _fused_bwd(blocks, residuals, grads):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def token_logprobs_pallas(hidden, lm_head, targets, *, return_entropy=False, block_rows=None, block_vocab=128,
-                          block_hidden=None):
+def token_logprobs_pallas(hidden, lm_head, targets, *, return_entropy=False, block_rows=None, block_vocab=None,
+                          block_hidden=None, num_warps=8, num_stages=3):
   """``[B,T]`` log-probs (and entropies) of ``targets`` under ``softmax(hidden @ lm_head)``.
 
-  Block sizes are powers of two of at least 16 (Triton's smallest matmul); by default 64 rows (16 in
-  interpret mode, where small blocks keep tests fast) and hidden blocks of 64 or the padded H if smaller.
+  Block sizes are powers of two of at least 16 (Triton's smallest matmul). The defaults (64 rows, 256
+  vocabulary columns, 64 hidden, 8 warps, 3 stages) were the fastest of a sweep on an H100
+  (bench/gpu_tune.py); interpret mode uses 16 rows and 128 columns, which keeps tests fast.
   """
   b, t, h = hidden.shape
   if block_rows is None:
     block_rows = 16 if interpret() else 64
+  if block_vocab is None:
+    block_vocab = 128 if interpret() else 256
   if block_hidden is None:
     block_hidden = min(64, max(16, pl.next_power_of_2(h)))
-  blocks = (int(block_rows), int(block_vocab), int(block_hidden))
+  blocks = (int(block_rows), int(block_vocab), int(block_hidden), int(num_warps), int(num_stages))
   lp, ent = _fused(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t), blocks)
   lp, ent = lp.reshape(b, t), ent.reshape(b, t)
   return (lp, ent) if return_entropy else lp
