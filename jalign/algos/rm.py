@@ -1,0 +1,138 @@
+"""Reward-model losses and read-out helpers (NeMo-Aligner ``MegatronGPT(Regression)RewardModel``).
+
+A reward model is the policy trunk with a ``[H, A]`` head. Its scalar score is the head applied to the
+hidden state of the last real token (``gather_last``) or, with ``use_avg_pool``, to the mean over the
+real tokens (``mean_pool``); ``merge_attributes`` folds A attribute scores into one reward and
+``standardize`` applies the optional inference-time ``(r - mean) / std``.
+
+Losses (every ``*loss`` returns ``(loss, metrics)`` with jnp scalar metrics):
+
+- ``bt_loss``: pairwise Bradley-Terry, mean over pairs. ``kind="regular"`` is ``-log sigma(r_c - r_r)``
+  (NeMo's ``binary_ranking`` RM and the ``regular_bt`` regression-head loss); ``"margin"`` is
+  ``-log sigma(r_c - r_r - |s|)`` and ``"scaled"`` is ``|s| * -log sigma(r_c - r_r)`` with ``s`` the
+  per-pair preference strength (HelpSteer2-Preference ``label[0]`` in -3..3; only its magnitude counts,
+  the caller has already put the preferred response in ``r_chosen``).
+- ``regression_loss``: squared error over the labelled attributes, summed and divided by the number of
+  labelled entries (entries equal to ``mask_value``, NeMo's ``loss_mask_val`` -100, are ignored).
+
+The losses are plain means over the arrays they get (NeMo normalises per micro-batch); a trainer that
+splits a batch into micro-batches averages the per-micro-batch losses, as NeMo does.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.nn import log_sigmoid
+
+BT_KINDS = ("regular", "margin", "scaled")
+_BT_ALIASES = {"regular_bt": "regular", "margin_bt": "margin", "scaled_bt": "scaled"}
+
+
+def _float(x):
+  """``x`` as a jnp array of at least float32 precision (float64 stays float64)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def bt_loss(r_chosen, r_rejected, *, kind="regular", strength=None):
+  """Bradley-Terry loss over ``[B]`` pairs of scalar rewards; returns ``(loss, metrics)``.
+
+  ``kind`` in ``BT_KINDS`` (NeMo's ``regular_bt``/``margin_bt``/``scaled_bt`` spellings are accepted
+  too). ``"margin"`` and ``"scaled"`` need ``strength`` ``[B]``; ``"regular"`` ignores it.
+  Metrics: ``accuracy`` = mean(r_c > r_r), ``rewards_chosen_mean``, ``rewards_rejected_mean``,
+  ``rewards_all_mean``, ``rewards_all_std`` (uncorrected, over chosen and rejected together).
+  """
+  kind = _BT_ALIASES.get(kind, kind)
+  if kind not in BT_KINDS:
+    raise ValueError(f"bt_loss kind {kind!r} is not one of {BT_KINDS}")
+  r_c, r_r = _float(r_chosen), _float(r_rejected)
+  if r_c.shape != r_r.shape:
+    raise ValueError(f"r_chosen {r_c.shape} and r_rejected {r_r.shape} must have the same shape")
+  delta = r_c - r_r
+  if kind == "regular":
+    per_pair = -log_sigmoid(delta)
+  else:
+    if strength is None:
+      raise ValueError(f"bt_loss kind {kind!r} needs the per-pair preference `strength` [B]")
+    s = jnp.abs(_float(strength))
+    if s.shape != delta.shape:
+      raise ValueError(f"strength {s.shape} must match the rewards {delta.shape}")
+    per_pair = -log_sigmoid(delta - s) if kind == "margin" else s * -log_sigmoid(delta)
+  loss = jnp.mean(per_pair)
+  both = jnp.concatenate([r_c.reshape(-1), r_r.reshape(-1)])
+  metrics = {
+      "accuracy": jnp.mean((r_c > r_r).astype(loss.dtype)),
+      "rewards_chosen_mean": jnp.mean(r_c),
+      "rewards_rejected_mean": jnp.mean(r_r),
+      "rewards_all_mean": jnp.mean(both),
+      "rewards_all_std": jnp.std(both),
+  }
+  return loss, metrics
+
+
+def regression_loss(pred, labels, *, mask_value=-100.0):
+  """Masked MSE of ``pred`` against ``labels`` (both ``[B, A]``); returns ``(loss, metrics)``.
+
+  loss = sum over entries with ``labels != mask_value`` of ``(pred - label)^2`` / number of such
+  entries. With no labelled entry at all the loss is 0 (NeMo divides by zero and gets NaN).
+  Metrics: ``num_labelled`` and ``abs_error_mean`` over the labelled entries.
+  """
+  pred, labels = _float(pred), _float(labels)
+  if pred.shape != labels.shape:
+    raise ValueError(f"pred {pred.shape} and labels {labels.shape} must have the same shape")
+  mask = (labels != mask_value).astype(pred.dtype)
+  count = jnp.sum(mask)
+  denom = jnp.maximum(count, 1.0)
+  diff = jnp.where(mask > 0, pred - labels, 0.0)
+  loss = jnp.sum(diff * diff) / denom
+  metrics = {"num_labelled": count, "abs_error_mean": jnp.sum(jnp.abs(diff)) / denom}
+  return loss, metrics
+
+
+def last_token_index(mask):
+  """Index ``[B]`` of the last nonzero entry of each row of ``mask [B, T]`` (0 for an empty row).
+
+  For right-padded rows this is ``lengths - 1``; it also handles left padding and holes.
+  """
+  mask = jnp.asarray(mask) != 0
+  t = mask.shape[-1]
+  positions = jnp.arange(t, dtype=jnp.int32)
+  return jnp.max(jnp.where(mask, positions, 0), axis=-1)
+
+
+def gather_last(hidden, lengths):
+  """``hidden[b, lengths[b] - 1]`` for ``hidden [B, T, ...]`` and ``lengths [B]`` -> ``[B, ...]``.
+
+  This is NeMo's reward read-out position (the last real token). ``lengths`` of 0 read position 0.
+  """
+  hidden = jnp.asarray(hidden)
+  idx = jnp.clip(jnp.asarray(lengths).astype(jnp.int32) - 1, 0, hidden.shape[1] - 1)
+  idx = idx.reshape((-1, 1) + (1,) * (hidden.ndim - 2))
+  return jnp.take_along_axis(hidden, idx, axis=1)[:, 0]
+
+
+def mean_pool(hidden, lengths):
+  """Mean of ``hidden [B, T, ...]`` over positions ``[0, lengths[b])`` (NeMo's ``use_avg_pool``)."""
+  hidden = jnp.asarray(hidden)
+  lengths = jnp.asarray(lengths)
+  keep = jnp.arange(hidden.shape[1])[None, :] < lengths[:, None]
+  keep = keep.reshape(keep.shape + (1,) * (hidden.ndim - 2)).astype(hidden.dtype)
+  total = jnp.sum(hidden * keep, axis=1)
+  return total / jnp.maximum(lengths, 1).reshape((-1,) + (1,) * (hidden.ndim - 2)).astype(total.dtype)
+
+
+def merge_attributes(rewards, weights=None):
+  """Fold ``rewards [..., A]`` into ``[...]`` by ``weights [A]`` (default uniform 1/A, as NeMo)."""
+  rewards = jnp.asarray(rewards)
+  a = rewards.shape[-1]
+  w = jnp.full((a,), 1.0 / a, rewards.dtype) if weights is None else jnp.asarray(weights, rewards.dtype)
+  if w.shape != (a,):
+    raise ValueError(f"attribute weights {w.shape} must be ({a},)")
+  return rewards @ w
+
+
+def standardize(rewards, mean, std):
+  """Inference-time reward standardisation ``(r - mean) / std`` (NeMo ``reward_standardization``)."""
+  if isinstance(std, (int, float)) and not std > 0:
+    raise ValueError(f"reward standardisation std must be > 0, got {std}")
+  return (jnp.asarray(rewards) - mean) / std
