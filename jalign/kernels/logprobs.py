@@ -6,6 +6,11 @@ in chunks so that only a ``[chunk, V]`` block of logits is alive at a time. Its 
 walks the vocabulary instead, in blocks of ``VOCAB_CHUNK`` columns: for each block it recomputes
 those logits for all rows, writes that block of the LM-head gradient in place and adds the block's
 share to the (small) hidden-state gradient. The formulas are the Pallas kernel's (``logprobs_pallas``).
+
+Tensor parallelism: when the active mesh shards the LM head's vocabulary over ``tensor``,
+``token_logprobs`` runs each implementation inside ``shard_map`` on its vocabulary shard and combines
+the shards' log-normalisers, target logits and entropies with a max and two sums over ``tensor``;
+nothing of size V crosses devices and no device holds more than ``[chunk, V / tensor]`` logits.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "pallas")
 DEFAULT_CHUNK = 256  # rows of B*T per block of logits in the forward pass
@@ -45,13 +51,13 @@ def _chunked_fwd(hidden, lm_head, targets, chunk):
   lp, ent, logz = jax.lax.map(lambda a: _chunk_stats(a[0], lm_head, a[1]),
                               (_chunks(hidden, chunk), _chunks(targets, chunk)))
   lp, ent, logz = (x.reshape(-1)[:rows] for x in (lp, ent, logz))
-  return (lp, ent), (hidden, lm_head, targets, logz, ent)
+  return (lp, ent, logz), (hidden, lm_head, targets, logz, ent)
 
 
 def _chunked_bwd(chunk, residuals, grads):
   del chunk
   hidden, lm_head, targets, logz, ent = residuals
-  g_lp, g_ent = grads
+  g_lp, g_ent, g_logz = grads
   vocab = lm_head.shape[1]
   width = min(VOCAB_CHUNK, vocab)
   blocks = -(-vocab // width)
@@ -66,7 +72,7 @@ def _chunked_bwd(chunk, residuals, grads):
     cols = start + jnp.arange(width)
     p = jnp.exp(logits - logz[:, None])
     onehot = (cols[None, :] == targets[:, None]).astype(jnp.float32)
-    dx = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (logits - expectation)
+    dx = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (logits - expectation) + g_logz[:, None] * p
     dx = jnp.where(cols[None, :] >= c * width, dx, 0.0)
     dh = dh + jnp.dot(dx, w.astype(jnp.float32).T)
     dw_block = jnp.dot(hidden.astype(jnp.float32).T, dx).astype(lm_head.dtype)
@@ -88,9 +94,53 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
   if targets.shape != hidden.shape[:2]:
     raise ValueError(f"targets {targets.shape} must be [B,T] = {hidden.shape[:2]}")
   b, t, h = hidden.shape
-  lp, ent = _chunked(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t).astype(jnp.int32), chunk)
-  lp, ent = lp.reshape(b, t), ent.reshape(b, t)
+  lp, ent, logz = _chunked(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t).astype(jnp.int32), chunk)
+  lp, ent, logz = lp.reshape(b, t), ent.reshape(b, t), logz.reshape(b, t)
+  if return_entropy == "with_logz":
+    return lp, ent, logz
   return (lp, ent) if return_entropy else lp
+
+
+def _implementation(impl):
+  if impl == "pallas":
+    from jalign.kernels.logprobs_pallas import token_logprobs_pallas
+    return token_logprobs_pallas
+  return token_logprobs_xla
+
+
+def token_logprobs_vocab_sharded(hidden, lm_head, targets, *, axis="tensor", impl="xla", return_entropy=False):
+  """``token_logprobs`` with the LM head's vocabulary sharded over mesh ``axis`` of the active mesh.
+
+  Each device computes its shard's log-normaliser ``z_i``, its log-prob of the target when the target
+  is in its shard, and its shard's entropy; then ``z = log sum_i exp(z_i)``, the target logit is the
+  one shard's ``lp_i + z_i``, and the entropy is ``z - sum_i exp(z_i - z) (z_i - entropy_i)``. Only the
+  other mesh axes stay automatic, so the batch keeps its data/fsdp sharding.
+  """
+  local = _implementation(impl)
+
+  def per_shard(h, w, t):
+    v_local = w.shape[1]
+    start = jax.lax.axis_index(axis) * v_local
+    t_local = t - start
+    inside = (t_local >= 0) & (t_local < v_local)
+    lp_i, ent_i, z_i = local(h, w, jnp.clip(t_local, 0, v_local - 1), return_entropy="with_logz")
+    top = jax.lax.pmax(jax.lax.stop_gradient(z_i), axis)  # cancels out of the value; only for range
+    z = top + jnp.log(jax.lax.psum(jnp.exp(z_i - top), axis))
+    lp = jax.lax.psum(jnp.where(inside, lp_i + z_i, 0.0), axis) - z
+    expectation = jax.lax.psum(jnp.exp(z_i - z) * (z_i - ent_i), axis)
+    return lp, z - expectation
+
+  # check_vma=False: Pallas calls inside shard_map carry no varying-axes annotations in this JAX.
+  lp, ent = jax.shard_map(per_shard, in_specs=(P(), P(None, axis), P()), out_specs=(P(), P()),
+                          axis_names={axis}, check_vma=False)(hidden, lm_head, targets)
+  return (lp, ent) if return_entropy else lp
+
+
+def _tensor_parallel_size(axis="tensor") -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or axis not in mesh.axis_names:
+    return 1
+  return mesh.shape[axis]
 
 
 def token_logprobs(hidden, lm_head, targets, *, impl=None, return_entropy=False):
@@ -98,12 +148,16 @@ def token_logprobs(hidden, lm_head, targets, *, impl=None, return_entropy=False)
 
   ``impl``: "xla" (chunked; the default on every backend: on an H100 it beats the Pallas kernel,
   bench/RESULTS.md) or "pallas" (the fused kernel of ``logprobs_pallas``; interpret mode on CPU).
+  Under a mesh whose ``tensor`` axis is larger than 1 (and divides V), each device works on its
+  vocabulary shard (``token_logprobs_vocab_sharded``).
   """
   if impl is None:
     impl = "xla"
   if impl not in IMPLS:
     raise ValueError(f"unknown token_logprobs impl {impl!r}; available here: {IMPLS}")
-  if impl == "pallas":
-    from jalign.kernels.logprobs_pallas import token_logprobs_pallas
-    return token_logprobs_pallas(hidden, lm_head, targets, return_entropy=return_entropy)
-  return token_logprobs_xla(hidden, lm_head, targets, return_entropy=return_entropy)
+  if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
+    raise ValueError(f"hidden must be [B,T,H] and lm_head [H,V]; got {hidden.shape}, {lm_head.shape}")
+  tp = _tensor_parallel_size()
+  if tp > 1 and lm_head.shape[1] % tp == 0:
+    return token_logprobs_vocab_sharded(hidden, lm_head, targets, impl=impl, return_entropy=return_entropy)
+  return _implementation(impl)(hidden, lm_head, targets, return_entropy=return_entropy)

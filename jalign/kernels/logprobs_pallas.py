@@ -70,20 +70,20 @@ def _forward_kernel(h_ref, w_ref, t_ref, lp_ref, ent_ref, lse_ref, *, block_voca
   lse_ref[...] = lse
 
 
-def _dx(x, cols, targets, lse, entropy, g_lp, g_ent, vocab_size):
+def _dx(x, cols, targets, lse, entropy, g_lp, g_ent, g_lse, vocab_size):
   p = jnp.exp(x - lse[:, None])
   expectation = (lse - entropy)[:, None]
   onehot = (cols == targets[:, None]).astype(jnp.float32)
   x_safe = jnp.where(cols < vocab_size, x, 0.0)
-  return g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (x_safe - expectation)
+  return g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (x_safe - expectation) + g_lse[:, None] * p
 
 
-def _dhidden_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dh_ref, *, block_vocab, block_hidden,
+def _dhidden_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, glse_ref, dh_ref, *, block_vocab, block_hidden,
                     vocab_size):
   # dh (float32, this program's rows only) is accumulated in the output block, one hidden block at a
   # time, because a whole [rows, H] accumulator would not fit in registers.
   rows = pl.ds(0, h_ref.shape[0])
-  per_row = [r[...] for r in (t_ref, lse_ref, ent_ref, glp_ref, gent_ref)]
+  per_row = [r[...] for r in (t_ref, lse_ref, ent_ref, glp_ref, gent_ref, glse_ref)]
 
   def over_vocab(j, _):
     x, cols = _logits(h_ref, w_ref, rows, j * block_vocab, block_vocab, block_hidden, vocab_size)
@@ -100,7 +100,7 @@ def _dhidden_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dh
   jax.lax.fori_loop(0, w_ref.shape[1] // block_vocab, over_vocab, 0)
 
 
-def _dweight_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dw_ref, *, block_rows, block_vocab,
+def _dweight_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, glse_ref, dw_ref, *, block_rows, block_vocab,
                     block_hidden, vocab_size):
   # The block's columns of dW (float32), accumulated in the output block over row blocks.
   j = pl.program_id(0)
@@ -108,7 +108,7 @@ def _dweight_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dw
   def over_rows(i, _):
     rows = pl.ds(i * block_rows, block_rows)
     x, cols = _logits(h_ref, w_ref, rows, j * block_vocab, block_vocab, block_hidden, vocab_size)
-    dx = _dx(x, cols, t_ref[rows], lse_ref[rows], ent_ref[rows], glp_ref[rows], gent_ref[rows], vocab_size)
+    dx = _dx(x, cols, *(r[rows] for r in (t_ref, lse_ref, ent_ref, glp_ref, gent_ref, glse_ref)), vocab_size)
 
     def over_hidden(k, _):
       hk = pl.ds(k * block_hidden, block_hidden)
@@ -151,23 +151,23 @@ def _fused_fwd(hidden, lm_head, targets, blocks):
       out_specs=[_row_spec(block_rows)] * 3, out_shape=[out, out, out],
       interpret=interpret(), compiler_params=compiler_params(*warps),
   )(h, w, t)
-  return (lp[:n], ent[:n]), (hidden, lm_head, targets, lse[:n], ent[:n])
+  return (lp[:n], ent[:n], lse[:n]), (hidden, lm_head, targets, lse[:n], ent[:n])
 
 
 def _fused_bwd(blocks, residuals, grads):
   block_rows, block_vocab, block_hidden, *warps = blocks
   hidden, lm_head, targets, lse, entropy = residuals
-  g_lp, g_ent = grads
+  g_lp, g_ent, g_lse = grads
   n, vocab = hidden.shape[0], lm_head.shape[1]
   h, w, t = _prepare(hidden, lm_head, targets, blocks)
   rows = h.shape[0]
-  per_row = [pad_to_multiple(x.astype(jnp.float32), 0, block_rows) for x in (lse, entropy, g_lp, g_ent)]
+  per_row = [pad_to_multiple(x.astype(jnp.float32), 0, block_rows) for x in (lse, entropy, g_lp, g_ent, g_lse)]
   sizes = dict(block_vocab=block_vocab, block_hidden=block_hidden, vocab_size=vocab)
   dh = pl.pallas_call(
       functools.partial(_dhidden_kernel, **sizes),
       grid=(rows // block_rows,),
       in_specs=[_row_spec(block_rows, h.shape[1]), pl.BlockSpec(w.shape, lambda i: (0, 0))]
-      + [_row_spec(block_rows)] * 5,
+      + [_row_spec(block_rows)] * 6,
       out_specs=_row_spec(block_rows, h.shape[1]), out_shape=jax.ShapeDtypeStruct(h.shape, jnp.float32),
       interpret=interpret(), compiler_params=compiler_params(*warps),
   )(h, w, t, *per_row)
@@ -175,7 +175,7 @@ def _fused_bwd(blocks, residuals, grads):
   dw = pl.pallas_call(
       functools.partial(_dweight_kernel, block_rows=block_rows, **sizes),
       grid=(w.shape[1] // block_vocab,),
-      in_specs=[whole_rows(*h.shape), pl.BlockSpec(w.shape, lambda j: (0, 0))] + [whole_rows(rows)] * 5,
+      in_specs=[whole_rows(*h.shape), pl.BlockSpec(w.shape, lambda j: (0, 0))] + [whole_rows(rows)] * 6,
       out_specs=pl.BlockSpec((w.shape[0], block_vocab), lambda j: (0, j)),
       out_shape=jax.ShapeDtypeStruct(w.shape, jnp.float32), interpret=interpret(),
       compiler_params=compiler_params(*warps),
@@ -203,6 +203,7 @@ def token_logprobs_pallas(hidden, lm_head, targets, *, return_entropy=False, blo
   if block_hidden is None:
     block_hidden = min(64, max(16, pl.next_power_of_2(h)))
   blocks = (int(block_rows), int(block_vocab), int(block_hidden), int(num_warps), int(num_stages))
-  lp, ent = _fused(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t), blocks)
-  lp, ent = lp.reshape(b, t), ent.reshape(b, t)
+  lp, ent, lse = (x.reshape(b, t) for x in _fused(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t), blocks))
+  if return_entropy == "with_logz":  # the log-normaliser too, for combining vocabulary shards
+    return lp, ent, lse
   return (lp, ent) if return_entropy else lp

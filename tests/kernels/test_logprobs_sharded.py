@@ -1,0 +1,59 @@
+"""Token log-probs with the LM head's vocabulary sharded over ``tensor``: equal to one device's, in
+value, entropy and gradients, for every implementation, and no device ever holds full-vocabulary logits."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jalign.kernels import logprobs, token_logprobs
+from jalign.parallel import mesh as meshlib
+
+
+def _inputs(seed, b=4, t=24, h=16, v=512):
+  r = np.random.default_rng(seed)
+  return (jnp.asarray(r.standard_normal((b, t, h)), jnp.float32),
+          jnp.asarray(r.standard_normal((h, v)), jnp.float32), jnp.asarray(r.integers(0, v, (b, t))))
+
+
+def _objective(impl):
+  def f(h, w, t, g):
+    lp, ent = token_logprobs(h, w, t, impl=impl, return_entropy=True)
+    return jnp.sum(lp * g) + jnp.sum(ent), (lp, ent)
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+
+@pytest.mark.parametrize("impl", logprobs.IMPLS)
+@pytest.mark.parametrize("sizes", [{"tensor": 8}, {"data": 2, "tensor": 4}])
+def test_vocab_sharded_equals_one_device(impl, sizes):
+  seed = int(np.random.SeedSequence().entropy % 2**32)
+  hidden, lm_head, targets = _inputs(seed)
+  weights = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(targets.shape), jnp.float32)
+  (ref_value, (ref_lp, ref_ent)), ref_grads = jax.jit(_objective(impl))(hidden, lm_head, targets, weights)
+
+  mesh = meshlib.make_mesh(sizes)
+  with meshlib.use(mesh):
+    assert logprobs._tensor_parallel_size() == sizes["tensor"]
+    rows = NamedSharding(mesh, P("data"))
+    args = (jax.device_put(hidden, rows), jax.device_put(lm_head, NamedSharding(mesh, P(None, "tensor"))),
+            jax.device_put(targets, rows), jax.device_put(weights, rows))
+    step = jax.jit(_objective(impl))
+    (value, (lp, ent)), grads = step(*args)
+    hlo = step.lower(*args).compile().as_text()
+
+  msg = f"seed={seed}"
+  np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5, err_msg=msg)
+  # The entropy is log Z minus an expectation of logits: float32 cancellation at |log Z| ~ 10.
+  np.testing.assert_allclose(ent, ref_ent, rtol=1e-5, atol=5e-5, err_msg=msg)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5, err_msg=msg)
+  # Both differ from a float64 gradient by ~4e-5 here (the entropy term's float32 rounding).
+  for a, b in zip(grads, ref_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=msg)
+  # No array with the full vocabulary as its last dimension is made inside the program (the per-device
+  # LM-head gradient is [16, 512 / tensor]); nor is the LM head all-gathered.
+  full_vocab = re.findall(r"f32\[[0-9,]*,512\]", hlo)
+  assert not full_vocab, full_vocab[:3]
+  assert "all-gather" not in hlo or not re.search(r"all-gather[^\n]*f32\[16,512\]", hlo)
