@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jalign.kernels import cached_attention, flash_attention
+from jalign.kernels import cached_attention, decode_attention, flash_attention
 from jalign.parallel.logical import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
                                      BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
                                      NORM, VOCAB, active_mesh, constrain)
@@ -71,6 +71,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # a key of REMAT_POLICIES
   attention_impl: str | None = None  # see jalign.kernels.flash_attention
+  decode_attention_impl: str | None = None  # see jalign.kernels.decode_attention
   # Pipeline parallelism (jalign.parallel.pipeline): stages = the mesh's pipeline axis.
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
@@ -247,8 +248,12 @@ class Attention(nnx.Module):
       rows = jnp.arange(x.shape[0])[:, None]
       k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
       v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
-      o = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions,
-                           sliding_window=cfg.sliding_window)
+      if x.shape[1] == 1:  # one token per row: the ragged decode kernel, stopping at each row's length
+        o = decode_attention(q[:, 0], k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions[:, 0] + 1,
+                             sliding_window=cfg.sliding_window, impl=cfg.decode_attention_impl)[:, None]
+      else:
+        o = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions,
+                             sliding_window=cfg.sliding_window)
       cache = (k_cache, v_cache)
     out = jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(x.dtype))
     return constrain(out, (BATCH, LENGTH, ACT_EMBED)), cache

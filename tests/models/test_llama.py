@@ -48,6 +48,20 @@ def test_kv_cache_with_ragged_rows(model):
   np.testing.assert_allclose(logits[1, 0], full[1, 4], atol=2e-5)
 
 
+def test_pallas_decode_attention_in_the_model(model):
+  """The ragged decode kernel on the model's one-token steps gives the full forward's logits."""
+  pallas = Transformer(TINY.replace(decode_attention_impl="pallas"), rngs=nnx.Rngs(0))
+  nnx.update(pallas, nnx.state(model))
+  tokens = _tokens(2, 10, seed=4)
+  full = model(tokens)
+  cache = pallas.init_cache(2, 12)
+  _, cache = pallas(tokens[:, :6], cache=cache)
+  positions = jnp.array([[6], [4]])
+  logits, cache = pallas(tokens[jnp.arange(2)[:, None], positions], positions=positions, cache=cache)
+  np.testing.assert_allclose(logits[0, 0], full[0, 6], atol=2e-5)
+  np.testing.assert_allclose(logits[1, 0], full[1, 4], atol=2e-5)
+
+
 def test_packed_documents_do_not_attend_across_segments(model):
   a, b = _tokens(1, 7, seed=2), _tokens(1, 5, seed=3)
   packed = jnp.concatenate([a, b], axis=1)
