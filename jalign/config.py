@@ -14,7 +14,9 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft",)
+ALGORITHMS = ("sft", "rm", "dpo")
+# The jsonl format each algorithm reads (data.format).
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison",), "dpo": ("comparison",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>"
 
 
@@ -51,6 +53,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.add_eos = True
   c.data.chat_prompt_tokens = "default"  # default (\x00 \x11 \x12) | extra_id (<extra_id_N>)
   c.data.skip_bad_lines = False
+  c.data.over_length = "truncate"  # pairs too long: truncate the prompt's left end (drop if the response alone
+                                   # does not fit) | drop (drop the pair); both counted in data_stats.json
+
+  # Preference optimisation (algorithm dpo), NeMo-Aligner's names in comments.
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.2                 # ref_policy_kl_penalty
+  c.dpo.loss_type = "dpo"          # preference_loss: dpo | ipo | rpo_sq | rpo_fwd_kl | rpo_bwd_kl | simpo
+  c.dpo.label_smoothing = 0.0      # conservative DPO
+  c.dpo.gt_reward_scale = 1.0
+  c.dpo.simpo_gamma = 0.5
+  c.dpo.average_log_probs = False  # preference_average_log_probs
+  c.dpo.preference_weight = 1.0    # preference_loss_weight
+  c.dpo.sft_weight = 0.0           # sft_loss_weight
+
+  # Reward model (algorithm rm): a value head on the model's last real token.
+  c.rm = ml_collections.ConfigDict()
+  c.rm.kind = "regular"            # regular | margin | scaled (strength = chosen_reward - rejected_reward)
+
+  # The reference policy (dpo): a frozen copy of the starting weights; offload keeps it in host memory
+  # between reference passes.
+  c.reference = ml_collections.ConfigDict()
+  c.reference.offload = False
 
   # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
   c.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
@@ -135,7 +159,18 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
            "a randomly initialised model has no tokenizer of its own; use 'tiny' or a folder")
 
   d = c.data
-  _require(d.format in ("chat", "prompt_response"), "data.format", f"{d.format!r} is not chat or prompt_response")
+  formats = FORMATS[c.algorithm]
+  _require(d.format in formats, "data.format", f"{d.format!r}: algorithm {c.algorithm} reads {' or '.join(formats)}")
+  _require(d.over_length in ("truncate", "drop"), "data.over_length", f"{d.over_length!r} is not truncate or drop")
+  if c.algorithm == "dpo":
+    from jalign.algos import dpo
+    _require(c.dpo.loss_type in dpo.LOSS_TYPES, "dpo.loss_type", f"{c.dpo.loss_type!r} is not one of {dpo.LOSS_TYPES}")
+    _require(c.dpo.beta > 0, "dpo.beta", "must be positive")
+    _require(c.dpo.preference_weight > 0 or c.dpo.sft_weight > 0, "dpo.preference_weight",
+             "preference_weight and sft_weight are both 0: nothing to train")
+  if c.algorithm == "rm":
+    from jalign.algos import rm
+    _require(c.rm.kind in rm.BT_KINDS, "rm.kind", f"{c.rm.kind!r} is not one of {rm.BT_KINDS}")
   _require(not check_files or data_path(d.train).is_file(), "data.train", f"{data_path(d.train)} not found")
   if d.validation and check_files:
     _require(data_path(d.validation).is_file(), "data.validation", f"{data_path(d.validation)} not found")

@@ -6,6 +6,7 @@ loop. The resolved config is saved as ``config.json`` in the run folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -17,12 +18,13 @@ from ml_collections import config_flags
 
 from jalign import config as config_lib
 from jalign import optim, trainer
-from jalign.algos import sft
-from jalign.data import formats, packing, pipeline
+from jalign.algos import dpo, rm, sft
+from jalign.data import formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.sft import encode_records
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import LlamaConfig, Transformer
+from jalign.models.heads import ValueModel
 from jalign.parallel import distributed
 from jalign.parallel import mesh as pmesh
 
@@ -56,17 +58,64 @@ def build_tokenizer(c, own: Tokenizer | None) -> Tokenizer:
   return Tokenizer.from_dir(c.tokenizer)
 
 
+def _chat_format(c):
+  return NemoChatFormat.extra_id() if c.data.chat_prompt_tokens == "extra_id" else NemoChatFormat()
+
+
 def load_examples(c, tok: Tokenizer, spec: str, log):
+  """SFT examples, or comparison pairs for rm/dpo, of one jsonl file; with the counts of what was cut."""
   d = c.data
   path = config_lib.data_path(spec)
   records, report = formats.read_jsonl(path, d.format, skip_bad_lines=d.skip_bad_lines)
-  chat_format = NemoChatFormat.extra_id() if d.chat_prompt_tokens == "extra_id" else NemoChatFormat()
-  examples, stats = encode_records(records, d.format, tok, max_length=d.max_seq_length,
-                                   template=d.prompt_template, truncation=d.truncation, add_bos=d.add_bos,
-                                   add_eos=d.add_eos, chat_format=chat_format)
+  if c.algorithm in ("rm", "dpo"):
+    examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=_chat_format(c),
+                                              add_eos=d.add_eos, over_length=d.over_length)
+  else:
+    examples, stats = encode_records(records, d.format, tok, max_length=d.max_seq_length,
+                                     template=d.prompt_template, truncation=d.truncation, add_bos=d.add_bos,
+                                     add_eos=d.add_eos, chat_format=_chat_format(c))
   log(f"{path}: {report.records} records, {report.bad_lines} bad lines skipped, "
       f"{stats.truncated} truncated, {stats.dropped} dropped, {stats.tokens} tokens")
   return examples, {"bad_lines": report.bad_lines, **stats.as_dict()}
+
+
+def build_data(c, tok: Tokenizer, pad_id: int, log):
+  """``(train_batches, val_batches or None, train_stats)``: packed SFT rows, or one pair per row."""
+  d, t = c.data, c.train
+  kwargs = dict(length=d.max_seq_length, pad_id=pad_id, batch_size=t.global_batch_size,
+                pad_to_multiple_of=d.pad_to_multiple_of)
+  if c.algorithm in ("rm", "dpo"):
+    kwargs["make_row"] = pipeline.single(preference.pair_row)
+    plan = lambda examples: [[i] for i in range(len(examples))]
+  else:
+    plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
+  train_examples, train_stats = load_examples(c, tok, d.train, log)
+  train_batches = pipeline.batches(plan(train_examples), train_examples, seed=c.seed, shuffle=d.shuffle, **kwargs)
+  val_batches = None
+  if d.validation:
+    val_examples, _ = load_examples(c, tok, d.validation, log)
+    val_rows = plan(val_examples)
+    val_batches = lambda: pipeline.row_dataset(val_rows, val_examples, seed=0, shuffle=False, num_epochs=1,
+                                               pad_last_batch=True, **kwargs)
+  return train_batches, val_batches, train_stats
+
+
+def algorithm_parts(c, model):
+  """``(model, loss_fn, reference_fn or None)`` for ``config.algorithm``; rm puts a value head on the model."""
+  if c.algorithm == "rm":
+    return (ValueModel.from_transformer(model, 1, rngs=nnx.Rngs(c.seed)),
+            functools.partial(rm.train_loss, kind=c.rm.kind), None)
+  if c.algorithm == "dpo":
+    p = c.dpo
+    loss_fn = functools.partial(dpo.train_loss, beta=p.beta, loss_type=p.loss_type, label_smoothing=p.label_smoothing,
+                                gt_reward_scale=p.gt_reward_scale, simpo_gamma=p.simpo_gamma,
+                                average_log_probs=p.average_log_probs, preference_weight=p.preference_weight,
+                                sft_weight=p.sft_weight)
+    reference = None
+    if p.loss_type != "simpo":  # SimPO needs no reference
+      reference = functools.partial(dpo.reference_logprobs, average=p.average_log_probs)
+    return model, loss_fn, reference
+  return model, sft.loss, None
 
 
 def load_config_file(path: str | Path, overrides: dict | None = None):
@@ -107,21 +156,10 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   pad_id = tok.pad_id if tok.pad_id is not None else 0
   d, t = c.data, c.train
   micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
-
-  train_examples, train_stats = load_examples(c, tok, d.train, log)
-  rows = packing.plan_rows(train_examples, d.max_seq_length, pack=d.pack)
-  train_batches = pipeline.batches(rows, train_examples, length=d.max_seq_length, pad_id=pad_id,
-                                   batch_size=t.global_batch_size, seed=c.seed, shuffle=d.shuffle,
-                                   pad_to_multiple_of=d.pad_to_multiple_of)
-  val_batches = None
-  if d.validation:
-    val_examples, _ = load_examples(c, tok, d.validation, log)
-    val_rows = packing.plan_rows(val_examples, d.max_seq_length, pack=d.pack)
-    val_batches = lambda: pipeline.row_dataset(val_rows, val_examples, length=d.max_seq_length, pad_id=pad_id,
-                                               batch_size=t.global_batch_size, seed=0, shuffle=False,
-                                               num_epochs=1, pad_to_multiple_of=d.pad_to_multiple_of,
-                                               pad_last_batch=True)
+  train_batches, val_batches, train_stats = build_data(c, tok, pad_id, log)
   (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
+  lm_config = model.config
+  model, loss_fn, reference_fn = algorithm_parts(c, model)
 
   o = c.optimizer
   schedule = optim.nemo_schedule(o.lr, max_steps=t.max_steps, warmup_steps=o.warmup_steps,
@@ -129,17 +167,22 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                    grad_clip=o.grad_clip or None)
   graphdef, state = trainer.init_state(model, tx, seed=c.seed)
-  loss_fn = {"sft": sft.loss}[c.algorithm]
+  reference = None
+  if reference_fn is not None:
+    reference = trainer.ReferencePass(graphdef, state, reference_fn, mesh=mesh, rules=rules,
+                                      offload=c.reference.offload)
   train_step = trainer.make_train_step(graphdef, loss_fn, tx, schedule, micro_batches=micro_batches)
   options = trainer.TrainerOptions(
       max_steps=t.max_steps, val_check_interval=t.val_check_interval if val_batches else 0,
       save_interval=t.save_interval, keep_last=t.keep_last, keep_best=t.keep_best if val_batches else 0,
       max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume,
-      flops_per_token=trainer.train_flops_per_token(model.config, d.max_seq_length))
+      flops_per_token=trainer.train_flops_per_token(lm_config, d.max_seq_length),
+      monitor="val_loss")
   return trainer.Trainer(state=state, train_step=train_step,
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,
                          val_batches=val_batches, run_dir=run_dir, options=options, mesh=mesh, rules=rules,
-                         wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
+                         wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
+                         reference=reference)
 
 
 def run(c, log=print) -> dict:

@@ -125,6 +125,37 @@ def make_eval_step(graphdef, loss_fn: LossFn):
   return evaluate
 
 
+class ReferencePass:
+  """A frozen copy of the starting parameters and one jitted function of them, for reference passes.
+
+  ``fn(model, batch) -> dict`` runs on the reference model (e.g. the DPO policy's log-probs at step 0);
+  the same function of the same parameters gives bitwise the same arrays every time. With ``offload``
+  the copy lives in host memory (numpy) and is moved to the devices for each pass, as NeMo-Aligner
+  swaps its reference weights in from CPU, so that only one copy of the weights occupies the devices
+  between passes.
+  """
+
+  def __init__(self, graphdef, state: TrainState, fn, *, mesh=None, rules=pmesh.DEFAULT_RULES,
+               offload: bool = False):
+    self.offload = offload
+    self.sharding = pmesh.tree_shardings(state.params, mesh, rules) if mesh is not None else None
+    if offload:
+      self.params = jax.device_get(state.params)
+    else:  # its own buffers: the train step donates the state's
+      placed = state.params if self.sharding is None else jax.device_put(state.params, self.sharding)
+      self.params = jax.tree.map(jnp.copy, placed)
+    rest = state.rest
+    # Outputs are per-row ([B, ...]) and sharded by rows like the batch they join.
+    out = None if mesh is None else pmesh.batch_sharding(mesh, rules)
+    self._fn = jax.jit(lambda params, batch: fn(nnx.merge(graphdef, params, rest), batch), out_shardings=out)
+
+  def __call__(self, batch):
+    params = self.params
+    if self.offload:
+      params = jax.device_put(params, self.sharding) if self.sharding is not None else jax.device_put(params)
+    return self._fn(params, batch)
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics and progress
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +251,14 @@ class Trainer:
   def __init__(self, *, state: TrainState, train_step, eval_step, train_batches, run_dir,
                options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
                mesh=None, rules=pmesh.DEFAULT_RULES, wandb_project: str | None = None,
-               config: dict | None = None, graphdef=None):
-    """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows."""
+               config: dict | None = None, graphdef=None, reference=None):
+    """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows.
+
+    ``reference(batch) -> dict``, when given, adds fields to every (device) batch before the train
+    and eval steps see it: the reference policy's log-probs of DPO, for example (``ReferencePass``).
+    """
     self.graphdef = graphdef
+    self.reference = reference
     self.mesh, self.rules = mesh, rules
     self.state_sharding = None
     if mesh is not None:
@@ -252,7 +288,10 @@ class Trainer:
     self.last_val: dict | None = None
 
   def _put(self, batch):
-    return batch if self.mesh is None else pmesh.put_batch(batch, self.mesh, self.rules)
+    batch = batch if self.mesh is None else pmesh.put_batch(batch, self.mesh, self.rules)
+    if self.reference is not None:
+      batch = {**batch, **self.reference(batch)}
+    return batch
 
   def _jit(self, batch):
     """Jit the steps on the first batch, with explicit shardings when there is a mesh."""
@@ -297,7 +336,9 @@ class Trainer:
     total = weight = 0.0
     sums: dict[str, float] = {}
     for batch in self.val_batches():
-      t, w, s = self._eval_step(self.state, self._put(batch))
+      batch = self._put(batch)
+      self._jit(batch)
+      t, w, s = self._eval_step(self.state, batch)
       total += float(t)
       weight += float(w)
       for k, v in s.items():
@@ -329,8 +370,9 @@ class Trainer:
       while step < o.max_steps:
         batch = next(self.train_batches)
         t0 = time.perf_counter()
-        self._jit(batch)
-        self.state, metrics = self._train_step(self.state, self._put(batch))
+        device_batch = self._put(batch)
+        self._jit(device_batch)
+        self.state, metrics = self._train_step(self.state, device_batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         step_time = time.perf_counter() - t0
         step += 1

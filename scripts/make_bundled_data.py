@@ -1,7 +1,10 @@
-"""Write the small chat datasets shipped in jalign/assets/data (NeMo-Aligner chat jsonl).
+"""Write the small datasets shipped in jalign/assets/data (NeMo-Aligner jsonl formats).
 
 Run from the repository root: python scripts/make_bundled_data.py
-Templated questions with regular answers, so that a tiny model learns them visibly within minutes.
+Templated questions with regular answers, so that a tiny model learns them visibly within minutes:
+SFT chats, and preference data (comparison pairs, KTO feedback) whose chosen answer is the right one
+and whose rejected answer is the same sentence with a wrong fact, so that a reward model or a policy
+can only tell them apart by learning the facts.
 """
 
 import json
@@ -38,6 +41,35 @@ def qa(rng):
   return f"Write one line about the {word}.", f"The {word} is quiet and beautiful today."
 
 
+def wrong(rng, question, answer):
+  """The same answer with one fact changed (a wrong sum, capital, leg count, name or subject)."""
+  for facts in (NUMBERS, list(CAPITALS.values()), sorted(set(ANIMALS.values())), NAMES,
+                ["sea", "sun", "tree", "rain", "moon", "snow"]):
+    present = [f for f in facts if f" {f}" in answer or answer.startswith(f)]
+    if facts is NUMBERS:
+      present = [f for f in facts if answer.endswith(f" {f}.")]
+    if present:
+      old = present[-1]
+      new = rng.choice([f for f in facts if f != old])
+      head, _, tail = answer.rpartition(old)
+      return head + new + tail
+  raise ValueError(f"no fact to change in {answer!r}")
+
+
+def comparison(rng):
+  question, answer = qa(rng)
+  system = rng.choice(SYSTEMS)
+  prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+  return {"prompt": prompt, "chosen_response": answer, "rejected_response": wrong(rng, question, answer)}
+
+
+def feedback(rng):
+  pair = comparison(rng)
+  desirable = rng.random() < 0.5
+  return {"prompt": pair["prompt"], "response": pair["chosen_response" if desirable else "rejected_response"],
+          "preference": "chosen" if desirable else "rejected"}
+
+
 def record(rng):
   turns = []
   for _ in range(rng.choice([1, 1, 2])):
@@ -48,11 +80,13 @@ def record(rng):
 
 def main():
   OUT.mkdir(parents=True, exist_ok=True)
-  for name, n, seed in (("sft_chat_train.jsonl", 512, 0), ("sft_chat_val.jsonl", 64, 1)):
+  for name, make, n, seed in (("sft_chat_train.jsonl", record, 512, 0), ("sft_chat_val.jsonl", record, 64, 1),
+                               ("pref_train.jsonl", comparison, 512, 2), ("pref_val.jsonl", comparison, 64, 3),
+                               ("kto_train.jsonl", feedback, 512, 4), ("kto_val.jsonl", feedback, 64, 5)):
     rng = random.Random(seed)
     with open(OUT / name, "w") as f:
       for _ in range(n):
-        f.write(json.dumps(record(rng)) + "\n")
+        f.write(json.dumps(make(rng)) + "\n")
     print(f"{n} records -> {OUT / name}")
 
 

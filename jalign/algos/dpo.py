@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax.nn import log_sigmoid
 
@@ -85,11 +86,12 @@ def _check_common(beta, label_smoothing, loss_type):
 
 def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.2, loss_type="dpo",
          chosen_rewards=None, rejected_rewards=None, gt_reward_scale=1.0, label_smoothing=0.0,
-         simpo_gamma=0.5):
+         simpo_gamma=0.5, weights=None):
   """Preference loss over ``[B]`` per-sequence log-probs; returns ``(loss, metrics)``.
 
   ``loss_type`` in ``LOSS_TYPES`` (see the module docstring). ``chosen_rewards`` / ``rejected_rewards``
-  ``[B]`` are the ground-truth rewards the ``rpo_*`` types need (ignored otherwise).
+  ``[B]`` are the ground-truth rewards the ``rpo_*`` types need (ignored otherwise). ``weights`` ``[B]``
+  (default all 1) weight the pairs in the loss and the metrics; 0 marks padding pairs.
   """
   _check_common(beta, label_smoothing, loss_type)
   pi_c, pi_r = _float(policy_chosen), _float(policy_rejected)
@@ -130,14 +132,25 @@ def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.2, 
       else:
         per_pair = _bernoulli_kl(*target_lp, *model_lp)
 
-  total = jnp.mean(per_pair)
+  mean = _weighted_mean(weights, per_pair)
+  total = mean(per_pair)
   metrics = {
-      "rewards_chosen_mean": jnp.mean(beta * rho_c),
-      "rewards_rejected_mean": jnp.mean(beta * rho_r),
-      "reward_margin_mean": jnp.mean(beta * delta),
-      "accuracy": jnp.mean((rho_c > rho_r).astype(total.dtype)),
+      "rewards_chosen_mean": mean(beta * rho_c),
+      "rewards_rejected_mean": mean(beta * rho_r),
+      "reward_margin_mean": mean(beta * delta),
+      "accuracy": mean((rho_c > rho_r).astype(total.dtype)),
   }
   return total, metrics
+
+
+def _weighted_mean(weights, like):
+  if weights is None:
+    return jnp.mean
+  w = _float(weights).astype(like.dtype)
+  if w.shape != like.shape:
+    raise ValueError(f"weights {w.shape} must match the pairs {like.shape}")
+  total = jnp.maximum(jnp.sum(w), 1e-9)
+  return lambda x: jnp.sum(w * x) / total
 
 
 def _log1mexp(x):
@@ -178,3 +191,54 @@ def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, *, lam=0.1):
       "rewards_rejected_mean": jnp.mean(lam * r),
   }
   return total, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# On a model: the pieces the shared training loop calls
+# ----------------------------------------------------------------------------------------------
+
+
+def response_logprobs(model, rows, *, average=False):
+  """``[N]`` summed (or averaged) log-probs of each row's response (its ``loss_mask`` tokens)."""
+  from jalign.kernels import token_logprobs
+  hidden = model.hidden_states(rows["tokens"], positions=rows.get("positions"), segment_ids=rows.get("segment_ids"))
+  lp = token_logprobs(hidden, model.lm_head_kernel(), rows["targets"])
+  return sequence_logprobs(lp, rows["loss_mask"], average=average)
+
+
+def pair_logprobs(model, batch, *, average=False):
+  """``(chosen [B], rejected [B])`` response log-probs, chosen and rejected in one forward pass."""
+  both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), batch["chosen"], batch["rejected"])
+  lp = response_logprobs(model, both, average=average)
+  n = batch["chosen"]["tokens"].shape[0]
+  return lp[:n], lp[n:]
+
+
+def reference_logprobs(model, batch, *, average=False):
+  """The fields the reference pass adds to a pair batch: ``ref_chosen``, ``ref_rejected`` ``[B]``."""
+  chosen, rejected = pair_logprobs(model, batch, average=average)
+  return {"ref_chosen": chosen, "ref_rejected": rejected}
+
+
+def train_loss(model, batch, rng=None, *, beta=0.2, loss_type="dpo", label_smoothing=0.0, gt_reward_scale=1.0,
+               simpo_gamma=0.5, average_log_probs=False, preference_weight=1.0, sft_weight=0.0):
+  """``(loss_sum, pairs, metric_sums)`` of a micro-batch of pairs, for ``trainer.make_train_step``.
+
+  The batch holds ``chosen`` and ``rejected`` rows, ``chosen_reward`` / ``rejected_reward`` and the
+  reference pass's ``ref_chosen`` / ``ref_rejected``. Padding pairs (no tokens) weigh nothing.
+  Loss = ``preference_weight`` x the preference loss + ``sft_weight`` x the chosen responses' NLL
+  (summed, or averaged per token with ``average_log_probs``), NeMo-Aligner's mix.
+  """
+  del rng
+  policy_chosen, policy_rejected = pair_logprobs(model, batch, average=average_log_probs)
+  real = (jnp.max(batch["chosen"]["segment_ids"], axis=-1) > 0).astype(jnp.float32)
+  pref, metrics = loss(policy_chosen, policy_rejected, batch.get("ref_chosen"), batch.get("ref_rejected"),
+                       beta=beta, loss_type=loss_type, chosen_rewards=batch.get("chosen_reward"),
+                       rejected_rewards=batch.get("rejected_reward"), gt_reward_scale=gt_reward_scale,
+                       label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, weights=real)
+  pairs = jnp.sum(real)
+  sft = -jnp.sum(real * policy_chosen) / jnp.maximum(pairs, 1e-9)
+  total = preference_weight * pref + sft_weight * sft
+  sums = {k: v * pairs for k, v in metrics.items()}
+  sums.update(preference_loss=pref * pairs, sft_loss=sft * pairs)
+  return total * pairs, pairs, sums

@@ -34,13 +34,14 @@ def _float(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def bt_loss(r_chosen, r_rejected, *, kind="regular", strength=None):
+def bt_loss(r_chosen, r_rejected, *, kind="regular", strength=None, weights=None):
   """Bradley-Terry loss over ``[B]`` pairs of scalar rewards; returns ``(loss, metrics)``.
 
   ``kind`` in ``BT_KINDS`` (NeMo's ``regular_bt``/``margin_bt``/``scaled_bt`` spellings are accepted
   too). ``"margin"`` and ``"scaled"`` need ``strength`` ``[B]``; ``"regular"`` ignores it.
   Metrics: ``accuracy`` = mean(r_c > r_r), ``rewards_chosen_mean``, ``rewards_rejected_mean``,
   ``rewards_all_mean``, ``rewards_all_std`` (uncorrected, over chosen and rejected together).
+  ``weights`` ``[B]`` (default all 1) weight the pairs in the loss and the metrics; 0 marks padding.
   """
   kind = _BT_ALIASES.get(kind, kind)
   if kind not in BT_KINDS:
@@ -58,14 +59,18 @@ def bt_loss(r_chosen, r_rejected, *, kind="regular", strength=None):
     if s.shape != delta.shape:
       raise ValueError(f"strength {s.shape} must match the rewards {delta.shape}")
     per_pair = -log_sigmoid(delta - s) if kind == "margin" else s * -log_sigmoid(delta)
-  loss = jnp.mean(per_pair)
-  both = jnp.concatenate([r_c.reshape(-1), r_r.reshape(-1)])
+  w = jnp.ones_like(per_pair) if weights is None else _float(weights).astype(per_pair.dtype)
+  if w.shape != per_pair.shape:
+    raise ValueError(f"weights {w.shape} must match the pairs {per_pair.shape}")
+  mean = lambda x: jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-9)
+  loss = mean(per_pair)
+  all_mean = (mean(r_c) + mean(r_r)) / 2
   metrics = {
-      "accuracy": jnp.mean((r_c > r_r).astype(loss.dtype)),
-      "rewards_chosen_mean": jnp.mean(r_c),
-      "rewards_rejected_mean": jnp.mean(r_r),
-      "rewards_all_mean": jnp.mean(both),
-      "rewards_all_std": jnp.std(both),
+      "accuracy": mean((r_c > r_r).astype(loss.dtype)),
+      "rewards_chosen_mean": mean(r_c),
+      "rewards_rejected_mean": mean(r_r),
+      "rewards_all_mean": all_mean,
+      "rewards_all_std": jnp.sqrt(jnp.maximum((mean(r_c ** 2) + mean(r_r ** 2)) / 2 - all_mean ** 2, 0.0)),
   }
   return loss, metrics
 
@@ -136,3 +141,37 @@ def standardize(rewards, mean, std):
   if isinstance(std, (int, float)) and not std > 0:
     raise ValueError(f"reward standardisation std must be > 0, got {std}")
   return (jnp.asarray(rewards) - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# On a model: the pieces the shared training loop calls
+# ----------------------------------------------------------------------------------------------
+
+
+def row_rewards(model, rows):
+  """``[N, A]`` rewards of a value model at each row's last real token."""
+  values = model(rows["tokens"], positions=rows.get("positions"), segment_ids=rows.get("segment_ids"))
+  return gather_last(values, jnp.sum(rows["segment_ids"] > 0, axis=-1))
+
+
+def pair_rewards(model, batch):
+  """``(chosen [B], rejected [B])`` scalar rewards (attributes merged), in one forward pass."""
+  both = {k: jnp.concatenate([batch["chosen"][k], batch["rejected"][k]]) for k in batch["chosen"]}
+  rewards = merge_attributes(row_rewards(model, both))
+  n = batch["chosen"]["tokens"].shape[0]
+  return rewards[:n], rewards[n:]
+
+
+def train_loss(model, batch, rng=None, *, kind="regular"):
+  """``(loss_sum, pairs, metric_sums)`` of a micro-batch of pairs, for ``trainer.make_train_step``.
+
+  ``"margin"`` / ``"scaled"`` read the per-pair strength from ``chosen_reward - rejected_reward``.
+  Padding pairs (no tokens) weigh nothing.
+  """
+  del rng
+  r_chosen, r_rejected = pair_rewards(model, batch)
+  real = (jnp.max(batch["chosen"]["segment_ids"], axis=-1) > 0).astype(jnp.float32)
+  strength = None if kind == "regular" else batch["chosen_reward"] - batch["rejected_reward"]
+  value, metrics = bt_loss(r_chosen, r_rejected, kind=kind, strength=strength, weights=real)
+  pairs = jnp.sum(real)
+  return value * pairs, pairs, {k: v * pairs for k, v in metrics.items()}

@@ -69,7 +69,12 @@ def encode_response(prompt, response: str, tok: Tokenizer, *, max_length: int, c
 
 
 def encode_pairs(records: list[dict], tok: Tokenizer, *, max_length: int,
-                 chat_format: NemoChatFormat | None = None, add_eos: bool = True) -> tuple[list[Pair], EncodeStats]:
+                 chat_format: NemoChatFormat | None = None, add_eos: bool = True,
+                 over_length: str = "truncate") -> tuple[list[Pair], EncodeStats]:
+  """Tokenized pairs. ``over_length``: "truncate" (cut the prompt's left end; drop a pair whose
+  response alone does not fit) or "drop" (drop every pair that does not fit). Both are counted."""
+  if over_length not in ("truncate", "drop"):
+    raise ValueError(f"over_length must be 'truncate' or 'drop', got {over_length!r}")
   chat_format = chat_format or NemoChatFormat()
   stats = EncodeStats()
   pairs = []
@@ -78,7 +83,7 @@ def encode_pairs(records: list[dict], tok: Tokenizer, *, max_length: int,
                                     chat_format=chat_format, add_eos=add_eos)
     rejected, cut_r = encode_response(rec["prompt"], rec["rejected_response"], tok, max_length=max_length,
                                       chat_format=chat_format, add_eos=add_eos)
-    if chosen is None or rejected is None:
+    if chosen is None or rejected is None or (over_length == "drop" and (cut_c or cut_r)):
       stats.dropped += 1
       continue
     stats.keep(chosen, rejected, truncated=cut_c or cut_r)

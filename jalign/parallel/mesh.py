@@ -97,6 +97,11 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Rows over the mesh axes the ``batch`` rule names (the sharding of ``[B]`` per-row arrays)."""
+  return NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules)[0]))
+
+
 def batch_shardings(batch, mesh: Mesh, rules=DEFAULT_RULES):
   """For every array of a batch: rows over the mesh axes the ``batch`` rule names, the rest whole."""
   rows = logical_to_spec(("batch",), rules)[0]
