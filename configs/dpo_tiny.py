@@ -19,6 +19,7 @@ def get_config():
   c.data.validation = "bundled:pref_val.jsonl"
   c.data.max_seq_length = 80
   c.data.pad_to_multiple_of = 16
+  c.data.pack = False  # one pair per row; True packs several pairs into each row
   c.dpo.beta = 0.2
   c.dpo.loss_type = "dpo"
   c.train.global_batch_size = 16

@@ -80,20 +80,24 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
 
 
 def build_data(c, tok: Tokenizer, pad_id: int, log):
-  """``(train_batches, val_batches or None, train_stats)``: packed SFT rows, or one pair per row."""
+  """``(train_batches, val_batches or None, train_stats)``: packed SFT rows, or rows of pairs."""
   d, t = c.data, c.train
   kwargs = dict(length=d.max_seq_length, pad_id=pad_id, batch_size=t.global_batch_size,
                 pad_to_multiple_of=d.pad_to_multiple_of)
+  train_examples, train_stats = load_examples(c, tok, d.train, log)
+  val_examples = load_examples(c, tok, d.validation, log)[0] if d.validation else None
   if c.algorithm in ("rm", "dpo"):
-    kwargs["make_row"] = pipeline.single(preference.pair_row)
-    plan = lambda examples: [[i] for i in range(len(examples))]
+    # A row holds a pair's two sequences, so it is twice max_seq_length; packing puts several pairs
+    # in it. The pair slots per row are fixed (one compiled shape) by the fullest row.
+    kwargs["length"] = 2 * d.max_seq_length
+    plan = lambda pairs: preference.plan_pair_rows(pairs, 2 * d.max_seq_length, pack=d.pack)
+    max_pairs = max(len(r) for r in plan(train_examples) + (plan(val_examples) if val_examples else []))
+    kwargs["make_row"] = functools.partial(preference.pairs_row, max_pairs=max_pairs)
   else:
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
-  train_examples, train_stats = load_examples(c, tok, d.train, log)
   train_batches = pipeline.batches(plan(train_examples), train_examples, seed=c.seed, shuffle=d.shuffle, **kwargs)
   val_batches = None
-  if d.validation:
-    val_examples, _ = load_examples(c, tok, d.validation, log)
+  if val_examples is not None:
     val_rows = plan(val_examples)
     val_batches = lambda: pipeline.row_dataset(val_rows, val_examples, seed=0, shuffle=False, num_epochs=1,
                                                pad_last_batch=True, **kwargs)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jax.nn import log_sigmoid
 
@@ -198,43 +197,50 @@ def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, *, lam=0.1):
 # ----------------------------------------------------------------------------------------------
 
 
-def response_logprobs(model, rows, *, average=False):
-  """``[N]`` summed (or averaged) log-probs of each row's response (its ``loss_mask`` tokens)."""
-  from jalign.kernels import token_logprobs
-  hidden = model.hidden_states(rows["tokens"], positions=rows.get("positions"), segment_ids=rows.get("segment_ids"))
-  lp = token_logprobs(hidden, model.lm_head_kernel(), rows["targets"])
-  return sequence_logprobs(lp, rows["loss_mask"], average=average)
+def segment_sums(values, segment_ids, num_segments: int):
+  """``[R, S]`` sums of ``values [R, L]`` over each row's segments 1..S (0 is padding)."""
+  onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+  return jnp.einsum("rl,rls->rs", values, onehot.astype(values.dtype))
 
 
 def pair_logprobs(model, batch, *, average=False):
-  """``(chosen [B], rejected [B])`` response log-probs, chosen and rejected in one forward pass."""
-  both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), batch["chosen"], batch["rejected"])
-  lp = response_logprobs(model, both, average=average)
-  n = batch["chosen"]["tokens"].shape[0]
-  return lp[:n], lp[n:]
+  """``(chosen [N], rejected [N])`` response log-probs of the pair slots of rows laid out by
+  ``data.preference.pairs_row`` (pair p: segments 2p+1 and 2p+2), N = rows x slots; one forward pass."""
+  from jalign.kernels import token_logprobs
+  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+  lp = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  slots = batch["pair_mask"].shape[-1]
+  sums = segment_sums(jnp.where(mask > 0, lp, 0.0), batch["segment_ids"], 2 * slots)
+  if average:
+    sums = sums / jnp.maximum(segment_sums(mask, batch["segment_ids"], 2 * slots), 1.0)
+  return sums[:, 0::2].reshape(-1), sums[:, 1::2].reshape(-1)
 
 
 def reference_logprobs(model, batch, *, average=False):
-  """The fields the reference pass adds to a pair batch: ``ref_chosen``, ``ref_rejected`` ``[B]``."""
+  """The fields the reference pass adds to a pair batch: ``ref_chosen``, ``ref_rejected`` ``[R, slots]``."""
   chosen, rejected = pair_logprobs(model, batch, average=average)
-  return {"ref_chosen": chosen, "ref_rejected": rejected}
+  shape = batch["pair_mask"].shape
+  return {"ref_chosen": chosen.reshape(shape), "ref_rejected": rejected.reshape(shape)}
 
 
 def train_loss(model, batch, rng=None, *, beta=0.2, loss_type="dpo", label_smoothing=0.0, gt_reward_scale=1.0,
                simpo_gamma=0.5, average_log_probs=False, preference_weight=1.0, sft_weight=0.0):
   """``(loss_sum, pairs, metric_sums)`` of a micro-batch of pairs, for ``trainer.make_train_step``.
 
-  The batch holds ``chosen`` and ``rejected`` rows, ``chosen_reward`` / ``rejected_reward`` and the
-  reference pass's ``ref_chosen`` / ``ref_rejected``. Padding pairs (no tokens) weigh nothing.
+  The batch holds rows of pairs (``data.preference.pairs_row``: tokens, ..., ``pair_mask``,
+  ``chosen_reward`` / ``rejected_reward``) and the reference pass's ``ref_chosen`` / ``ref_rejected``.
+  Empty pair slots and padding rows weigh nothing.
   Loss = ``preference_weight`` x the preference loss + ``sft_weight`` x the chosen responses' NLL
   (summed, or averaged per token with ``average_log_probs``), NeMo-Aligner's mix.
   """
   del rng
   policy_chosen, policy_rejected = pair_logprobs(model, batch, average=average_log_probs)
-  real = (jnp.max(batch["chosen"]["segment_ids"], axis=-1) > 0).astype(jnp.float32)
-  pref, metrics = loss(policy_chosen, policy_rejected, batch.get("ref_chosen"), batch.get("ref_rejected"),
-                       beta=beta, loss_type=loss_type, chosen_rewards=batch.get("chosen_reward"),
-                       rejected_rewards=batch.get("rejected_reward"), gt_reward_scale=gt_reward_scale,
+  flat = lambda name: None if name not in batch else batch[name].reshape(-1)
+  real = flat("pair_mask")
+  pref, metrics = loss(policy_chosen, policy_rejected, flat("ref_chosen"), flat("ref_rejected"),
+                       beta=beta, loss_type=loss_type, chosen_rewards=flat("chosen_reward"),
+                       rejected_rewards=flat("rejected_reward"), gt_reward_scale=gt_reward_scale,
                        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, weights=real)
   pairs = jnp.sum(real)
   sft = -jnp.sum(real * policy_chosen) / jnp.maximum(pairs, 1e-9)

@@ -148,18 +148,21 @@ def standardize(rewards, mean, std):
 # ----------------------------------------------------------------------------------------------
 
 
-def row_rewards(model, rows):
-  """``[N, A]`` rewards of a value model at each row's last real token."""
-  values = model(rows["tokens"], positions=rows.get("positions"), segment_ids=rows.get("segment_ids"))
-  return gather_last(values, jnp.sum(rows["segment_ids"] > 0, axis=-1))
+def segment_last_index(segment_ids, num_segments: int):
+  """``[R, S]`` position of the last token of segments 1..S in each row (0 for an absent segment)."""
+  onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+  positions = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)[None, :, None]
+  return jnp.max(jnp.where(onehot, positions, 0), axis=1)
 
 
 def pair_rewards(model, batch):
-  """``(chosen [B], rejected [B])`` scalar rewards (attributes merged), in one forward pass."""
-  both = {k: jnp.concatenate([batch["chosen"][k], batch["rejected"][k]]) for k in batch["chosen"]}
-  rewards = merge_attributes(row_rewards(model, both))
-  n = batch["chosen"]["tokens"].shape[0]
-  return rewards[:n], rewards[n:]
+  """``(chosen [N], rejected [N])`` scalar rewards (attributes merged) of the pair slots of rows laid
+  out by ``data.preference.pairs_row``, read at each response's last token; one forward pass."""
+  values = model(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+  slots = batch["pair_mask"].shape[-1]
+  last = segment_last_index(batch["segment_ids"], 2 * slots)
+  rewards = merge_attributes(jnp.take_along_axis(values, last[..., None], axis=1))  # [R, 2 slots]
+  return rewards[:, 0::2].reshape(-1), rewards[:, 1::2].reshape(-1)
 
 
 def train_loss(model, batch, rng=None, *, kind="regular"):
@@ -170,8 +173,8 @@ def train_loss(model, batch, rng=None, *, kind="regular"):
   """
   del rng
   r_chosen, r_rejected = pair_rewards(model, batch)
-  real = (jnp.max(batch["chosen"]["segment_ids"], axis=-1) > 0).astype(jnp.float32)
-  strength = None if kind == "regular" else batch["chosen_reward"] - batch["rejected_reward"]
+  real = batch["pair_mask"].reshape(-1)
+  strength = None if kind == "regular" else (batch["chosen_reward"] - batch["rejected_reward"]).reshape(-1)
   value, metrics = bt_loss(r_chosen, r_rejected, kind=kind, strength=strength, weights=real)
   pairs = jnp.sum(real)
   return value * pairs, pairs, {k: v * pairs for k, v in metrics.items()}

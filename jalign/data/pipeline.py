@@ -36,20 +36,20 @@ class BatchIterator:
     self._it.set_state(state)
 
 
-def trim_batch(batch: dict, multiple: int) -> dict:
+def trim_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
   """Cut the padding columns past the longest row, keeping a multiple of ``multiple`` columns.
 
-  In a batch of pairs (``{"chosen": rows, "rejected": rows, ...}``) both sides get one width.
+  Only the per-token ``[rows, length]`` fields are cut; per-row fields (``[rows, ...]`` of another
+  width, such as the pair slots of preference rows) are left as they are.
   """
-  groups = [batch] if "segment_ids" in batch else [v for v in batch.values() if isinstance(v, dict)]
-  used = max(int(np.max(np.nonzero(g["segment_ids"].any(axis=0))[0], initial=0)) + 1 for g in groups)
-  width = min(groups[0]["tokens"].shape[1], -(-used // multiple) * multiple)
+  length = batch["tokens"].shape[1]
+  used = int(np.max(np.nonzero(batch["segment_ids"].any(axis=0))[0], initial=0)) + 1
+  width = min(length, -(-used // multiple) * multiple)
+  return {k: v[:, :width] if v.ndim == 2 and v.shape[1] == length and k in _TOKEN_FIELDS else v
+          for k, v in batch.items()}
 
-  def cut(group):
-    return {k: v[:, :width] for k, v in group.items()}
-  if "segment_ids" in batch:
-    return cut(batch)
-  return {k: cut(v) if isinstance(v, dict) else v for k, v in batch.items()}
+
+_TOKEN_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
 
 def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, batch_size: int, seed: int,

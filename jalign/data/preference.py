@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from jalign.data.chat import NemoChatFormat
-from jalign.data.packing import build_row
+from jalign.data.packing import build_row, first_fit
 from jalign.data.sft import EncodeStats, Example, _example
 from jalign.data.tokenizer import Tokenizer
 
@@ -107,10 +107,31 @@ def encode_feedback(records: list[dict], tok: Tokenizer, *, max_length: int,
   return out, stats
 
 
-def pair_row(pair: Pair, length: int, pad_id: int) -> dict:
-  """One comparison as ``{"chosen": row, "rejected": row, "chosen_reward", "rejected_reward"}``."""
-  return {"chosen": build_row([pair.chosen], length, pad_id), "rejected": build_row([pair.rejected], length, pad_id),
-          "chosen_reward": np.float32(pair.chosen_reward), "rejected_reward": np.float32(pair.rejected_reward)}
+def plan_pair_rows(pairs: list[Pair], length: int, *, pack: bool) -> list[list[int]]:
+  """Which pairs share each row: one per row, or first-fit packed by their chosen + rejected length."""
+  if not pack:
+    return [[i] for i in range(len(pairs))]
+  return first_fit([len(p.chosen) + len(p.rejected) for p in pairs], length)
+
+
+def pairs_row(pairs: list[Pair], length: int, pad_id: int, max_pairs: int) -> dict:
+  """Pairs laid out in one row as chosen_1, rejected_1, chosen_2, ... (segments 1, 2, 3, ...).
+
+  Besides the row fields (tokens, targets, loss_mask, positions, segment_ids ``[length]``) it holds
+  ``pair_mask``, ``chosen_reward`` and ``rejected_reward`` ``[max_pairs]``: pair p's chosen response
+  is segment 2p+1 and its rejected one 2p+2, and unused slots have ``pair_mask`` 0. One pair per row
+  is the unpacked layout (row length 2 x the longest sequence), several the packed one.
+  """
+  if len(pairs) > max_pairs:
+    raise ValueError(f"{len(pairs)} pairs do not fit a row of at most {max_pairs}")
+  row = build_row([ex for p in pairs for ex in (p.chosen, p.rejected)], length, pad_id)
+  slots = np.zeros(max_pairs, np.float32)
+  slots[:len(pairs)] = 1.0
+  chosen = np.zeros(max_pairs, np.float32)
+  rejected = np.zeros(max_pairs, np.float32)
+  chosen[:len(pairs)] = [p.chosen_reward for p in pairs]
+  rejected[:len(pairs)] = [p.rejected_reward for p in pairs]
+  return {**row, "pair_mask": slots, "chosen_reward": chosen, "rejected_reward": rejected}
 
 
 def feedback_row(feedback: Feedback, length: int, pad_id: int) -> dict:

@@ -5,7 +5,8 @@ import pytest
 
 from jalign.data.chat import NemoChatFormat
 from jalign.data.pipeline import batches, single
-from jalign.data.preference import encode_feedback, encode_pairs, feedback_row, pair_row, render_prompt
+from jalign.data.preference import (encode_feedback, encode_pairs, feedback_row, pairs_row, plan_pair_rows,
+                                    render_prompt)
 from jalign.data.prompts import encode_prompts, encode_regression, prompt_row, regression_row
 from jalign.data.tokenizer import Tokenizer
 
@@ -42,12 +43,22 @@ def test_long_prompts_lose_their_left_end_and_hopeless_pairs_are_dropped():
   assert stats.dropped == 1 and stats.examples == 0
 
 
-def test_pair_and_feedback_batches():
+def test_pair_rows_unpacked_and_packed_and_feedback_batches():
   pairs, _ = encode_pairs([PAIR] * 6, TOK, max_length=32)
-  batch = next(batches([[i] for i in range(6)], pairs, length=32, pad_id=0, batch_size=4, seed=0,
-                       make_row=single(pair_row)))
-  assert batch["chosen"]["tokens"].shape == (4, 32) and batch["rejected"]["loss_mask"].shape == (4, 32)
-  assert batch["chosen_reward"].tolist() == [1.0] * 4
+  one = lambda items, length, pad: pairs_row(items, length, pad, max_pairs=1)
+  batch = next(batches([[i] for i in range(6)], pairs, length=64, pad_id=0, batch_size=4, seed=0, make_row=one))
+  assert batch["tokens"].shape == (4, 64) and batch["pair_mask"].tolist() == [[1.0]] * 4
+  assert batch["chosen_reward"].tolist() == [[1.0]] * 4 and batch["rejected_reward"].tolist() == [[0.0]] * 4
+  n = len(pairs[0].chosen)
+  assert set(batch["segment_ids"][0, :n]) == {1} and set(batch["segment_ids"][0, n:n + len(pairs[0].rejected)]) == {2}
+  plan = plan_pair_rows(pairs, 64, pack=True)
+  per_pair = len(pairs[0].chosen) + len(pairs[0].rejected)
+  assert [len(r) for r in plan] == [64 // per_pair] * (6 // (64 // per_pair)) + ([6 % (64 // per_pair)] if 6 % (64 // per_pair) else [])
+  row = pairs_row([pairs[i] for i in plan[0]], 64, 0, max_pairs=4)
+  assert row["pair_mask"].tolist() == [1.0] * len(plan[0]) + [0.0] * (4 - len(plan[0]))
+  assert row["segment_ids"].max() == 2 * len(plan[0])
+  with pytest.raises(ValueError, match="do not fit a row of at most 1"):
+    pairs_row(pairs[:2], 64, 0, max_pairs=1)
   fb, _ = encode_feedback([{"prompt": "Hi", "response": "Hello", "desirable": False}] * 4, TOK, max_length=32)
   batch = next(batches([[i] for i in range(4)], fb, length=32, pad_id=0, batch_size=2, seed=0,
                        make_row=single(feedback_row)))

@@ -1,0 +1,89 @@
+"""Per-pair log-probs and rewards from rows of pairs: packed rows give what one pair per row gives, and
+both equal a direct per-sequence computation from the model's full logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jalign.algos import dpo, rm
+from jalign.data import formats, preference
+from jalign.config import data_path
+from jalign.data.tokenizer import Tokenizer
+from jalign.models import LlamaConfig, Transformer
+from jalign.models.heads import ValueModel
+
+TOK = Tokenizer.tiny()
+CFG = LlamaConfig.preset("tiny")
+
+
+def _pairs(n=5):
+  records, _ = formats.read_jsonl(data_path("bundled:pref_val.jsonl"), "comparison")
+  pairs, _ = preference.encode_pairs(records[:n], TOK, max_length=80)
+  return pairs
+
+
+def _rows(pairs, plan, length, max_pairs):
+  rows = [preference.pairs_row([pairs[i] for i in r], length, 0, max_pairs) for r in plan]
+  return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *rows), [i for r in plan for i in r]
+
+
+def _slots(values, plan, max_pairs):
+  """Per-pair values in pair order from ``[rows * max_pairs]`` slot values."""
+  out = {}
+  for r, items in enumerate(plan):
+    for k, i in enumerate(items):
+      out[i] = float(values[r * max_pairs + k])
+  return np.array([out[i] for i in sorted(out)])
+
+
+def direct_logprob(model, ex):
+  logits = model(jnp.asarray(ex.tokens)[None])[0]
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.jax_enable_x64 else logits))
+  targets, mask = ex.tokens[1:], ex.loss_mask[1:]
+  return float(np.sum(logp[np.arange(len(targets)), targets] * mask))
+
+
+def test_packed_and_unpacked_rows_give_each_pairs_log_probs():
+  model = Transformer(CFG, rngs=nnx.Rngs(0))
+  pairs = _pairs()
+  unpacked_plan = preference.plan_pair_rows(pairs, 160, pack=False)
+  packed_plan = preference.plan_pair_rows(pairs, 256, pack=True)
+  assert max(len(r) for r in packed_plan) > 1
+  results = []
+  for plan, max_pairs, length in ((unpacked_plan, 1, 160), (packed_plan, max(len(r) for r in packed_plan), 256)):
+    batch, _ = _rows(pairs, plan, length, max_pairs)
+    chosen, rejected = dpo.pair_logprobs(model, batch)
+    results.append((_slots(chosen, plan, max_pairs), _slots(rejected, plan, max_pairs)))
+    mask = np.asarray(batch["pair_mask"]).reshape(-1)
+    assert mask.sum() == len(pairs)
+    assert np.all(np.asarray(chosen)[mask == 0] == 0)
+  direct = np.array([[direct_logprob(model, p.chosen), direct_logprob(model, p.rejected)] for p in pairs])
+  for chosen, rejected in results:
+    np.testing.assert_allclose(chosen, direct[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(rejected, direct[:, 1], rtol=1e-5)
+
+
+def test_averaged_log_probs_divide_by_the_response_length():
+  model = Transformer(CFG, rngs=nnx.Rngs(1))
+  pairs = _pairs(3)
+  batch, _ = _rows(pairs, [[0], [1], [2]], 160, 1)
+  summed, _ = dpo.pair_logprobs(model, batch)
+  averaged, _ = dpo.pair_logprobs(model, batch, average=True)
+  lengths = np.array([p.chosen.loss_mask[1:].sum() for p in pairs])
+  np.testing.assert_allclose(averaged, np.asarray(summed) / lengths, rtol=1e-6)
+
+
+def test_rewards_are_read_at_each_responses_last_token():
+  model = ValueModel(CFG, rngs=nnx.Rngs(2))
+  pairs = _pairs()
+  plan = preference.plan_pair_rows(pairs, 256, pack=True)
+  max_pairs = max(len(r) for r in plan)
+  assert max_pairs > 1
+  batch, _ = _rows(pairs, plan, 256, max_pairs)
+  chosen, rejected = rm.pair_rewards(model, batch)
+  direct = lambda ex: float(model(jnp.asarray(ex.tokens)[None])[0, len(ex) - 1, 0])
+  np.testing.assert_allclose(_slots(chosen, plan, max_pairs), [direct(p.chosen) for p in pairs], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(_slots(rejected, plan, max_pairs), [direct(p.rejected) for p in pairs], rtol=1e-5,
+                             atol=1e-6)
