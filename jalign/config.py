@@ -71,6 +71,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.rm = ml_collections.ConfigDict()
   c.rm.kind = "regular"            # regular | margin | scaled (strength = chosen_reward - rejected_reward)
 
+  # LoRA (rank 0: off): only the adapters train and are saved; the DPO reference is the base model with
+  # the adapters off. NeMo's defaults: rank (adapter_dim) 32, alpha = rank, targets attention_qkv.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 0.0               # 0: alpha = rank (scale 1)
+  c.lora.targets = "attention_qkv"  # comma-separated: q,k,v,o,gate,up,down or NeMo's names (attention, mlp, all, ...)
+
   # The reference policy (dpo): a frozen copy of the starting weights; offload keeps it in host memory
   # between reference passes.
   c.reference = ml_collections.ConfigDict()
@@ -168,6 +175,13 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     _require(c.dpo.beta > 0, "dpo.beta", "must be positive")
     _require(c.dpo.preference_weight > 0 or c.dpo.sft_weight > 0, "dpo.preference_weight",
              "preference_weight and sft_weight are both 0: nothing to train")
+  if c.lora.rank:
+    from jalign.models import lora
+    _require(c.lora.rank > 0, "lora.rank", f"{c.lora.rank} must be positive (0 turns LoRA off)")
+    try:
+      lora.resolve_targets(c.lora.targets.split(","))
+    except ValueError as e:
+      raise ConfigError(f"config.lora.targets: {e}") from None
   if c.algorithm == "rm":
     from jalign.algos import rm
     _require(c.rm.kind in rm.BT_KINDS, "rm.kind", f"{c.rm.kind!r} is not one of {rm.BT_KINDS}")

@@ -23,7 +23,7 @@ from jalign.data import formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.sft import encode_records
 from jalign.data.tokenizer import Tokenizer
-from jalign.models import LlamaConfig, Transformer
+from jalign.models import LlamaConfig, Transformer, lora
 from jalign.models.heads import ValueModel
 from jalign.parallel import distributed
 from jalign.parallel import mesh as pmesh
@@ -105,7 +105,16 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
 
 
 def algorithm_parts(c, model):
-  """``(model, loss_fn, reference_fn or None)`` for ``config.algorithm``; rm puts a value head on the model."""
+  """``(model, loss_fn, reference_fn or None)`` for ``config.algorithm``; rm puts a value head on the
+  model, and ``config.lora`` adds adapters (after the head, so the head trains in full)."""
+  model, loss_fn, reference_fn = _algorithm_parts(c, model)
+  if c.lora.rank:
+    lora.add_lora(model, targets=c.lora.targets.split(","), rank=c.lora.rank, alpha=c.lora.alpha or None,
+                  rngs=nnx.Rngs(c.seed + 1))
+  return model, loss_fn, reference_fn
+
+
+def _algorithm_parts(c, model):
   if c.algorithm == "rm":
     return (ValueModel.from_transformer(model, 1, rngs=nnx.Rngs(c.seed)),
             functools.partial(rm.train_loss, kind=c.rm.kind), None)
@@ -170,11 +179,14 @@ def build_trainer(c, log=print) -> trainer.Trainer:
                                  constant_steps=o.constant_steps, min_lr=o.min_lr)
   tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                    grad_clip=o.grad_clip or None)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=lora.LoRAParam if c.lora.rank else nnx.Param)
+  log(f"training {trainer.count(state.params):,} of {trainer.count(state.params) + trainer.count(state.rest):,} "
+      "parameters")
   reference = None
   if reference_fn is not None:
     reference = trainer.ReferencePass(graphdef, state, reference_fn, mesh=mesh, rules=rules,
-                                      offload=c.reference.offload)
+                                      offload=c.reference.offload,
+                                      reference_params=lora.without_adapters if c.lora.rank else None)
   train_step = trainer.make_train_step(graphdef, loss_fn, tx, schedule, micro_batches=micro_batches)
   options = trainer.TrainerOptions(
       max_steps=t.max_steps, val_check_interval=t.val_check_interval if val_batches else 0,

@@ -52,9 +52,10 @@ class TrainState:
   rng: jax.Array        # uint32[2], split once per step
 
 
-def init_state(model, tx: optax.GradientTransformation, seed: int = 0):
-  """``(graphdef, TrainState)`` for an NNX model."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def init_state(model, tx: optax.GradientTransformation, seed: int = 0, trainable=nnx.Param):
+  """``(graphdef, TrainState)`` for an NNX model; ``trainable`` (an NNX filter, e.g. ``LoRAParam``)
+  picks the parameters the optimizer updates, everything else stays fixed in ``rest``."""
+  graphdef, params, rest = nnx.split(model, trainable, ...)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(seed))
   return graphdef, state
@@ -82,7 +83,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
 
     def grads_of(mb, i):
       def f(params):
-        model = nnx.merge(graphdef, params, state.rest)
+        # copy=True: rest may hold arrays (frozen base weights under LoRA) from outside this trace.
+        model = nnx.merge(graphdef, params, state.rest, copy=True)
         total, weight, sums = loss_fn(model, mb, jax.random.fold_in(step_rng, i))
         return total, (weight, sums)
       (total, (weight, sums)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
@@ -119,41 +121,43 @@ def make_eval_step(graphdef, loss_fn: LossFn):
   """A pure ``(state, batch) -> (loss_sum, weight, metric_sums)``."""
 
   def evaluate(state: TrainState, batch):
-    model = nnx.merge(graphdef, state.params, state.rest)
+    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
     return loss_fn(model, batch, jax.random.PRNGKey(0))
 
   return evaluate
 
 
 class ReferencePass:
-  """A frozen copy of the starting parameters and one jitted function of them, for reference passes.
+  """The starting trained parameters, frozen, and one jitted function of them for reference passes.
 
   ``fn(model, batch) -> dict`` runs on the reference model (e.g. the DPO policy's log-probs at step 0);
-  the same function of the same parameters gives bitwise the same arrays every time. With ``offload``
-  the copy lives in host memory (numpy) and is moved to the devices for each pass, as NeMo-Aligner
-  swaps its reference weights in from CPU, so that only one copy of the weights occupies the devices
-  between passes.
+  the same function of the same parameters gives bitwise the same arrays every time. The fixed part
+  of the model (``state.rest``) is the trainer's current one, passed in on each call, so with LoRA
+  (``reference_params=lora.without_adapters``: the base model, adapters off) no copy of the base
+  weights exists. With ``offload`` the frozen copy lives in host memory (numpy) and is moved to the
+  devices for each pass, as NeMo-Aligner swaps its reference weights in from CPU.
   """
 
   def __init__(self, graphdef, state: TrainState, fn, *, mesh=None, rules=pmesh.DEFAULT_RULES,
-               offload: bool = False):
+               offload: bool = False, reference_params=None):
     self.offload = offload
     self.sharding = pmesh.tree_shardings(state.params, mesh, rules) if mesh is not None else None
+    params = state.params if reference_params is None else reference_params(state.params)
     if offload:
-      self.params = jax.device_get(state.params)
+      self.params = jax.device_get(params)
     else:  # its own buffers: the train step donates the state's
-      placed = state.params if self.sharding is None else jax.device_put(state.params, self.sharding)
+      placed = params if self.sharding is None else jax.device_put(params, self.sharding)
       self.params = jax.tree.map(jnp.copy, placed)
-    rest = state.rest
     # Outputs are per-row ([B, ...]) and sharded by rows like the batch they join.
     out = None if mesh is None else pmesh.batch_sharding(mesh, rules)
-    self._fn = jax.jit(lambda params, batch: fn(nnx.merge(graphdef, params, rest), batch), out_shardings=out)
+    self._fn = jax.jit(lambda params, rest, batch: fn(nnx.merge(graphdef, params, rest, copy=True), batch),
+                       out_shardings=out)
 
-  def __call__(self, batch):
+  def __call__(self, batch, state: TrainState):
     params = self.params
     if self.offload:
       params = jax.device_put(params, self.sharding) if self.sharding is not None else jax.device_put(params)
-    return self._fn(params, batch)
+    return self._fn(params, state.rest, batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ class Trainer:
   def _put(self, batch):
     batch = batch if self.mesh is None else pmesh.put_batch(batch, self.mesh, self.rules)
     if self.reference is not None:
-      batch = {**batch, **self.reference(batch)}
+      batch = {**batch, **self.reference(batch, self.state)}
     return batch
 
   def _jit(self, batch):
@@ -308,13 +312,17 @@ class Trainer:
     """The model with the current parameters (needs the ``graphdef`` the trainer was given)."""
     if self.graphdef is None:
       raise ValueError("this Trainer was built without a graphdef")
-    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+    return nnx.merge(self.graphdef, self.state.params, self.state.rest, copy=True)
 
   # -- checkpoints ------------------------------------------------------------------------------
 
+  # Checkpoints hold what training changes: trained parameters, optimizer, step, RNG, data position.
+  # ``rest`` (frozen weights such as a LoRA base model) is rebuilt from the config, never saved.
+
   def _save(self, step: int, metrics: dict | None = None):
     data_state = self.train_batches.get_state() if hasattr(self.train_batches, "get_state") else {}
-    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+    saved = self.state.replace(rest=None)
+    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
                                                          data=ocp.args.JsonSave(data_state)),
                           metrics=metrics, force=True)
 
@@ -322,10 +330,10 @@ class Trainer:
     step = self.checkpoints.latest_step()
     if step is None:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
     restored = self.checkpoints.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    self.state = restored.state
+    self.state = restored.state.replace(rest=self.state.rest)
     if restored.data and hasattr(self.train_batches, "set_state"):
       self.train_batches.set_state(restored.data)
     return step
@@ -408,6 +416,11 @@ class Trainer:
       self.metrics.close()
     return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
+
+
+def count(tree) -> int:
+  """Number of array elements in a pytree (parameters, for instance)."""
+  return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
 def _count(batch, name: str) -> float:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jalign import config as config_lib
+from jalign import trainer
 from jalign.train import build_trainer, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +89,28 @@ def test_config_errors_name_the_key(tmp_path):
     config_lib.validate(load("dpo_tiny", tmp_path, **{"dpo.loss_type": "nope"}))
   with pytest.raises(config_lib.ConfigError, match="config.data.format: 'chat': algorithm dpo reads comparison"):
     config_lib.validate(load("dpo_tiny", tmp_path, **{"data.format": "chat"}))
+
+
+def test_lora_dpo_trains_few_parameters_from_the_base_as_reference_and_saves_only_adapters(tmp_path):
+  c = load("dpo_tiny", tmp_path / "lora", **{"lora.rank": 8, "optimizer.lr": 5e-3, "optimizer.min_lr": 5e-4,
+                                             "train.max_steps": 150, "train.val_check_interval": 150,
+                                             "train.save_interval": 0})
+  loop = build_trainer(c, log=quiet)
+  trained, fixed = trainer.count(loop.state.params), trainer.count(loop.state.rest)
+  assert trained / (trained + fixed) < 0.05, (trained, fixed)
+  # B = 0 at the start: the policy is the base model, which is also the reference.
+  assert loop.validate()["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+  after = loop.run()["val"]
+  assert after["val_reward_margin_mean"] > 0.3 and after["val_accuracy"] > 0.75, after
+  saved = sum(f.stat().st_size for f in (tmp_path / "lora" / "checkpoints" / "150").rglob("*") if f.is_file())
+  full_model = 4 * (trained + fixed)
+  assert saved < 0.5 * full_model, (saved, full_model)
+
+
+def test_dpo_smollm2_config_trains_the_real_model(tmp_path, smollm2_file):
+  c = load("dpo_smollm2", tmp_path / "smollm2", **{"train.global_batch_size": 8, "train.max_steps": 3, "data.pack": False,
+                                                   "train.val_check_interval": 0, "train.save_interval": 0,
+                                                   "optimizer.warmup_steps": 1})
+  losses = run(c, log=quiet)["losses"]
+  assert losses[1] == pytest.approx(math.log(2), abs=1e-5)
+  assert losses[3] < losses[1], losses

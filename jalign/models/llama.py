@@ -9,6 +9,7 @@ grow with depth.
 Weight layouts (H hidden, Hq/Hkv heads, D head dim, F MLP width, V vocabulary, L layers):
   embed [V,H]; per layer q [H,Hq,D], k/v [H,Hkv,D], o [Hq,D,H], gate/up [H,F], down [F,H];
   lm_head [H,V] (absent when tied to the embedding).
+LoRA adapters (``jalign.models.lora``) add ``<kernel>_lora_a``/``_lora_b`` next to a kernel.
 """
 
 from __future__ import annotations
@@ -167,6 +168,20 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(names))
 
 
+def _with_lora(module: nnx.Module, name: str, x, y):
+  """``y`` plus the LoRA update ``scale * (x A) B`` when ``jalign.models.lora`` added one on ``name``.
+
+  A is ``[*in, r]`` and B ``[r, *out]`` for a kernel ``[*in, *out]``; without adapters ``y`` comes
+  back untouched, so the base model traces to the same program.
+  """
+  a = getattr(module, f"{name}_lora_a", None)
+  if a is None:
+    return y
+  a, b = a[...].astype(x.dtype), getattr(module, f"{name}_lora_b")[...].astype(x.dtype)
+  z = jnp.tensordot(x, a, axes=a.ndim - 1)
+  return y + module.lora_scale * jnp.tensordot(z, b, axes=1).astype(y.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +246,7 @@ class Attention(nnx.Module):
 
   def _project(self, x, name):
     y = jnp.einsum("bth,hnd->btnd", x, getattr(self, f"{name}_proj")[...].astype(x.dtype))
+    y = _with_lora(self, f"{name}_proj", x, y)
     if self.config.attention_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
     return y
@@ -255,7 +271,7 @@ class Attention(nnx.Module):
         o = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions,
                              sliding_window=cfg.sliding_window)
       cache = (k_cache, v_cache)
-    out = jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(x.dtype))
+    out = _with_lora(self, "o_proj", o, jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(x.dtype)))
     return constrain(out, (BATCH, LENGTH, ACT_EMBED)), cache
 
 
@@ -270,10 +286,11 @@ class FeedForward(nnx.Module):
     self.down_proj = _param(rngs, (f, h), (MLP, EMBED), pd, std)
 
   def __call__(self, x):
-    gate = x @ self.gate_proj[...].astype(x.dtype)
-    up = x @ self.up_proj[...].astype(x.dtype)
+    gate = _with_lora(self, "gate_proj", x, x @ self.gate_proj[...].astype(x.dtype))
+    up = _with_lora(self, "up_proj", x, x @ self.up_proj[...].astype(x.dtype))
     hidden = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
-    return constrain(hidden @ self.down_proj[...].astype(x.dtype), (BATCH, LENGTH, ACT_EMBED))
+    down = _with_lora(self, "down_proj", hidden, hidden @ self.down_proj[...].astype(x.dtype))
+    return constrain(down, (BATCH, LENGTH, ACT_EMBED))
 
 
 class DecoderLayer(nnx.Module):
