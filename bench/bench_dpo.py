@@ -52,7 +52,7 @@ def jalign_steps(model, tok, records, args, *, pack):
   pairs, _ = preference.encode_pairs(records, tok, max_length=args.max_length)
   length = 2 * args.max_length
   if pack:
-    plan = preference.plan_pair_rows(pairs, length, pack=True)
+    plan = preference.plan_item_rows(pairs, length, pack=True)
     slots = max(len(r) for r in plan)
     # As many rows per step as hold the step's pairs on average (same pairs per step as TRL's).
     rows_per_step = max(1, round(len(plan) / args.steps))

@@ -14,9 +14,9 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo")
+ALGORITHMS = ("sft", "rm", "dpo", "kto")
 # The jsonl format each algorithm reads (data.format).
-FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison",), "dpo": ("comparison",)}
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison",), "dpo": ("comparison",), "kto": ("kto",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>"
 
 
@@ -66,6 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo.average_log_probs = False  # preference_average_log_probs
   c.dpo.preference_weight = 1.0    # preference_loss_weight
   c.dpo.sft_weight = 0.0           # sft_loss_weight
+
+  # KTO (algorithm kto): unpaired feedback; the KL reference point from mismatched prompt/response pairs.
+  c.kto = ml_collections.ConfigDict()
+  c.kto.beta = 0.2                 # ref_policy_kl_penalty
+  c.kto.desirable_weight = 1.0     # desirable_loss_weight
+  c.kto.undesirable_weight = 1.0   # undesirable_loss_weight
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
@@ -175,6 +181,8 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     _require(c.dpo.beta > 0, "dpo.beta", "must be positive")
     _require(c.dpo.preference_weight > 0 or c.dpo.sft_weight > 0, "dpo.preference_weight",
              "preference_weight and sft_weight are both 0: nothing to train")
+  if c.algorithm == "kto":
+    _require(c.kto.beta > 0, "kto.beta", "must be positive")
   if c.lora.rank:
     from jalign.models import lora
     _require(c.lora.rank > 0, "lora.rank", f"{c.lora.rank} must be positive (0 turns LoRA off)")

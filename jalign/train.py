@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from jalign import config as config_lib
 from jalign import optim, trainer
-from jalign.algos import dpo, rm, sft
+from jalign.algos import dpo, kto, rm, sft
 from jalign.data import formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.sft import encode_records
@@ -70,6 +70,10 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
   if c.algorithm in ("rm", "dpo"):
     examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=_chat_format(c),
                                               add_eos=d.add_eos, over_length=d.over_length)
+  elif c.algorithm == "kto":
+    feedback, stats = preference.encode_feedback(records, tok, max_length=d.max_seq_length,
+                                                 chat_format=_chat_format(c), add_eos=d.add_eos)
+    examples = preference.kto_items(feedback, max_length=d.max_seq_length)
   else:
     examples, stats = encode_records(records, d.format, tok, max_length=d.max_seq_length,
                                      template=d.prompt_template, truncation=d.truncation, add_bos=d.add_bos,
@@ -86,13 +90,17 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
                 pad_to_multiple_of=d.pad_to_multiple_of)
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   val_examples = load_examples(c, tok, d.validation, log)[0] if d.validation else None
-  if c.algorithm in ("rm", "dpo"):
-    # A row holds a pair's two sequences, so it is twice max_seq_length; packing puts several pairs
-    # in it. The pair slots per row are fixed (one compiled shape) by the fullest row.
+  if c.algorithm in ("rm", "dpo", "kto"):
+    # A row holds a pair's two sequences (KTO: a sample and its KL sample), so it is twice
+    # max_seq_length; packing puts several in it. The slots per row are fixed (one compiled shape)
+    # by the fullest row.
     kwargs["length"] = 2 * d.max_seq_length
-    plan = lambda pairs: preference.plan_pair_rows(pairs, 2 * d.max_seq_length, pack=d.pack)
-    max_pairs = max(len(r) for r in plan(train_examples) + (plan(val_examples) if val_examples else []))
-    kwargs["make_row"] = functools.partial(preference.pairs_row, max_pairs=max_pairs)
+    plan = lambda items: preference.plan_item_rows(items, 2 * d.max_seq_length, pack=d.pack)
+    slots = max(len(r) for r in plan(train_examples) + (plan(val_examples) if val_examples else []))
+    if c.algorithm == "kto":
+      kwargs["make_row"] = functools.partial(preference.feedback_row, max_items=slots)
+    else:
+      kwargs["make_row"] = functools.partial(preference.pairs_row, max_pairs=slots)
   else:
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
   train_batches = pipeline.batches(plan(train_examples), train_examples, seed=c.seed, shuffle=d.shuffle, **kwargs)
@@ -128,6 +136,11 @@ def _algorithm_parts(c, model):
     if p.loss_type != "simpo":  # SimPO needs no reference
       reference = functools.partial(dpo.reference_logprobs, average=p.average_log_probs)
     return model, loss_fn, reference
+  if c.algorithm == "kto":
+    p = c.kto
+    loss_fn = functools.partial(kto.train_loss, beta=p.beta, desirable_weight=p.desirable_weight,
+                                undesirable_weight=p.undesirable_weight)
+    return model, loss_fn, dpo.reference_logprobs
   return model, sft.loss, None
 
 

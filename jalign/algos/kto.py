@@ -41,9 +41,14 @@ def mismatched_pairs(n):
   return np.roll(np.arange(n, dtype=np.int32), -1)
 
 
-def reference_point(policy_kl, ref_kl):
-  """z_ref = max(0, mean(policy_kl - ref_kl)), detached."""
-  kl = jnp.mean(_float(policy_kl) - _float(ref_kl))
+def reference_point(policy_kl, ref_kl, weights=None):
+  """z_ref = max(0, mean(policy_kl - ref_kl)), detached (a ``weights``-weighted mean when given)."""
+  diff = _float(policy_kl) - _float(ref_kl)
+  if weights is None:
+    kl = jnp.mean(diff)
+  else:
+    w = _float(weights).astype(diff.dtype)
+    kl = jnp.sum(w * diff) / jnp.maximum(jnp.sum(w), 1e-9)
   return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
 
 
@@ -52,14 +57,15 @@ def _masked_mean(x, m):
 
 
 def loss(policy, ref, policy_kl, ref_kl, desirable, *, beta=0.2, desirable_weight=1.0,
-         undesirable_weight=1.0):
+         undesirable_weight=1.0, weights=None):
   """KTO loss over ``[B]`` per-sequence log-probs; returns ``(loss, metrics)``.
 
   ``policy`` / ``ref``: log-probs of each sample's own response; ``policy_kl`` / ``ref_kl``: of the
   mismatched KL samples; ``desirable``: bool ``[B]``. Metrics: ``kl`` (z_ref),
   ``rewards_chosen_mean`` / ``rewards_rejected_mean`` (beta * rho over the desirable / undesirable
   samples, 0 when there are none), ``rewards_all_mean``, ``rewards_all_std`` (uncorrected) and
-  ``desirable_fraction``.
+  ``desirable_fraction``. ``weights`` ``[B]`` (default all 1) weight the samples in the loss, the
+  reference point and the metrics; 0 marks padding.
   """
   if isinstance(beta, (int, float)) and not beta > 0:
     raise ValueError(f"beta must be > 0, got {beta}")
@@ -72,18 +78,48 @@ def loss(policy, ref, policy_kl, ref_kl, desirable, *, beta=0.2, desirable_weigh
   d = d.astype(bool)
   if jnp.shape(policy_kl) != jnp.shape(ref_kl):
     raise ValueError(f"policy_kl {jnp.shape(policy_kl)} and ref_kl {jnp.shape(ref_kl)} must match")
-  z = reference_point(policy_kl, ref_kl)
+  w = jnp.ones_like(pi) if weights is None else _float(weights).astype(pi.dtype)
+  if w.shape != pi.shape:
+    raise ValueError(f"weights {w.shape} must match the log-probs {pi.shape}")
+  z = reference_point(policy_kl, ref_kl, None if weights is None else w)
   rho = pi - rf
   per_sample = jnp.where(d, desirable_weight * (1.0 - sigmoid(beta * (rho - z))),
                          undesirable_weight * (1.0 - sigmoid(beta * (z - rho))))
-  total = jnp.mean(per_sample)
+  mean = lambda x: jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-9)
+  total = mean(per_sample)
   rewards = beta * rho
+  all_mean = mean(rewards)
+  real = w > 0
   metrics = {
       "kl": z,
-      "rewards_chosen_mean": _masked_mean(rewards, d),
-      "rewards_rejected_mean": _masked_mean(rewards, ~d),
-      "rewards_all_mean": jnp.mean(rewards),
-      "rewards_all_std": jnp.std(rewards),
-      "desirable_fraction": jnp.mean(d.astype(total.dtype)),
+      "rewards_chosen_mean": _masked_mean(rewards, d & real),
+      "rewards_rejected_mean": _masked_mean(rewards, ~d & real),
+      "rewards_all_mean": all_mean,
+      "rewards_all_std": jnp.sqrt(jnp.maximum(mean(rewards ** 2) - all_mean ** 2, 0.0)),
+      "desirable_fraction": mean(d.astype(total.dtype)),
   }
   return total, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# On a model: the pieces the shared training loop calls
+# ----------------------------------------------------------------------------------------------
+
+
+def train_loss(model, batch, rng=None, *, beta=0.2, desirable_weight=1.0, undesirable_weight=1.0):
+  """``(loss_sum, samples, metric_sums)`` of a micro-batch for ``trainer.make_train_step``.
+
+  Rows hold slots of (sample, KL sample) as segments 2p+1 and 2p+2 (``data.preference.feedback_row``)
+  with ``desirable`` and ``pair_mask`` per slot; the reference pass (``dpo.reference_logprobs``, the
+  same function) adds ``ref_chosen`` (the samples) and ``ref_rejected`` (the KL samples). The
+  reference point is estimated from this micro-batch's KL samples, as NeMo-Aligner does.
+  """
+  from jalign.algos import dpo
+  del rng
+  policy, policy_kl = dpo.pair_logprobs(model, batch)
+  real = batch["pair_mask"].reshape(-1)
+  value, metrics = loss(policy, batch["ref_chosen"].reshape(-1), policy_kl, batch["ref_rejected"].reshape(-1),
+                        batch["desirable"].reshape(-1) > 0, beta=beta, desirable_weight=desirable_weight,
+                        undesirable_weight=undesirable_weight, weights=real)
+  samples = jnp.sum(real)
+  return value * samples, samples, {k: v * samples for k, v in metrics.items()}

@@ -107,11 +107,18 @@ def encode_feedback(records: list[dict], tok: Tokenizer, *, max_length: int,
   return out, stats
 
 
-def plan_pair_rows(pairs: list[Pair], length: int, *, pack: bool) -> list[list[int]]:
-  """Which pairs share each row: one per row, or first-fit packed by their chosen + rejected length."""
-  if not pack:
-    return [[i] for i in range(len(pairs))]
-  return first_fit([len(p.chosen) + len(p.rejected) for p in pairs], length)
+def _slots_row(slots: list[tuple[Example, Example]], length: int, pad_id: int, max_slots: int, **per_slot) -> dict:
+  """Slots of two sequences each in one row: slot p is segments 2p+1 and 2p+2. Per-slot values
+  (``[max_slots]`` float32, 0 in unused slots) and ``pair_mask`` (1 for used slots) come with the row."""
+  if len(slots) > max_slots:
+    raise ValueError(f"{len(slots)} pairs do not fit a row of at most {max_slots}")
+  row = build_row([ex for pair in slots for ex in pair], length, pad_id)
+  out = {**row, "pair_mask": np.zeros(max_slots, np.float32)}
+  out["pair_mask"][:len(slots)] = 1.0
+  for name, values in per_slot.items():
+    out[name] = np.zeros(max_slots, np.float32)
+    out[name][:len(slots)] = values
+  return out
 
 
 def pairs_row(pairs: list[Pair], length: int, pad_id: int, max_pairs: int) -> dict:
@@ -122,17 +129,44 @@ def pairs_row(pairs: list[Pair], length: int, pad_id: int, max_pairs: int) -> di
   is segment 2p+1 and its rejected one 2p+2, and unused slots have ``pair_mask`` 0. One pair per row
   is the unpacked layout (row length 2 x the longest sequence), several the packed one.
   """
-  if len(pairs) > max_pairs:
-    raise ValueError(f"{len(pairs)} pairs do not fit a row of at most {max_pairs}")
-  row = build_row([ex for p in pairs for ex in (p.chosen, p.rejected)], length, pad_id)
-  slots = np.zeros(max_pairs, np.float32)
-  slots[:len(pairs)] = 1.0
-  chosen = np.zeros(max_pairs, np.float32)
-  rejected = np.zeros(max_pairs, np.float32)
-  chosen[:len(pairs)] = [p.chosen_reward for p in pairs]
-  rejected[:len(pairs)] = [p.rejected_reward for p in pairs]
-  return {**row, "pair_mask": slots, "chosen_reward": chosen, "rejected_reward": rejected}
+  return _slots_row([(p.chosen, p.rejected) for p in pairs], length, pad_id, max_pairs,
+                    chosen_reward=[p.chosen_reward for p in pairs], rejected_reward=[p.rejected_reward for p in pairs])
 
 
-def feedback_row(feedback: Feedback, length: int, pad_id: int) -> dict:
-  return {**build_row([feedback.example], length, pad_id), "desirable": np.bool_(feedback.desirable)}
+@dataclasses.dataclass(frozen=True)
+class KTOItem:
+  example: Example     # the prompt and its own response
+  kl_example: Example  # the same prompt with another sample's response, for the KL estimate
+  desirable: bool
+
+  def __len__(self):
+    return len(self.example) + len(self.kl_example)
+
+
+def kto_items(feedback: list[Feedback], *, max_length: int) -> list[KTOItem]:
+  """Each sample with its mismatched KL sample: prompt i with the response of sample i+1 (wrapping),
+  NeMo-Aligner's pairing, made over the dataset's order. A KL sample too long for ``max_length``
+  loses tokens from its prompt's left end."""
+  items = []
+  for i, fb in enumerate(feedback):
+    other = feedback[(i + 1) % len(feedback)].example
+    prompt = fb.example.tokens[~fb.example.loss_mask]
+    response = other.tokens[other.loss_mask]
+    prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
+    items.append(KTOItem(fb.example, _example([(list(prompt), False), (list(response), True)]), fb.desirable))
+  return items
+
+
+def feedback_row(items: list[KTOItem], length: int, pad_id: int, max_items: int) -> dict:
+  """KTO samples laid out like pairs: sample p is segment 2p+1 and its KL sample 2p+2, with
+  ``desirable`` (1.0 / 0.0) and ``pair_mask`` per slot."""
+  return _slots_row([(it.example, it.kl_example) for it in items], length, pad_id, max_items,
+                    desirable=[float(it.desirable) for it in items])
+
+
+def plan_item_rows(items, length: int, *, pack: bool) -> list[list[int]]:
+  """Rows of pairs or KTO items: one per row, or first-fit packed by their two sequences' length."""
+  if not pack:
+    return [[i] for i in range(len(items))]
+  return first_fit([len(it) if isinstance(it, KTOItem) else len(it.chosen) + len(it.rejected) for it in items],
+                   length)

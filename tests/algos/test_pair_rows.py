@@ -47,8 +47,8 @@ def direct_logprob(model, ex):
 def test_packed_and_unpacked_rows_give_each_pairs_log_probs():
   model = Transformer(CFG, rngs=nnx.Rngs(0))
   pairs = _pairs()
-  unpacked_plan = preference.plan_pair_rows(pairs, 160, pack=False)
-  packed_plan = preference.plan_pair_rows(pairs, 256, pack=True)
+  unpacked_plan = preference.plan_item_rows(pairs, 160, pack=False)
+  packed_plan = preference.plan_item_rows(pairs, 256, pack=True)
   assert max(len(r) for r in packed_plan) > 1
   results = []
   for plan, max_pairs, length in ((unpacked_plan, 1, 160), (packed_plan, max(len(r) for r in packed_plan), 256)):
@@ -77,7 +77,7 @@ def test_averaged_log_probs_divide_by_the_response_length():
 def test_rewards_are_read_at_each_responses_last_token():
   model = ValueModel(CFG, rngs=nnx.Rngs(2))
   pairs = _pairs()
-  plan = preference.plan_pair_rows(pairs, 256, pack=True)
+  plan = preference.plan_item_rows(pairs, 256, pack=True)
   max_pairs = max(len(r) for r in plan)
   assert max_pairs > 1
   batch, _ = _rows(pairs, plan, 256, max_pairs)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from jalign.data.chat import NemoChatFormat
-from jalign.data.pipeline import batches, single
-from jalign.data.preference import (encode_feedback, encode_pairs, feedback_row, pairs_row, plan_pair_rows,
-                                    render_prompt)
+from jalign.data.pipeline import batches
+from jalign.data.preference import (encode_feedback, encode_pairs, feedback_row, kto_items, pairs_row,
+                                    plan_item_rows, render_prompt)
 from jalign.data.prompts import encode_prompts, encode_regression, prompt_row, regression_row
 from jalign.data.tokenizer import Tokenizer
 
@@ -51,7 +51,7 @@ def test_pair_rows_unpacked_and_packed_and_feedback_batches():
   assert batch["chosen_reward"].tolist() == [[1.0]] * 4 and batch["rejected_reward"].tolist() == [[0.0]] * 4
   n = len(pairs[0].chosen)
   assert set(batch["segment_ids"][0, :n]) == {1} and set(batch["segment_ids"][0, n:n + len(pairs[0].rejected)]) == {2}
-  plan = plan_pair_rows(pairs, 64, pack=True)
+  plan = plan_item_rows(pairs, 64, pack=True)
   per_pair = len(pairs[0].chosen) + len(pairs[0].rejected)
   assert [len(r) for r in plan] == [64 // per_pair] * (6 // (64 // per_pair)) + ([6 % (64 // per_pair)] if 6 % (64 // per_pair) else [])
   row = pairs_row([pairs[i] for i in plan[0]], 64, 0, max_pairs=4)
@@ -59,10 +59,22 @@ def test_pair_rows_unpacked_and_packed_and_feedback_batches():
   assert row["segment_ids"].max() == 2 * len(plan[0])
   with pytest.raises(ValueError, match="do not fit a row of at most 1"):
     pairs_row(pairs[:2], 64, 0, max_pairs=1)
-  fb, _ = encode_feedback([{"prompt": "Hi", "response": "Hello", "desirable": False}] * 4, TOK, max_length=32)
-  batch = next(batches([[i] for i in range(4)], fb, length=32, pad_id=0, batch_size=2, seed=0,
-                       make_row=single(feedback_row)))
-  assert batch["desirable"].tolist() == [False, False] and batch["loss_mask"].sum() > 0
+
+
+def test_kto_items_pair_each_prompt_with_the_next_response():
+  records = [{"prompt": f"Question {i}?", "response": f"Answer {i}.", "desirable": i % 2 == 0} for i in range(3)]
+  fb, _ = encode_feedback(records, TOK, max_length=32)
+  items = kto_items(fb, max_length=32)
+  decode = lambda ex: TOK.decode(ex.tokens[ex.loss_mask])
+  assert [decode(it.kl_example) for it in items] == [decode(fb[1].example), decode(fb[2].example),
+                                                     decode(fb[0].example)]
+  assert TOK.decode(items[0].kl_example.tokens).startswith("Question 0?")
+  one = lambda its, length, pad: feedback_row(its, length, pad, max_items=2)
+  batch = next(batches([[0, 1], [2]], items, length=64, pad_id=0, batch_size=2, seed=0, shuffle=False,
+                       make_row=one))
+  assert batch["desirable"].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+  assert batch["pair_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+  assert batch["segment_ids"][0].max() == 4 and batch["segment_ids"][1].max() == 2
 
 
 def test_prompts_keep_their_end_and_regression_drops_what_does_not_fit():
