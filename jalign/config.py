@@ -16,7 +16,7 @@ from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
 ALGORITHMS = ("sft", "rm", "dpo", "kto")
 # The jsonl format each algorithm reads (data.format).
-FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison",), "dpo": ("comparison",), "kto": ("kto",)}
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>"
 
 
@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
-  c.rm.kind = "regular"            # regular | margin | scaled (strength = chosen_reward - rejected_reward)
+  c.rm.kind = "regular"            # comparison data: regular | margin | scaled (strength = chosen_reward - rejected_reward)
+  c.rm.num_attributes = 1          # regression data (SteerLM): attributes per label, -100 marks a missing one
 
   # LoRA (rank 0: off): only the adapters train and are saved; the DPO reference is the base model with
   # the adapters off. NeMo's defaults: rank (adapter_dim) 32, alpha = rank, targets attention_qkv.
@@ -193,6 +194,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   if c.algorithm == "rm":
     from jalign.algos import rm
     _require(c.rm.kind in rm.BT_KINDS, "rm.kind", f"{c.rm.kind!r} is not one of {rm.BT_KINDS}")
+    _require(c.rm.num_attributes >= 1, "rm.num_attributes", "must be at least 1")
   _require(not check_files or data_path(d.train).is_file(), "data.train", f"{data_path(d.train)} not found")
   if d.validation and check_files:
     _require(data_path(d.validation).is_file(), "data.validation", f"{data_path(d.validation)} not found")

@@ -21,6 +21,7 @@ from jalign import optim, trainer
 from jalign.algos import dpo, kto, rm, sft
 from jalign.data import formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
+from jalign.data.prompts import encode_regression, regression_rows
 from jalign.data.sft import encode_records
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import LlamaConfig, Transformer, lora
@@ -67,7 +68,13 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
   d = c.data
   path = config_lib.data_path(spec)
   records, report = formats.read_jsonl(path, d.format, skip_bad_lines=d.skip_bad_lines)
-  if c.algorithm in ("rm", "dpo"):
+  if c.algorithm == "rm" and d.format == "regression":
+    try:
+      examples, stats = encode_regression(records, tok, max_length=d.max_seq_length,
+                                          num_attributes=c.rm.num_attributes)
+    except ValueError as e:  # a label of the wrong size: name the file and the key to change
+      raise formats.DataError(f"{path}: {e} (config.rm.num_attributes)") from None
+  elif c.algorithm in ("rm", "dpo"):
     examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=_chat_format(c),
                                               add_eos=d.add_eos, over_length=d.over_length)
   elif c.algorithm == "kto":
@@ -90,7 +97,10 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
                 pad_to_multiple_of=d.pad_to_multiple_of)
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   val_examples = load_examples(c, tok, d.validation, log)[0] if d.validation else None
-  if c.algorithm in ("rm", "dpo", "kto"):
+  if c.algorithm == "rm" and d.format == "regression":
+    plan = lambda items: [[i] for i in range(len(items))]
+    kwargs["make_row"] = functools.partial(regression_rows, num_attributes=c.rm.num_attributes)
+  elif c.algorithm in ("rm", "dpo", "kto"):
     # A row holds a pair's two sequences (KTO: a sample and its KL sample), so it is twice
     # max_seq_length; packing puts several in it. The slots per row are fixed (one compiled shape)
     # by the fullest row.
@@ -123,6 +133,9 @@ def algorithm_parts(c, model):
 
 
 def _algorithm_parts(c, model):
+  if c.algorithm == "rm" and c.data.format == "regression":
+    return (ValueModel.from_transformer(model, c.rm.num_attributes, rngs=nnx.Rngs(c.seed)),
+            rm.regression_train_loss, None)
   if c.algorithm == "rm":
     return (ValueModel.from_transformer(model, 1, rngs=nnx.Rngs(c.seed)),
             functools.partial(rm.train_loss, kind=c.rm.kind), None)

@@ -2,9 +2,9 @@
 
 Run from the repository root: python scripts/make_bundled_data.py
 Templated questions with regular answers, so that a tiny model learns them visibly within minutes:
-SFT chats, and preference data (comparison pairs, KTO feedback) whose chosen answer is the right one
+SFT chats, preference data (comparison pairs, KTO feedback) whose chosen answer is the right one
 and whose rejected answer is the same sentence with a wrong fact, so that a reward model or a policy
-can only tell them apart by learning the facts.
+can only tell them apart by learning the facts, and regression reward-model data (attribute scores).
 """
 
 import json
@@ -70,6 +70,21 @@ def feedback(rng):
           "preference": "chosen" if desirable else "rejected"}
 
 
+def regression(rng):
+  """A rendered conversation (SteerLM's <extra_id_N> chat format) with attribute scores: correctness
+  4 for the right fact and 0 for a wrong one, and verbosity from the answer's length; correctness is
+  missing (-100, NeMo's loss mask value) in about one record in eight."""
+  from jalign.data.chat import NemoChatFormat
+  question, answer = qa(rng)
+  right = rng.random() < 0.5
+  reply = answer if right else wrong(rng, question, answer)
+  record = {"system": rng.choice(SYSTEMS), "mask": "User",
+            "conversations": [{"from": "User", "value": question}, {"from": "Assistant", "value": reply}]}
+  text = NemoChatFormat.extra_id().render_text(record)
+  correctness = (4.0 if right else 0.0) if rng.random() > 0.125 else -100.0
+  return {"text": text, "label": [correctness, round(len(reply.split()) / 2, 1)]}
+
+
 def record(rng):
   turns = []
   for _ in range(rng.choice([1, 1, 2])):
@@ -82,7 +97,9 @@ def main():
   OUT.mkdir(parents=True, exist_ok=True)
   for name, make, n, seed in (("sft_chat_train.jsonl", record, 512, 0), ("sft_chat_val.jsonl", record, 64, 1),
                                ("pref_train.jsonl", comparison, 512, 2), ("pref_val.jsonl", comparison, 64, 3),
-                               ("kto_train.jsonl", feedback, 512, 4), ("kto_val.jsonl", feedback, 64, 5)):
+                               ("kto_train.jsonl", feedback, 512, 4), ("kto_val.jsonl", feedback, 64, 5),
+                               ("regression_train.jsonl", regression, 512, 6),
+                               ("regression_val.jsonl", regression, 64, 7)):
     rng = random.Random(seed)
     with open(OUT / name, "w") as f:
       for _ in range(n):

@@ -178,3 +178,16 @@ def train_loss(model, batch, rng=None, *, kind="regular"):
   value, metrics = bt_loss(r_chosen, r_rejected, kind=kind, strength=strength, weights=real)
   pairs = jnp.sum(real)
   return value * pairs, pairs, {k: v * pairs for k, v in metrics.items()}
+
+
+def regression_train_loss(model, batch, rng=None, *, mask_value=-100.0):
+  """``(squared_error_sum, labelled_entries, metric_sums)`` of a micro-batch of regression rows
+  (``data.prompts.regression_rows``: one text per row, ``length`` and ``label [A]``), the prediction
+  read at each text's last token. The step's loss is then NeMo's sum over labelled attributes of the
+  squared error divided by their number, over the whole global batch."""
+  del rng
+  values = model(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+  pred = gather_last(values, batch["length"])
+  value, metrics = regression_loss(pred, batch["label"], mask_value=mask_value)
+  count = metrics["num_labelled"]
+  return value * count, count, {"abs_error": metrics["abs_error_mean"] * count}

@@ -60,3 +60,15 @@ def prompt_row(prompt: np.ndarray, length: int, pad_id: int) -> dict:
 def regression_row(item: tuple[Example, np.ndarray], length: int, pad_id: int) -> dict:
   example, label = item
   return {**build_row([example], length, pad_id), "length": np.int32(len(example)), "label": label}
+
+
+def regression_rows(items: list[tuple[Example, np.ndarray]], length: int, pad_id: int, *, num_attributes: int,
+                    mask_value: float = -100.0) -> dict:
+  """``make_row`` for regression data: one text per row, or an empty padding row whose labels are all
+  ``mask_value`` (so it carries no loss)."""
+  if len(items) > 1:
+    raise ValueError(f"regression rows hold one text, got {len(items)}")
+  if items:
+    return regression_row(items[0], length, pad_id)
+  return {**build_row([], length, pad_id), "length": np.int32(0),
+          "label": np.full(num_attributes, mask_value, np.float32)}
