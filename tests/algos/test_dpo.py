@@ -19,12 +19,7 @@ SEEDS = [0, 3, 17, 2024]
 NEMO_TYPES = ("dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def sigmoid(x):

@@ -15,12 +15,7 @@ from jalign.algos import kd
 SEEDS = [0, 2, 11, 500]
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def np_log_softmax(x):

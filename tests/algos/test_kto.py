@@ -10,12 +10,7 @@ from jalign.algos import kto
 SEEDS = [0, 5, 42, 99]
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def sigmoid(x):

@@ -10,12 +10,7 @@ from jalign.algos import rm
 SEEDS = [0, 1, 7, 123]
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", prev)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def np_neg_log_sigmoid(x):
