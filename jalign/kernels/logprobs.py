@@ -26,11 +26,13 @@ DEFAULT_CHUNK = 256  # rows of B*T per block of logits in the forward pass
 VOCAB_CHUNK = 2048   # vocabulary columns per block in the backward pass
 
 
-def _chunk_stats(h, w, targets):
-  """Log-probs, entropies and log-normalisers of one ``[rows, H]`` chunk."""
+def _chunk_stats(h, w, targets, with_entropy):
+  """Log-probs, entropies (zeros unless ``with_entropy``) and log-normalisers of one ``[rows, H]`` chunk."""
   logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  if not with_entropy:  # saves a pass over the [rows, V] block
+    return picked - logz, jnp.zeros_like(logz), logz
   probs = jnp.exp(logits - logz[:, None])
   return picked - logz, logz - jnp.sum(probs * logits, axis=-1), logz
 
@@ -41,20 +43,20 @@ def _chunks(x, chunk):
   return x.reshape(n, chunk, *x.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(hidden, lm_head, targets, chunk):
-  return _chunked_fwd(hidden, lm_head, targets, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked(hidden, lm_head, targets, chunk, with_entropy):
+  return _chunked_fwd(hidden, lm_head, targets, chunk, with_entropy)[0]
 
 
-def _chunked_fwd(hidden, lm_head, targets, chunk):
+def _chunked_fwd(hidden, lm_head, targets, chunk, with_entropy):
   rows = hidden.shape[0]
-  lp, ent, logz = jax.lax.map(lambda a: _chunk_stats(a[0], lm_head, a[1]),
+  lp, ent, logz = jax.lax.map(lambda a: _chunk_stats(a[0], lm_head, a[1], with_entropy),
                               (_chunks(hidden, chunk), _chunks(targets, chunk)))
   lp, ent, logz = (x.reshape(-1)[:rows] for x in (lp, ent, logz))
   return (lp, ent, logz), (hidden, lm_head, targets, logz, ent)
 
 
-def _chunked_bwd(chunk, residuals, grads):
+def _chunked_bwd(chunk, with_entropy, residuals, grads):
   del chunk
   hidden, lm_head, targets, logz, ent = residuals
   g_lp, g_ent, g_logz = grads
@@ -72,7 +74,9 @@ def _chunked_bwd(chunk, residuals, grads):
     cols = start + jnp.arange(width)
     p = jnp.exp(logits - logz[:, None])
     onehot = (cols[None, :] == targets[:, None]).astype(jnp.float32)
-    dx = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (logits - expectation) + g_logz[:, None] * p
+    dx = g_lp[:, None] * (onehot - p) + g_logz[:, None] * p
+    if with_entropy:
+      dx = dx - g_ent[:, None] * p * (logits - expectation)
     dx = jnp.where(cols[None, :] >= c * width, dx, 0.0)
     dh = dh + jnp.dot(dx, w.astype(jnp.float32).T)
     dw_block = jnp.dot(hidden.astype(jnp.float32).T, dx).astype(lm_head.dtype)
@@ -94,7 +98,8 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
   if targets.shape != hidden.shape[:2]:
     raise ValueError(f"targets {targets.shape} must be [B,T] = {hidden.shape[:2]}")
   b, t, h = hidden.shape
-  lp, ent, logz = _chunked(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t).astype(jnp.int32), chunk)
+  lp, ent, logz = _chunked(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t).astype(jnp.int32), chunk,
+                           bool(return_entropy))
   lp, ent, logz = lp.reshape(b, t), ent.reshape(b, t), logz.reshape(b, t)
   if return_entropy == "with_logz":
     return lp, ent, logz

@@ -195,3 +195,14 @@ class TestTokenLogprobs:
 
     for a, b in zip(jax.grad(ours, (0, 1))(hidden, lm_head), jax.grad(ref, (0, 1))(hidden, lm_head)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=seed)
+
+  def test_log_probs_alone_skip_the_entropy_and_keep_their_gradient(self, impl, rng):
+    rng, seed = rng
+    hidden = jnp.asarray(rng.standard_normal((2, 50, 24)), jnp.float32)
+    lm_head = jnp.asarray(rng.standard_normal((24, 300)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, (2, 50)))
+    g = jnp.asarray(rng.standard_normal((2, 50)), jnp.float32)
+    ours = lambda h, w: jnp.sum(token_logprobs(h, w, targets, impl=impl) * g)
+    ref = lambda h, w: jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(h @ w), targets[..., None], -1)[..., 0] * g)
+    for a, b in zip(jax.grad(ours, (0, 1))(hidden, lm_head), jax.grad(ref, (0, 1))(hidden, lm_head)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=seed)
