@@ -178,6 +178,20 @@ def load_config_file(path: str | Path, overrides: dict | None = None):
   return c
 
 
+def build_optimizer(c):
+  """``(schedule, optax transformation)`` of ``config.optimizer`` over ``train.max_steps``."""
+  o = c.optimizer
+  schedule = optim.nemo_schedule(o.lr, max_steps=c.train.max_steps, warmup_steps=o.warmup_steps,
+                                 constant_steps=o.constant_steps, min_lr=o.min_lr)
+  return schedule, optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                               grad_clip=o.grad_clip or None)
+
+
+def trainable_filter(c):
+  """What the optimizer trains: LoRA adapters when ``config.lora.rank`` > 0, else every parameter."""
+  return lora.LoRAParam if c.lora.rank else nnx.Param
+
+
 def build_trainer(c, log=print) -> trainer.Trainer:
   """Everything a config describes, ready to ``run()``: model, data, step, checkpoints."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
@@ -200,12 +214,8 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   lm_config = model.config
   model, loss_fn, reference_fn = algorithm_parts(c, model)
 
-  o = c.optimizer
-  schedule = optim.nemo_schedule(o.lr, max_steps=t.max_steps, warmup_steps=o.warmup_steps,
-                                 constant_steps=o.constant_steps, min_lr=o.min_lr)
-  tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                   grad_clip=o.grad_clip or None)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=lora.LoRAParam if c.lora.rank else nnx.Param)
+  schedule, tx = build_optimizer(c)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c))
   log(f"training {trainer.count(state.params):,} of {trainer.count(state.params) + trainer.count(state.rest):,} "
       "parameters")
   reference = None

@@ -44,3 +44,49 @@ def test_regression_labels_of_the_wrong_size_name_the_file_and_key(tmp_path):
   with pytest.raises(formats.DataError, match=r"regression_train.jsonl: record 0: label has 2 attributes, "
                                               r"expected 3 \(config.rm.num_attributes\)"):
     run(c, log=quiet)
+
+
+def test_steerlm_annotates_every_assistant_turn_and_sft_trains_on_the_labels(tmp_path):
+  import subprocess
+  import sys
+
+  from jalign.data.chat import NemoChatFormat
+  from jalign.data.sft import encode_records
+  from jalign.data.tokenizer import Tokenizer
+
+  rm_run = tmp_path / "rm"
+  run(load("rm_regression_tiny", rm_run, **{"train.max_steps": 20, "train.val_check_interval": 0,
+                                            "train.save_interval": 0}), log=quiet)
+  source = data_path("bundled:sft_chat_val.jsonl")
+  out = tmp_path / "labelled.jsonl"
+  done = subprocess.run([sys.executable, "-m", "jalign.steerlm", f"--rm={rm_run}", f"--input={source}",
+                         f"--output={out}", "--attributes=correctness,verbosity"], capture_output=True, text=True,
+                        timeout=600, env={**__import__("os").environ, "XLA_FLAGS": ""})
+  assert done.returncode == 0, done.stderr[-2000:]
+  originals = [json.loads(line) for line in open(source)]
+  labelled = [json.loads(line) for line in open(out)]
+  assert len(labelled) == len(originals) == 64
+  import re
+  for before, after in zip(originals, labelled):
+    assert after["type"] == "VALUE_TO_TEXT"
+    for t0, t1 in zip(before["conversations"], after["conversations"]):
+      assert t0["value"] == t1["value"]
+      if t1["from"] == "Assistant":
+        assert re.fullmatch(r"correctness:[0-4],verbosity:[0-4]", t1["label"]), t1["label"]
+  # Attribute-conditioned SFT: the label is in the prompt, which the loss does not cover.
+  examples, _ = encode_records(labelled[:4], "chat", Tokenizer.tiny(), max_length=256,
+                               chat_format=NemoChatFormat.extra_id())
+  text = Tokenizer.tiny().decode(examples[0].tokens[~examples[0].loss_mask], skip_special_tokens=False)
+  assert "<extra_id_2>correctness:" in text
+  sft = load("sft_tiny", tmp_path / "sft", **{"data.train": str(out), "data.validation": "",
+                                              "data.chat_prompt_tokens": "extra_id", "train.max_steps": 2,
+                                              "train.val_check_interval": 0, "train.save_interval": 0})
+  assert run(sft, log=quiet)["steps"] == 2
+
+
+def test_steerlm_refuses_a_folder_without_a_run(tmp_path):
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", "jalign.steerlm", f"--rm={tmp_path}", "--input=x.jsonl",
+                         f"--output={tmp_path / 'o.jsonl'}"], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2 and f"{tmp_path / 'config.json'}: not a jalign run folder" in done.stderr
