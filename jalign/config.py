@@ -14,10 +14,10 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo", "kto")
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd")
 # The jsonl format each algorithm reads (data.format).
-FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",)}
-MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>"
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",), "kd": ("chat", "prompt_response")}
+MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.init = "random"          # random | smollm2 | hf:<folder> | gguf:<file>
+  c.model.init = "random"          # random | smollm2 | hf:<folder> | gguf:<file> | run:<jalign run folder>
   c.model.preset = "tiny"          # LlamaConfig.preset name, for init=random
   c.model.dtype = "float32"        # compute dtype (bfloat16 with float32 master weights is the GPU norm)
   c.model.param_dtype = "float32"
@@ -72,6 +72,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.kto.beta = 0.2                 # ref_policy_kl_penalty
   c.kto.desirable_weight = 1.0     # desirable_loss_weight
   c.kto.undesirable_weight = 1.0   # undesirable_loss_weight
+
+  # Knowledge distillation (algorithm kd) from the teacher's top-K logits, computed beforehand by
+  # python -m jalign.distill --config=<this config> into kd.topk_dir.
+  c.kd = ml_collections.ConfigDict()
+  c.kd.teacher = ""                # a model init: run:<folder> | hf:<folder> | gguf:<file> | smollm2
+  c.kd.top_k = 16
+  c.kd.topk_dir = "runs/kd_topk"
+  c.kd.kind = "bwd_kl"             # kd_loss: bwd_kl (KL(student||teacher), NeMo's default) | fwd_kl
+  c.kd.kd_weight = 1.0
+  c.kd.sft_weight = 0.0
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
@@ -155,8 +165,10 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   """Check every key; ``check_files=False`` (the planner) skips the existence of data and model files."""
   _require(c.algorithm in ALGORITHMS, "algorithm", f"{c.algorithm!r} is not one of {ALGORITHMS}")
   init = c.model.init
-  _require(init in MODEL_INITS or init.startswith(("hf:", "gguf:")), "model.init",
-           f"{init!r} is not random, smollm2, hf:<folder> or gguf:<file>")
+  _require(init in MODEL_INITS or init.startswith(("hf:", "gguf:", "run:")), "model.init",
+           f"{init!r} is not random, smollm2, hf:<folder>, gguf:<file> or run:<folder>")
+  if init.startswith("run:") and check_files:
+    _require((Path(init[4:]) / "config.json").is_file(), "model.init", f"{init[4:]} is not a jalign run folder")
   if init.startswith("hf:") and check_files:
     _require(Path(init[3:]).is_dir(), "model.init", f"{init[3:]} is not a folder")
   if init.startswith("gguf:") and check_files:
@@ -184,6 +196,11 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              "preference_weight and sft_weight are both 0: nothing to train")
   if c.algorithm == "kto":
     _require(c.kto.beta > 0, "kto.beta", "must be positive")
+  if c.algorithm == "kd":
+    _require(bool(c.kd.teacher), "kd.teacher", "name the teacher model (run:<folder>, hf:<folder>, ...)")
+    _require(c.kd.kind in ("fwd_kl", "bwd_kl"), "kd.kind", f"{c.kd.kind!r} is not fwd_kl or bwd_kl")
+    _require(c.kd.top_k >= 1, "kd.top_k", "must be at least 1")
+    _require(c.kd.kd_weight > 0 or c.kd.sft_weight > 0, "kd.kd_weight", "kd_weight and sft_weight are both 0")
   if c.lora.rank:
     from jalign.models import lora
     _require(c.lora.rank > 0, "lora.rank", f"{c.lora.rank} must be positive (0 turns LoRA off)")

@@ -23,41 +23,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from jalign import config as config_lib
-from jalign import trainer
+from jalign import train
 from jalign.algos import rm
 from jalign.data import formats
 from jalign.data.chat import STEERLM_ATTRIBUTES, NemoChatFormat, steerlm_label
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
-
-
-def load_trained(run_dir: str | Path, step: int | None = None):
-  """``(model, tokenizer, config)`` of a training run folder: its saved config rebuilt, the trained
-  parameters of checkpoint ``step`` (default: the latest) restored."""
-  from jalign import train
-  run_dir = Path(run_dir)
-  config_file = run_dir / "config.json"
-  if not config_file.is_file():
-    raise FileNotFoundError(f"{config_file}: not a jalign run folder (no config.json)")
-  c = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  model, own_tokenizer = train.build_model(c)
-  tok = train.build_tokenizer(c, own_tokenizer)
-  model, _, _ = train.algorithm_parts(c, model)
-  _, tx = train.build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=train.trainable_filter(c))
-  manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint to load")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.replace(rest=None))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return nnx.merge(graphdef, restored.state.params, state.rest, copy=True), tok, c
 
 
 def turn_texts(record: dict, chat_format: NemoChatFormat) -> list[tuple[int, str]]:
@@ -118,7 +93,7 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=8)
   args = p.parse_args(argv)
   try:
-    model, tok, c = load_trained(args.rm)
+    model, tok, c = train.load_trained(args.rm)
     outputs = model.head.kernel.shape[-1]
     names = args.attributes.split(",") if args.attributes else list(STEERLM_ATTRIBUTES)
     if len(names) != outputs:

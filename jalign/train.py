@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
+import orbax.checkpoint as ocp
 from absl import app, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from jalign import config as config_lib
 from jalign import optim, trainer
-from jalign.algos import dpo, kto, rm, sft
-from jalign.data import formats, packing, pipeline, preference
+from jalign.algos import dpo, kd, kto, rm, sft
+from jalign.data import distillation, formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.prompts import encode_regression, regression_rows
 from jalign.data.sft import encode_records
@@ -44,6 +46,9 @@ def build_model(c):
   if m.init.startswith("gguf:"):
     from jalign.models import gguf
     return gguf.load(m.init[5:], **kwargs)
+  if m.init.startswith("run:"):  # a model trained by jalign (e.g. SFT before DPO, or a KD teacher)
+    model, tok, _ = load_trained(m.init[4:])
+    return (lora.merge_lora(model) if lora.has_lora(model) else model), tok
   from jalign.models import hf
   folder = m.init[3:]
   return hf.load(folder, **kwargs), (Tokenizer.from_dir(folder) if (Path(folder) / "tokenizer.json").is_file() else None)
@@ -97,7 +102,14 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
                 pad_to_multiple_of=d.pad_to_multiple_of)
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   val_examples = load_examples(c, tok, d.validation, log)[0] if d.validation else None
-  if c.algorithm == "rm" and d.format == "regression":
+  if c.algorithm == "kd":
+    from jalign.distill import fingerprint, topk_path
+    train_examples = distillation.load_topk(topk_path(c, d.train), train_examples, fingerprint(train_examples))
+    if val_examples is not None:
+      val_examples = distillation.load_topk(topk_path(c, d.validation), val_examples, fingerprint(val_examples))
+    kwargs["make_row"] = functools.partial(distillation.kd_row, top_k=c.kd.top_k)
+    plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
+  elif c.algorithm == "rm" and d.format == "regression":
     plan = lambda items: [[i] for i in range(len(items))]
     kwargs["make_row"] = functools.partial(regression_rows, num_attributes=c.rm.num_attributes)
   elif c.algorithm in ("rm", "dpo", "kto"):
@@ -149,6 +161,9 @@ def _algorithm_parts(c, model):
     if p.loss_type != "simpo":  # SimPO needs no reference
       reference = functools.partial(dpo.reference_logprobs, average=p.average_log_probs)
     return model, loss_fn, reference
+  if c.algorithm == "kd":
+    p = c.kd
+    return model, functools.partial(kd.train_loss, kind=p.kind, kd_weight=p.kd_weight, sft_weight=p.sft_weight), None
   if c.algorithm == "kto":
     p = c.kto
     loss_fn = functools.partial(kto.train_loss, beta=p.beta, desirable_weight=p.desirable_weight,
@@ -235,6 +250,28 @@ def build_trainer(c, log=print) -> trainer.Trainer:
                          val_batches=val_batches, run_dir=run_dir, options=options, mesh=mesh, rules=rules,
                          wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
                          reference=reference)
+
+
+def load_trained(run_dir: str | Path, step: int | None = None):
+  """``(model, tokenizer, config)`` of a training run folder: its saved config rebuilt, the trained
+  parameters of checkpoint ``step`` (default: the latest) restored."""
+  run_dir = Path(run_dir)
+  config_file = run_dir / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{config_file}: not a jalign run folder (no config.json)")
+  c = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  model, own_tokenizer = build_model(c)
+  tok = build_tokenizer(c, own_tokenizer)
+  model, _, _ = algorithm_parts(c, model)
+  _, tx = build_optimizer(c)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c))
+  manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint to load")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.replace(rest=None))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return nnx.merge(graphdef, restored.state.params, state.rest, copy=True), tok, c
 
 
 def run(c, log=print) -> dict:

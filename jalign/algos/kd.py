@@ -84,3 +84,26 @@ def loss(student_topk_logits, teacher_topk_logits, loss_mask, *, student_target_
     sft_loss = jnp.sum(jnp.where(mask > 0, -lp, 0.0) * mask) / denom
   total = kd_weight * kd_loss + sft_weight * sft_loss
   return total, {"kd_loss": kd_loss, "sft_loss": sft_loss}
+
+
+def train_loss(model, batch, rng=None, *, kind="bwd_kl", kd_weight=1.0, sft_weight=0.0, logits_scale=1.0,
+               target_logits_scale=1.0):
+  """``(loss_sum, target_tokens, metric_sums)`` of a micro-batch of KD rows
+  (``data.distillation.kd_row``) for ``trainer.make_train_step``: token-weighted over the global batch.
+
+  The student's logits at the teacher's ids come from the hidden states and the gathered LM-head
+  columns (``[B, T, K, H]`` of them, never ``[B, T, V]`` logits); the SFT term's label log-probs from
+  ``token_logprobs``.
+  """
+  from jalign.kernels import token_logprobs
+  del rng
+  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+  head = model.lm_head_kernel()
+  columns = jnp.take(head, batch["teacher_ids"], axis=1)  # [H, B, T, K]
+  student = jnp.einsum("bth,hbtk->btk", hidden.astype(jnp.float32), columns.astype(jnp.float32))
+  target_lp = token_logprobs(hidden, head, batch["targets"]) if sft_weight else None
+  value, metrics = loss(student, batch["teacher_logits"], batch["loss_mask"], student_target_logprobs=target_lp,
+                        kind=kind, kd_weight=kd_weight, sft_weight=sft_weight, logits_scale=logits_scale,
+                        target_logits_scale=target_logits_scale)
+  count = jnp.sum(jnp.clip(batch["loss_mask"].astype(jnp.float32), 0.0, 1.0))
+  return value * count, count, {k: v * count for k, v in metrics.items()}
