@@ -136,7 +136,7 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
 
 def algorithm_parts(c, model):
   """``(model, loss_fn, reference_fn or None)`` for ``config.algorithm``; rm puts a value head on the
-  model, and ``config.lora`` adds adapters (after the head, so the head trains in full)."""
+  model, and ``config.lora`` adds adapters (``trainable_filter`` says what then trains)."""
   model, loss_fn, reference_fn = _algorithm_parts(c, model)
   if c.lora.rank:
     lora.add_lora(model, targets=c.lora.targets.split(","), rank=c.lora.rank, alpha=c.lora.alpha or None,
@@ -203,8 +203,13 @@ def build_optimizer(c):
 
 
 def trainable_filter(c):
-  """What the optimizer trains: LoRA adapters when ``config.lora.rank`` > 0, else every parameter."""
-  return lora.LoRAParam if c.lora.rank else nnx.Param
+  """What the optimizer trains: LoRA adapters (and a reward model's new value head) when
+  ``config.lora.rank`` > 0, else every parameter."""
+  if not c.lora.rank:
+    return nnx.Param
+  if c.algorithm == "rm":
+    return nnx.Any(lora.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("head")))
+  return lora.LoRAParam
 
 
 def build_trainer(c, log=print) -> trainer.Trainer:

@@ -3,6 +3,7 @@ regression (SteerLM) on the bundled attribute scores."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -90,3 +91,15 @@ def test_steerlm_refuses_a_folder_without_a_run(tmp_path):
   done = subprocess.run([sys.executable, "-m", "jalign.steerlm", f"--rm={tmp_path}", "--input=x.jsonl",
                          f"--output={tmp_path / 'o.jsonl'}"], capture_output=True, text=True, timeout=300)
   assert done.returncode == 2 and f"{tmp_path / 'config.json'}: not a jalign run folder" in done.stderr
+
+
+def test_lora_reward_model_trains_the_adapters_and_the_new_head(tmp_path):
+  from jalign import trainer
+  from jalign.train import build_trainer
+  c = load("rm_tiny", tmp_path / "lora_rm", **{"lora.rank": 8, "train.max_steps": 1, "train.save_interval": 0,
+                                               "train.val_check_interval": 0})
+  loop = build_trainer(c, log=quiet)
+  names = {"/".join(str(p) for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(loop.state.params)[0]}
+  assert any("head" in n for n in names) and any("lora" in n for n in names)
+  assert all("lora" in n or "head" in n for n in names), sorted(names)
+  assert trainer.count(loop.state.params) < 0.05 * (trainer.count(loop.state.params) + trainer.count(loop.state.rest))
