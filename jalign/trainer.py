@@ -258,8 +258,9 @@ class Trainer:
                config: dict | None = None, graphdef=None, reference=None):
     """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows.
 
-    ``reference(batch) -> dict``, when given, adds fields to every (device) batch before the train
-    and eval steps see it: the reference policy's log-probs of DPO, for example (``ReferencePass``).
+    ``reference(batch, state) -> dict``, when given, adds fields to every (device) batch before the
+    train and eval steps see it: the reference policy's log-probs of DPO, for example
+    (``ReferencePass``).
     """
     self.graphdef = graphdef
     self.reference = reference
