@@ -1,8 +1,10 @@
-"""The ``jalign`` console script: ``jalign train --config=...`` is ``python -m jalign.train --config=...``."""
+"""The ``jalign`` console script: ``jalign train --config=...`` is ``python -m jalign.train --config=...``,
+and likewise ``jalign plan``, ``jalign distill`` and ``jalign steerlm``; ``jalign demo`` runs the demo."""
 
 import sys
 
-COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "demo": "jalign.demo"}
+COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "distill": "jalign.distill", "steerlm": "jalign.steerlm",
+            "demo": "jalign.demo"}
 
 
 def main():
@@ -11,9 +13,12 @@ def main():
     sys.exit(2)
   command = sys.argv.pop(1)
   sys.argv[0] = f"jalign {command}"
-  if command in ("train", "plan"):
+  if command in ("train", "plan", "distill"):
     import importlib
     importlib.import_module(COMMANDS[command]).entry()
+  elif command == "steerlm":
+    from jalign.steerlm import main as steerlm
+    steerlm(sys.argv[1:])
   else:
     from jalign.demo import main as demo
     demo(sys.argv[1:])

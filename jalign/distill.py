@@ -88,6 +88,10 @@ def run(c, log=print) -> list[Path]:
 def main(argv, config_flag):
   if logging.get_verbosity() == logging.INFO:
     logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if config_flag.value is None:
+    raise app.UsageError("--config=configs/<name>.py (a kd config) is required")
   try:
     run(config_flag.value)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:

@@ -42,3 +42,12 @@ def test_top_k_made_for_other_tokens_is_refused(tmp_path, teacher):
   with pytest.raises(FileNotFoundError, match=r"no teacher top-K file; run python -m jalign.distill"):
     build_trainer(kd_config(tmp_path, teacher, **{"kd.topk_dir": str(tmp_path / "none"), "train.max_steps": 1}),
                   log=quiet)
+
+
+def test_distill_command_needs_a_config():
+  import subprocess
+  import sys
+  from pathlib import Path
+  script = Path(sys.executable).parent / "jalign"
+  done = subprocess.run([str(script), "distill"], capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "--config=configs/<name>.py (a kd config) is required" in done.stderr
