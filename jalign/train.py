@@ -19,7 +19,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jalign import config as config_lib
-from jalign import optim, trainer
+from jalign import distill, optim, trainer
 from jalign.algos import dpo, kd, kto, rm, sft
 from jalign.data import distillation, formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
@@ -103,10 +103,11 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   val_examples = load_examples(c, tok, d.validation, log)[0] if d.validation else None
   if c.algorithm == "kd":
-    from jalign.distill import fingerprint, topk_path
-    train_examples = distillation.load_topk(topk_path(c, d.train), train_examples, fingerprint(train_examples))
+    train_examples = distillation.load_topk(distill.topk_path(c, d.train), train_examples,
+                                            distill.fingerprint(train_examples))
     if val_examples is not None:
-      val_examples = distillation.load_topk(topk_path(c, d.validation), val_examples, fingerprint(val_examples))
+      val_examples = distillation.load_topk(distill.topk_path(c, d.validation), val_examples,
+                                            distill.fingerprint(val_examples))
     kwargs["make_row"] = functools.partial(distillation.kd_row, top_k=c.kd.top_k)
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
   elif c.algorithm == "rm" and d.format == "regression":

@@ -1,7 +1,6 @@
 """DPO training through the shared loop on the bundled preference pairs, whose chosen answer is the right
 fact and whose rejected answer a wrong one: learning shows as accuracy well above 50%."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,27 +10,16 @@ import pytest
 
 from jalign import config as config_lib
 from jalign import trainer
-from jalign.train import build_trainer, run
+from jalign.train import build_trainer, load_config_file, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name, run_dir, **overrides):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.run_dir = str(run_dir)
-  c.train.global_batch_size = 16
-  c.train.micro_batch_size = 1  # per data-parallel rank: the tests see 8 CPU devices
-  c.train.log_every = 1000
-  for key, value in overrides.items():
-    parent = c
-    *head, last = key.split(".")
-    for part in head:
-      parent = parent[part]
-    parent[last] = value
-  return c
+  """A shipped config with test-sized batches (8 CPU devices here) and dotted-key ``overrides``."""
+  base = {"run_dir": str(run_dir), "train.global_batch_size": 16, "train.log_every": 1000,
+          "train.micro_batch_size": 1}  # per data-parallel rank: the tests see 8 CPU devices
+  return load_config_file(ROOT / "configs" / f"{name}.py", {**base, **overrides})
 
 
 def quiet(*_):

@@ -35,6 +35,8 @@ import math
 import jax.numpy as jnp
 from jax.nn import log_sigmoid
 
+from jalign.kernels import token_logprobs
+
 LOSS_TYPES = ("dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "simpo")
 RPO_TYPES = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
 _SMOOTHABLE = ("dpo", "simpo")
@@ -206,7 +208,6 @@ def segment_sums(values, segment_ids, num_segments: int):
 def pair_logprobs(model, batch, *, average=False):
   """``(chosen [N], rejected [N])`` response log-probs of the pair slots of rows laid out by
   ``data.preference.pairs_row`` (pair p: segments 2p+1 and 2p+2), N = rows x slots; one forward pass."""
-  from jalign.kernels import token_logprobs
   hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
   lp = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)

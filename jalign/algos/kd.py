@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.nn import log_softmax
 
+from jalign.kernels import token_logprobs
+
 KINDS = ("fwd_kl", "bwd_kl")
 
 
@@ -95,7 +97,6 @@ def train_loss(model, batch, rng=None, *, kind="bwd_kl", kd_weight=1.0, sft_weig
   columns (``[B, T, K, H]`` of them, never ``[B, T, V]`` logits); the SFT term's label log-probs from
   ``token_logprobs``.
   """
-  from jalign.kernels import token_logprobs
   del rng
   hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
   head = model.lm_head_kernel()

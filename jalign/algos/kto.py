@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.nn import sigmoid
 
+from jalign.algos import dpo
+
 
 def _float(x):
   """``x`` as a jnp array of at least float32 precision (float64 stays float64)."""
@@ -114,7 +116,6 @@ def train_loss(model, batch, rng=None, *, beta=0.2, desirable_weight=1.0, undesi
   same function) adds ``ref_chosen`` (the samples) and ``ref_rejected`` (the KL samples). The
   reference point is estimated from this micro-batch's KL samples, as NeMo-Aligner does.
   """
-  from jalign.algos import dpo
   del rng
   policy, policy_kl = dpo.pair_logprobs(model, batch)
   real = batch["pair_mask"].reshape(-1)

@@ -31,6 +31,9 @@ class Pair:
   chosen_reward: float
   rejected_reward: float
 
+  def __len__(self):
+    return len(self.chosen) + len(self.rejected)
+
 
 @dataclasses.dataclass(frozen=True)
 class Feedback:
@@ -168,5 +171,4 @@ def plan_item_rows(items, length: int, *, pack: bool) -> list[list[int]]:
   """Rows of pairs or KTO items: one per row, or first-fit packed by their two sequences' length."""
   if not pack:
     return [[i] for i in range(len(items))]
-  return first_fit([len(it) if isinstance(it, KTOItem) else len(it.chosen) + len(it.rejected) for it in items],
-                   length)
+  return first_fit([len(it) for it in items], length)
