@@ -122,8 +122,10 @@ def token_logprobs_vocab_sharded(hidden, lm_head, targets, *, axis="tensor", imp
   other mesh axes stay automatic, so the batch keeps its data/fsdp sharding.
   """
   local = _implementation(impl)
+  dtype = hidden.dtype
 
   def per_shard(h, w, t):
+    h = h.astype(dtype)
     v_local = w.shape[1]
     start = jax.lax.axis_index(axis) * v_local
     t_local = t - start
@@ -136,8 +138,10 @@ def token_logprobs_vocab_sharded(hidden, lm_head, targets, *, axis="tensor", imp
     return lp, z - expectation
 
   # check_vma=False: Pallas calls inside shard_map carry no varying-axes annotations in this JAX.
+  # The hidden states enter in float32 so that the gradient's sum over shards is a float32 psum: more
+  # accurate than a bf16 one, and XLA's CPU compiler fails on bf16 all-reduces made here.
   lp, ent = jax.shard_map(per_shard, in_specs=(P(), P(None, axis), P()), out_specs=(P(), P()),
-                          axis_names={axis}, check_vma=False)(hidden, lm_head, targets)
+                          axis_names={axis}, check_vma=False)(hidden.astype(jnp.float32), lm_head, targets)
   return (lp, ent) if return_entropy else lp
 
 

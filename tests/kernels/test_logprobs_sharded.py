@@ -57,3 +57,20 @@ def test_vocab_sharded_equals_one_device(impl, sizes):
   full_vocab = re.findall(r"f32\[[0-9,]*,512\]", hlo)
   assert not full_vocab, full_vocab[:3]
   assert "all-gather" not in hlo or not re.search(r"all-gather[^\n]*f32\[16,512\]", hlo)
+
+
+@pytest.mark.parametrize("impl", logprobs.IMPLS)
+def test_vocab_sharded_bfloat16_gradients_sum_in_float32(impl):
+  """bf16 hidden states: their gradient is summed over the vocabulary shards in float32 (a bf16
+  all-reduce here is both lossy and aborts the CPU compiler), and matches one device's."""
+  hidden, lm_head, targets = _inputs(7)
+  hidden, lm_head = hidden.astype(jnp.bfloat16), lm_head.astype(jnp.bfloat16)
+  grad = jax.jit(jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, impl=impl)), argnums=(0, 1)))
+  ref = grad(hidden, lm_head)
+  mesh = meshlib.make_mesh({"data": 4, "tensor": 2})
+  with meshlib.use(mesh):
+    args = (hidden, jax.device_put(lm_head, NamedSharding(mesh, P(None, "tensor"))))
+    grads = grad(*args)
+  for a, b in zip(grads, ref):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
