@@ -14,9 +14,11 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd")
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "ppo")
+# Algorithms whose configs the planner compiles but whose training runs are not built yet.
+PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
-FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",), "kd": ("chat", "prompt_response")}
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",), "kd": ("chat", "prompt_response"), "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
@@ -99,6 +101,43 @@ def base_config() -> ml_collections.ConfigDict:
   # between reference passes.
   c.reference = ml_collections.ConfigDict()
   c.reference.offload = False
+
+  # PPO with a critic (algorithm ppo), NeMo-Aligner's names in comments. The actor job (policy training,
+  # rollouts, the initial policy's log-probs) runs on ``mesh``; the critic job (critic training and
+  # inference, the reward model) on ``critic.mesh``, as NeMo runs them as two jobs.
+  c.ppo = ml_collections.ConfigDict()
+  c.ppo.num_rollout_samples = 512  # prompts per PPO step
+  c.ppo.rollout_micro_batch_size = 8  # prompts generated at once on each data-parallel rank
+  c.ppo.max_new_tokens = 2048      # length_params.max_length
+  c.ppo.min_new_tokens = 1         # length_params.min_length
+  c.ppo.temperature = 1.0
+  c.ppo.top_k = 0
+  c.ppo.top_p = 1.0
+  c.ppo.kl_coef = 0.01             # initial_policy_kl_penalty
+  c.ppo.absolute_kl = True         # use_absolute_kl
+  c.ppo.clip_eps = 0.2             # ratio_eps
+  c.ppo.entropy_coef = 0.0         # entropy_bonus
+  c.ppo.gamma = 1.0                # discount_factor
+  c.ppo.lam = 0.95                 # gae_lambda
+  c.ppo.normalize_advantages = True
+  c.ppo.offload_adam_states = True  # optimizer state in host memory while generating
+  c.ppo.unload_engine_train = False  # free the generation copy of the weights while training
+  # Logical-axis rules of the generation copy of the weights and of generation's activations; empty:
+  # the training rules with parameters sharded over tensor only (replicated over data and fsdp).
+  c.ppo.generation_rules = ()
+
+  c.critic = ml_collections.ConfigDict()
+  c.critic.init = "random"         # run:<reward model run> (NeMo starts the critic from the RM)
+  c.critic.preset = "tiny"         # with init=random
+  c.critic.reward_model = "random"  # run:<reward model run>; random: a model of critic.preset
+  c.critic.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
+  c.critic.global_batch_size = 64
+  c.critic.micro_batch_size = 1
+  c.critic.lr = 9e-6
+  c.critic.min_lr = 9e-7
+  c.critic.weight_decay = 0.1
+  c.critic.loss_clip = 0.2         # loss_clip_val
+  c.critic.offload_adam_states = True  # while serving values and rewards
 
   # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
   c.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
@@ -196,6 +235,15 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              "preference_weight and sft_weight are both 0: nothing to train")
   if c.algorithm == "kto":
     _require(c.kto.beta > 0, "kto.beta", "must be positive")
+  if c.algorithm == "ppo":
+    _require(c.ppo.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
+    _require(c.ppo.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",
+             f"{c.ppo.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
+    for key in ("init", "reward_model"):
+      value = c.critic[key]
+      _require(value == "random" or value.startswith("run:"), f"critic.{key}", f"{value!r} is not random or run:<folder>")
+      if value.startswith("run:") and check_files:
+        _require((Path(value[4:]) / "config.json").is_file(), f"critic.{key}", f"{value[4:]} is not a jalign run folder")
   if c.algorithm == "kd":
     _require(bool(c.kd.teacher), "kd.teacher", "name the teacher model (run:<folder>, hf:<folder>, ...)")
     _require(c.kd.kind in ("fwd_kl", "bwd_kl"), "kd.kind", f"{c.kd.kind!r} is not fwd_kl or bwd_kl")

@@ -1,11 +1,21 @@
-"""``python -m jalign.plan --config=configs/<name>.py``: compile a config's train step ahead of time.
+"""``python -m jalign.plan --config=configs/<name>.py``: compile a config's steps ahead of time.
 
-Nothing is allocated: the model, optimizer state and batch are abstract arrays with the shardings
-the config's mesh and rules give them. The step is lowered and compiled for a mesh of that many
-devices (on a CPU machine, that many host devices), then the planner prints per-device bytes of
-parameters and optimizer state (exact arithmetic over shapes and shardings), the compiler's
-arguments/outputs/temporaries, FLOPs per step (6 per parameter per token plus attention, and the
-recomputed forward pass under remat) and the step time at a given peak.
+Nothing is allocated: models, optimizer states and batches are abstract arrays carrying the shardings
+the config's mesh and rules give them. Each step a job runs is lowered and compiled for that job's
+mesh (on a CPU machine, over that many host devices), and the planner prints, per device:
+
+- the bytes of weights and optimizer state (exact arithmetic over shapes and shardings);
+- for each step, the compiler's arguments, outputs and temporaries, plus what stays resident beside
+  it (another model's weights, optimizer state not offloaded), and the job's peak over its steps;
+- FLOPs per step (6 per parameter per token for training plus attention, 2 for a forward pass, the
+  recomputed forward under remat) and the time at a given peak; generation is bound by memory
+  bandwidth instead, so its time is the bytes each decode step reads over the HBM bandwidth.
+
+Jobs: an ``sft``/``rm``/``dpo``/``kto``/``kd`` config is one job (its train step, and for dpo/kto
+the reference pass). A ``ppo`` config is two jobs, as NeMo-Aligner runs it: the actor (rollout on a
+bf16 inference copy of the weights laid out for tensor parallelism only, the log-prob pass of the
+policy and the initial policy, the PPO train step) on ``mesh``, and the critic (values, the reward
+model's scores, the critic's train step) on ``critic.mesh``.
 
 The compiler here is the CPU one: temporaries are its estimate, a guide to what the GPU compiler
 will need rather than its exact figure.
@@ -14,57 +24,97 @@ will need rather than its exact figure.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
 from jalign import config as config_lib
-from jalign import optim, trainer
-from jalign.algos import sft
+from jalign import optim, train, trainer
+from jalign.algos import ppo
+from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
+from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
+from jalign.rollout.generate import generate_arrays
 
 GiB = 1024**3
 
 
 @dataclasses.dataclass
-class Plan:
-  mesh: dict
-  params_bytes: int          # per device
-  optimizer_bytes: int       # per device
+class StepPlan:
+  name: str
   argument_bytes: int
   output_bytes: int
   temp_bytes: int
-  flops: float               # per device per step
-  step_time_s: float
+  resident_bytes: int        # held through the step besides its arguments (other weights, optimizer state)
+  donated: bool              # arguments donated into the outputs (train steps): they count once
+  flops: float               # per device
+  seconds: float             # at peak FLOP/s, or HBM bandwidth for generation
+  repeats: int = 1           # times per training step (PPO: per rollout batch of prompts)
 
   @property
   def total_bytes(self) -> int:
-    # Arguments (state + batch) are donated into the outputs, so they count once.
-    return max(self.argument_bytes, self.output_bytes) + self.temp_bytes
+    io = max(self.argument_bytes, self.output_bytes) if self.donated else self.argument_bytes + self.output_bytes
+    return io + self.temp_bytes + self.resident_bytes
 
 
-def per_device_bytes(tree, shardings) -> int:
-  """Exact bytes one device holds of a sharded pytree (the largest shard, as XLA pads none here)."""
-  total = 0
-  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    shard = s.shard_shape(x.shape)
-    total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
-  return total
+@dataclasses.dataclass
+class JobPlan:
+  name: str
+  mesh: dict
+  num_params: int
+  params_bytes: int          # per device: the trained model's weights (frozen ones included)
+  optimizer_bytes: int       # per device
+  steps: list[StepPlan]
+
+  @property
+  def peak_bytes(self) -> int:
+    return max(s.total_bytes for s in self.steps)
+
+  @property
+  def seconds(self) -> float:
+    """One training step (PPO: one rollout batch and the updates on it) at the given peaks."""
+    return sum(s.repeats * s.seconds for s in self.steps)
+
+  def step(self, name: str) -> StepPlan:
+    return next(s for s in self.steps if s.name == name)
+
+
+def per_device_bytes(tree, shardings=None) -> int:
+  """Exact bytes one device holds of a sharded pytree (the largest shard, as XLA pads none here).
+
+  ``shardings`` defaults to the shardings the abstract arrays of ``tree`` carry."""
+  leaves = jax.tree.leaves(tree)
+  shards = [x.sharding for x in leaves] if shardings is None else jax.tree.leaves(shardings)
+  return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, shards))
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _model_kwargs(c) -> dict:
+  m = c.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **config_lib.pipeline_fields(c))
 
 
 def model_config(c) -> LlamaConfig:
   m = c.model
+  kwargs = _model_kwargs(c)
   if m.init == "random":
-    return LlamaConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                              **config_lib.pipeline_fields(c))
-  kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **config_lib.pipeline_fields(c))
+    return LlamaConfig.preset(m.preset, **kwargs)
+  if m.init.startswith("run:"):
+    return run_model_config(m.init[4:]).replace(**kwargs)
   if m.init.startswith("hf:"):
     from jalign.models import hf
     return hf.config_from_hf(hf.read_config_file(Path(m.init[3:])), Path(m.init[3:]) / "config.json", **kwargs)
@@ -74,74 +124,317 @@ def model_config(c) -> LlamaConfig:
   return gguf.config_from_gguf(gguf.open_reader(path)[0], path, **kwargs)
 
 
-def plan(c, *, peak_flops: float) -> Plan:
-  """Compile the train step of config ``c`` for its mesh over the visible devices."""
-  config_lib.validate(c, device_count=jax.device_count(), check_files=False)
-  mesh = pmesh.make_mesh(dict(c.mesh))
-  rules = tuple(tuple(r) for r in c.sharding_rules)
-  cfg = model_config(c)
-  o, t, d = c.optimizer, c.train, c.data
-  schedule = optim.nemo_schedule(o.lr, max_steps=t.max_steps, warmup_steps=o.warmup_steps,
-                                 constant_steps=o.constant_steps, min_lr=o.min_lr)
-  tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  with pmesh.use(mesh, rules):
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract_model)
-    state = jax.eval_shape(lambda s: trainer.init_state(nnx.merge(graphdef, s), tx)[1], abstract_state)
-    shardings = pmesh.tree_shardings(state, mesh, rules)
-    rows, length = t.global_batch_size, d.max_seq_length
-    batch = {"tokens": jax.ShapeDtypeStruct((rows, length), jnp.int32),
-             "targets": jax.ShapeDtypeStruct((rows, length), jnp.int32),
-             "loss_mask": jax.ShapeDtypeStruct((rows, length), jnp.float32),
-             "positions": jax.ShapeDtypeStruct((rows, length), jnp.int32),
-             "segment_ids": jax.ShapeDtypeStruct((rows, length), jnp.int32)}
-    batch_sh = pmesh.batch_shardings(batch, mesh, rules)
-    micro = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
-    step = trainer.make_train_step(graphdef, sft.loss, tx, schedule, micro_batches=micro)
-    compiled = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                       donate_argnums=0).lower(state, batch).compile()
-  memory = compiled.memory_analysis()
-  # Analytic FLOPs: XLA's cost analysis counts one iteration of each loop (layers, micro-batches).
+def run_model_config(run_dir: str) -> LlamaConfig:
+  """The model config of a jalign run folder, from the config it saved."""
+  config_file = Path(run_dir) / "config.json"
+  if not config_file.is_file():
+    raise config_lib.ConfigError(f"{config_file}: not a jalign run folder (no config.json)")
+  return model_config(ml_collections.ConfigDict(json.loads(config_file.read_text())))
+
+
+def _critic_config(c, key: str) -> LlamaConfig:
+  init = c.critic[key]
+  kwargs = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  if init.startswith("run:"):
+    return run_model_config(init[4:]).replace(**kwargs)
+  return LlamaConfig.preset(c.critic.preset, **kwargs)
+
+
+def inference_rules(rules):
+  """The rules of a generation copy of the weights: sharded over ``tensor`` only (replicated over the
+  data-parallel axes, as NeMo reshards for TensorRT-LLM), so a decode step gathers nothing."""
+  out = []
+  for logical, axes in rules:
+    if logical.startswith("act_") or logical in ("batch", "length", "cache_length"):
+      out.append((logical, axes))
+      continue
+    kept = tuple(a for a in (axes if isinstance(axes, (tuple, list)) else (axes,)) if a == "tensor")
+    out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
+  return tuple(out)
+
+
+class _Job:
+  """Compiles steps on one mesh and collects their plans."""
+
+  def __init__(self, mesh, rules, peak_flops: float, hbm_bytes_per_s: float):
+    self.mesh, self.rules = mesh, rules
+    self.peak_flops, self.hbm = peak_flops, hbm_bytes_per_s
+    self.devices = mesh.size
+    self.steps: list[StepPlan] = []
+
+  def batch(self, row: dict, rows: int, rules=None) -> dict:
+    """Abstract ``[rows, ...]`` arrays like ``row``'s, sharded by rows."""
+    arrays = {k: jax.ShapeDtypeStruct((rows, *jnp.shape(v)), jnp.asarray(v).dtype) for k, v in row.items()}
+    return _abstract(arrays, pmesh.batch_shardings(arrays, self.mesh, rules or self.rules))
+
+  def state(self, model, tx, trainable=nnx.Param):
+    graphdef, abstract_state = nnx.split(model)
+    state = jax.eval_shape(lambda s: trainer.init_state(nnx.merge(graphdef, s), tx, trainable=trainable)[1],
+                           abstract_state)
+    graphdef = nnx.split(model, trainable, ...)[0]
+    return graphdef, _abstract(state, pmesh.tree_shardings(state, self.mesh, self.rules))
+
+  def weights(self, model, rules=None, dtype=None):
+    """``(graphdef, abstract state)`` of a model's weights for inference (cast to ``dtype``)."""
+    graphdef, state = nnx.split(model)
+    if dtype is not None:
+      state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                                          else x.dtype), state)
+    return graphdef, _abstract(state, pmesh.tree_shardings(state, self.mesh, rules or self.rules))
+
+  def add(self, name, fn, args, *, donate=False, resident=0, flops=0.0, seconds=None, out_shardings=None,
+          repeats=1):
+    jitted = jax.jit(fn, donate_argnums=0 if donate else (), out_shardings=out_shardings)
+    memory = jitted.lower(*args).compile().memory_analysis()
+    per_device = flops / self.devices
+    self.steps.append(StepPlan(name=name, argument_bytes=int(memory.argument_size_in_bytes),
+                               output_bytes=int(memory.output_size_in_bytes),
+                               temp_bytes=int(memory.temp_size_in_bytes), resident_bytes=int(resident),
+                               donated=donate, flops=per_device,
+                               seconds=per_device / self.peak_flops if seconds is None else seconds,
+                               repeats=repeats))
+
+  def train_step(self, name, graphdef, state, loss_fn, tx, batch, micro_batches, *, resident=0, flops=0.0,
+                 repeats=1):
+    step = trainer.make_train_step(graphdef, loss_fn, tx, micro_batches=micro_batches)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    self.add(name, step, (state, batch), donate=True, resident=resident, flops=flops,
+             out_shardings=(shardings, None), repeats=repeats)
+
+
+def _optimizer(o, max_steps, *, lr=None, min_lr=None, weight_decay=None):
+  schedule = optim.nemo_schedule(lr or o.lr, max_steps=max_steps, warmup_steps=o.warmup_steps,
+                                 constant_steps=o.constant_steps, min_lr=o.min_lr if min_lr is None else min_lr)
+  return optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                     weight_decay=o.weight_decay if weight_decay is None else weight_decay)
+
+
+def _flops(cfg: LlamaConfig, tokens: int, length: int, *, backward: bool) -> float:
+  per_token = trainer.train_flops_per_token(cfg, length)
+  if not backward:
+    return per_token / 3 * tokens
   recompute = 4 / 3 if cfg.remat != "none" else 1.0  # a second forward pass in the backward
-  flops = trainer.train_flops_per_token(cfg, length) * rows * length * recompute / jax.device_count()
-  return Plan(mesh=dict(mesh.shape),
-              params_bytes=per_device_bytes(state.params, shardings.params),
-              optimizer_bytes=per_device_bytes(state.opt_state, shardings.opt_state),
-              argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-              temp_bytes=int(memory.temp_size_in_bytes), flops=flops, step_time_s=flops / peak_flops)
+  return per_token * tokens * recompute
 
 
-def format_plan(name: str, p: Plan, cfg: LlamaConfig) -> str:
+def _micro_batches(rows: int, micro_batch_size: int, mesh, rules) -> int:
+  return max(rows // (micro_batch_size * pmesh.data_parallel_size(mesh, rules)), 1)
+
+
+def train_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
+  """The train step of an sft/rm/dpo/kto/kd config, and the reference pass where it has one."""
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
+  cfg = model_config(c)
+  t = c.train
+  tx = _optimizer(c.optimizer, t.max_steps)
+  job = _Job(mesh, rules, peak_flops, hbm_bytes_per_s)
+  with pmesh.use(mesh, rules):
+    parts = {}
+
+    def build():
+      model, parts["loss"], parts["reference"] = train.algorithm_parts(c, Transformer(cfg, rngs=nnx.Rngs(0)))
+      return model
+
+    model = nnx.eval_shape(build)
+    graphdef, state = job.state(model, tx, trainable=train.trainable_filter(c))
+    make_row, length = train.row_maker(c)
+    batch = job.batch(make_row([], length, 0), t.global_batch_size)
+    tokens = t.global_batch_size * length
+    reference_bytes = 0
+    if parts["reference"] is not None:
+      micro_batches = _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
+      reference = functools.partial(trainer.reference_pass, graphdef, parts["reference"], micro_batches=micro_batches)
+      outputs = jax.eval_shape(reference, state.params, state.rest, batch)
+      # The frozen copy of the starting weights (none with LoRA: the base with adapters off).
+      reference_bytes = 0 if c.lora.rank or c.reference.offload else per_device_bytes(state.params)
+      resident = per_device_bytes(state.opt_state) + (0 if c.lora.rank else per_device_bytes(state.params))
+      job.add("reference log-probs", reference, (state.params, state.rest, batch), resident=resident,
+              flops=_flops(cfg, tokens, length, backward=False))
+      batch = {**batch, **_abstract(outputs, pmesh.batch_shardings(outputs, mesh, rules))}
+    job.train_step("train", graphdef, state, parts["loss"], tx, batch,
+                   _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules),
+                   resident=reference_bytes, flops=_flops(cfg, tokens, length, backward=True))
+  return JobPlan(name=c.run_dir, mesh=dict(mesh.shape), num_params=cfg.num_params,
+                 params_bytes=per_device_bytes(state.params) + per_device_bytes(state.rest),
+                 optimizer_bytes=per_device_bytes(state.opt_state), steps=job.steps)
+
+
+def _logprob_pass(graphdef, weights, batch):
+  model = nnx.merge(graphdef, weights, copy=True)
+  hidden = model.hidden_states(batch["tokens"])
+  return token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
+
+
+def _value_pass(graphdef, weights, batch):
+  return nnx.merge(graphdef, weights, copy=True)(batch["tokens"])[..., 0]
+
+
+def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
+  """PPO's actor: generation, the policy's and the initial policy's log-probs, the PPO train step."""
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
+  cfg = model_config(c)
+  p, t, length = c.ppo, c.train, c.data.max_seq_length
+  tx = _optimizer(c.optimizer, t.max_steps)
+  job = _Job(mesh, rules, peak_flops, hbm_bytes_per_s)
+  with pmesh.use(mesh, rules):
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = job.state(model, tx)
+    params, optimizer = per_device_bytes(state.params), per_device_bytes(state.opt_state)
+    initial = 0 if c.reference.offload else params  # the initial policy, frozen
+    optimizer_resident = 0 if p.offload_adam_states else optimizer
+
+    # Generation: a copy of the weights in the compute dtype, laid out by ppo.generation_rules
+    # (default: sharded over tensor only), refitted from the trained ones.
+    gen_rules = tuple(tuple(r) for r in p.generation_rules) or inference_rules(rules)
+    gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
+    engine = per_device_bytes(gen_weights)
+    rows = p.rollout_micro_batch_size * pmesh.data_parallel_size(mesh, gen_rules)
+    rounds = math.ceil(p.num_rollout_samples / rows)  # generation rounds per PPO step
+    prompt_length = length - p.max_new_tokens
+    prompts = job.batch({"tokens": jnp.zeros((prompt_length,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
+                        rows, gen_rules)
+    generate = functools.partial(generate_arrays, graphdef=gen_graphdef, max_new_tokens=p.max_new_tokens,
+                                 min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_k=p.top_k,
+                                 top_p=p.top_p, greedy=False, stop_ids=(0,), pad_id=0)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    with pmesh.use(mesh, gen_rules):
+      cache = jax.eval_shape(lambda: model.init_cache(rows, length))
+    decode_read = engine + per_device_bytes(cache, [jax.sharding.NamedSharding(
+        mesh, pmesh.logical_to_spec((None, "batch", None, "act_kv_heads", None), gen_rules))] * 2)
+    with pmesh.use(mesh, gen_rules):
+      job.add("rollout", lambda w, b, k: generate(w, b["tokens"], b["lengths"], k), (gen_weights, prompts, key),
+              resident=params + initial + optimizer_resident,
+              flops=_flops(cfg, rows * length, length, backward=False),
+              seconds=p.max_new_tokens * decode_read / hbm_bytes_per_s, repeats=rounds)
+    rows = p.rollout_micro_batch_size * pmesh.data_parallel_size(mesh, rules)
+    rounds = math.ceil(p.num_rollout_samples / rows)
+
+    # pi_old and pi_init on the rollouts, one micro-batch of rows at a time.
+    batch = job.batch({k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets")}, rows)
+    job.add("policy log-probs", functools.partial(_logprob_pass, graphdef), (state.params, batch),
+            resident=engine + initial + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
+            repeats=2 * rounds)
+
+    engine_resident = 0 if p.unload_engine_train else engine
+    row = {"tokens": jnp.zeros((length,), jnp.int32), "targets": jnp.zeros((length,), jnp.int32)}
+    row.update({k: jnp.zeros((length,), jnp.float32) for k in ("mask", "old_logprobs", "advantages")})
+    loss = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
+    job.train_step("actor train", graphdef, state, loss, tx, job.batch(row, t.global_batch_size),
+                   _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules),
+                   resident=initial + engine_resident,
+                   flops=_flops(cfg, t.global_batch_size * length, length, backward=True),
+                   repeats=math.ceil(p.num_rollout_samples / t.global_batch_size))
+  return JobPlan(name=f"{c.run_dir} actor", mesh=dict(mesh.shape), num_params=cfg.num_params, params_bytes=params,
+                 optimizer_bytes=optimizer, steps=job.steps)
+
+
+def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
+  """PPO's critic and reward model: values and rewards for rollouts, the critic's train step."""
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  mesh = pmesh.make_mesh(dict(c.critic.mesh), devices=devices)
+  cfg, rm_cfg = _critic_config(c, "init"), _critic_config(c, "reward_model")
+  k, p, length = c.critic, c.ppo, c.data.max_seq_length
+  tx = _optimizer(c.optimizer, c.train.max_steps, lr=k.lr, min_lr=k.min_lr, weight_decay=k.weight_decay)
+  job = _Job(mesh, rules, peak_flops, hbm_bytes_per_s)
+  with pmesh.use(mesh, rules):
+    critic = nnx.eval_shape(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(0)))
+    graphdef, state = job.state(critic, tx)
+    params, optimizer = per_device_bytes(state.params), per_device_bytes(state.opt_state)
+    optimizer_resident = 0 if k.offload_adam_states else optimizer
+    # The reward model only scores: its weights are kept in the compute dtype.
+    rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
+                                          dtype=jnp.dtype(c.model.dtype))
+    rm_bytes = per_device_bytes(rm_weights)
+    rows = p.rollout_micro_batch_size * pmesh.data_parallel_size(mesh, rules)
+    rounds = math.ceil(p.num_rollout_samples / rows)
+    batch = job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)
+    job.add("values", functools.partial(_value_pass, graphdef), (state.params, batch),
+            resident=rm_bytes + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
+            repeats=rounds)
+    job.add("rewards", functools.partial(_value_pass, rm_graphdef), (rm_weights, batch),
+            resident=params + optimizer_resident, flops=_flops(rm_cfg, rows * length, length, backward=False),
+            repeats=rounds)
+    row = {"tokens": jnp.zeros((length,), jnp.int32)}
+    row.update({name: jnp.zeros((length,), jnp.float32) for name in ("mask", "old_values", "returns")})
+    loss = functools.partial(ppo.critic_train_loss, clip=k.loss_clip)
+    job.train_step("critic train", graphdef, state, loss, tx, job.batch(row, k.global_batch_size),
+                   _micro_batches(k.global_batch_size, k.micro_batch_size, mesh, rules), resident=rm_bytes,
+                   flops=_flops(cfg, k.global_batch_size * length, length, backward=True),
+                   repeats=math.ceil(p.num_rollout_samples / k.global_batch_size))
+  return JobPlan(name=f"{c.run_dir} critic", mesh=dict(mesh.shape), num_params=cfg.num_params,
+                 params_bytes=params, optimizer_bytes=optimizer, steps=job.steps)
+
+
+def _mesh_devices(sizes) -> int:
+  """Devices a mesh of these axis sizes takes: their product, or all visible with a -1 to fill."""
+  sizes = dict(sizes)
+  if -1 in sizes.values():
+    return jax.device_count()
+  return math.prod(sizes.values())
+
+
+def devices_needed(c) -> int:
+  sizes = [dict(c.mesh)] + ([dict(c.critic.mesh)] if c.algorithm == "ppo" else [])
+  return max(math.prod(n for n in s.values() if n > 0) for s in sizes)
+
+
+def plan(c, *, peak_flops: float, hbm_bytes_per_s: float = 3.35e12) -> list[JobPlan]:
+  """Compile the steps of config ``c``'s jobs, each for its mesh over the first devices visible."""
+  actor_devices = _mesh_devices(c.mesh)
+  config_lib.validate(c, device_count=actor_devices, check_files=False)
+  kwargs = dict(peak_flops=peak_flops, hbm_bytes_per_s=hbm_bytes_per_s)
+  if c.algorithm != "ppo":
+    return [train_job(c, jax.devices()[:actor_devices], **kwargs)]
+  return [actor_job(c, jax.devices()[:actor_devices], **kwargs),
+          critic_job(c, jax.devices()[:_mesh_devices(c.critic.mesh)], **kwargs)]
+
+
+def format_plan(p: JobPlan) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "one device"
-  lines = [f"{name}: {cfg.num_params / 1e9:.2f}B parameters on mesh {mesh}",
-           f"  per device: parameters {p.params_bytes / GiB:.2f} GiB, optimizer {p.optimizer_bytes / GiB:.2f} GiB, "
-           f"temporaries {p.temp_bytes / GiB:.2f} GiB, total {p.total_bytes / GiB:.2f} GiB",
-           f"  per device per step: {p.flops / 1e12:.1f} TFLOP, {p.step_time_s:.2f} s at peak"]
+  lines = [f"{p.name}: {p.num_params / 1e9:.2f}B parameters on mesh {mesh}",
+           f"  per device: weights {p.params_bytes / GiB:.2f} GiB, optimizer {p.optimizer_bytes / GiB:.2f} GiB, "
+           f"peak {p.peak_bytes / GiB:.2f} GiB",
+           f"  {'step':<20}{'arguments':>11}{'outputs':>10}{'temporaries':>13}{'resident':>10}{'total':>9}"
+           f"{'TFLOP':>9}{'seconds':>9}{'times':>7}"]
+  for s in p.steps:
+    lines.append(f"  {s.name:<20}{s.argument_bytes / GiB:>11.2f}{s.output_bytes / GiB:>10.2f}"
+                 f"{s.temp_bytes / GiB:>13.2f}{s.resident_bytes / GiB:>10.2f}{s.total_bytes / GiB:>9.2f}"
+                 f"{s.flops / 1e12:>9.1f}{s.seconds:>9.2f}{s.repeats:>7}")
+  lines.append(f"  one training step: {p.seconds:.1f} s at peak (the sum of seconds x times)")
+  lines.append("  (GiB and TFLOP per device; seconds at the peak FLOP/s, generation at the HBM bandwidth)")
   return "\n".join(lines)
 
 
-def main(argv, config_flag, peak_flag, devices_flag):
+def main(argv, config_flag, peak_flag, hbm_flag, devices_flag):
   del argv
   c = config_flag.value
   if c is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  needed = devices_flag.value or math.prod(n for n in dict(c.mesh).values() if n > 0)
+  needed = devices_flag.value or devices_needed(c)
+  # XLA's CPU compiler computes bf16 matmuls in float32 and hoists the weight conversions out of the
+  # layer loop, holding a float32 copy of every layer that a GPU never makes; without loop-invariant
+  # code motion its temporaries are a fair guide to a GPU's.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_disable_hlo_passes=while-loop-invariant-code-motion").strip()
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", needed)
   try:
-    p = plan(c, peak_flops=peak_flag.value * 1e12)
+    plans = plan(c, peak_flops=peak_flag.value * 1e12, hbm_bytes_per_s=hbm_flag.value * 1e12)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(format_plan(c.run_dir, p, model_config(c)))
+  print("\n\n".join(format_plan(p) for p in plans))
 
 
 def entry():
   config_flag = config_flags.DEFINE_config_file("config", None, "an ml_collections config file",
                                                 lock_config=True)
-  peak = flags.DEFINE_float("peak_tflops", 989.0, "per-device peak (dense bf16 H100: 989)")
-  devices = flags.DEFINE_integer("devices", 0, "plan for this many devices (default: what the mesh needs)")
-  app.run(lambda argv: main(argv, config_flag, peak, devices))
+  peak = flags.DEFINE_float("peak_tflops", 989.0, "per-device peak FLOP/s in TFLOP/s (dense bf16 H100: 989)")
+  hbm = flags.DEFINE_float("hbm_tbps", 3.35, "per-device memory bandwidth in TB/s (H100 SXM: 3.35)")
+  devices = flags.DEFINE_integer("devices", 0, "plan for this many devices (default: what the meshes need)")
+  app.run(lambda argv: main(argv, config_flag, peak, hbm, devices))
 
 
 if __name__ == "__main__":

@@ -95,37 +95,46 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
   return examples, {"bad_lines": report.bad_lines, **stats.as_dict()}
 
 
+def row_maker(c, slots: int = 1):
+  """``(make_row, length)``: how a row of ``config.algorithm``'s batches is built (``slots``: pairs or
+  feedback samples a row holds). ``make_row([], length, pad_id)`` is a padding row of the same shapes."""
+  d = c.data
+  if c.algorithm == "kd":
+    return functools.partial(distillation.kd_row, top_k=c.kd.top_k), d.max_seq_length
+  if c.algorithm == "rm" and d.format == "regression":
+    return functools.partial(regression_rows, num_attributes=c.rm.num_attributes), d.max_seq_length
+  # A row holds a pair's two sequences (KTO: a sample and its KL sample), so it is twice
+  # max_seq_length; packing puts several in it.
+  if c.algorithm == "kto":
+    return functools.partial(preference.feedback_row, max_items=slots), 2 * d.max_seq_length
+  if c.algorithm in ("rm", "dpo"):
+    return functools.partial(preference.pairs_row, max_pairs=slots), 2 * d.max_seq_length
+  return packing.build_row, d.max_seq_length
+
+
 def build_data(c, tok: Tokenizer, pad_id: int, log):
   """``(train_batches, val_batches or None, train_stats)``: packed SFT rows, or rows of pairs."""
   d, t = c.data, c.train
-  kwargs = dict(length=d.max_seq_length, pad_id=pad_id, batch_size=t.global_batch_size,
-                pad_to_multiple_of=d.pad_to_multiple_of)
+  kwargs = dict(pad_id=pad_id, batch_size=t.global_batch_size, pad_to_multiple_of=d.pad_to_multiple_of)
   train_examples, train_stats = load_examples(c, tok, d.train, log)
   val_examples = load_examples(c, tok, d.validation, log)[0] if d.validation else None
+  slots = 1
   if c.algorithm == "kd":
     train_examples = distillation.load_topk(distill.topk_path(c, d.train), train_examples,
                                             distill.fingerprint(train_examples))
     if val_examples is not None:
       val_examples = distillation.load_topk(distill.topk_path(c, d.validation), val_examples,
                                             distill.fingerprint(val_examples))
-    kwargs["make_row"] = functools.partial(distillation.kd_row, top_k=c.kd.top_k)
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
   elif c.algorithm == "rm" and d.format == "regression":
     plan = lambda items: [[i] for i in range(len(items))]
-    kwargs["make_row"] = functools.partial(regression_rows, num_attributes=c.rm.num_attributes)
   elif c.algorithm in ("rm", "dpo", "kto"):
-    # A row holds a pair's two sequences (KTO: a sample and its KL sample), so it is twice
-    # max_seq_length; packing puts several in it. The slots per row are fixed (one compiled shape)
-    # by the fullest row.
-    kwargs["length"] = 2 * d.max_seq_length
+    # The slots per row are fixed (one compiled shape) by the fullest row.
     plan = lambda items: preference.plan_item_rows(items, 2 * d.max_seq_length, pack=d.pack)
     slots = max(len(r) for r in plan(train_examples) + (plan(val_examples) if val_examples else []))
-    if c.algorithm == "kto":
-      kwargs["make_row"] = functools.partial(preference.feedback_row, max_items=slots)
-    else:
-      kwargs["make_row"] = functools.partial(preference.pairs_row, max_pairs=slots)
   else:
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
+  kwargs["make_row"], kwargs["length"] = row_maker(c, slots)
   train_batches = pipeline.batches(plan(train_examples), train_examples, seed=c.seed, shuffle=d.shuffle, **kwargs)
   val_batches = None
   if val_examples is not None:
@@ -215,6 +224,9 @@ def trainable_filter(c):
 
 def build_trainer(c, log=print) -> trainer.Trainer:
   """Everything a config describes, ready to ``run()``: model, data, step, checkpoints."""
+  if c.algorithm in config_lib.PLAN_ONLY:
+    raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} training runs are not available yet; "
+                                 f"python -m jalign.plan compiles and sizes this config's steps")
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   mesh = pmesh.make_mesh(dict(c.mesh))
   rules = tuple(tuple(r) for r in c.sharding_rules)
@@ -243,7 +255,8 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   if reference_fn is not None:
     reference = trainer.ReferencePass(graphdef, state, reference_fn, mesh=mesh, rules=rules,
                                       offload=c.reference.offload,
-                                      reference_params=lora.without_adapters if c.lora.rank else None)
+                                      reference_params=lora.without_adapters if c.lora.rank else None,
+                                      micro_batches=micro_batches)
   train_step = trainer.make_train_step(graphdef, loss_fn, tx, schedule, micro_batches=micro_batches)
   options = trainer.TrainerOptions(
       max_steps=t.max_steps, val_check_interval=t.val_check_interval if val_batches else 0,

@@ -15,6 +15,7 @@ its sum divided by the same total weight.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -127,6 +128,17 @@ def make_eval_step(graphdef, loss_fn: LossFn):
   return evaluate
 
 
+def reference_pass(graphdef, fn, params, rest, batch, *, micro_batches: int = 1):
+  """``fn(model, batch)`` (per-row outputs) over ``micro_batches`` parts of the batch, one at a time;
+  the rows come back in the batch's order."""
+  if micro_batches == 1:
+    return fn(nnx.merge(graphdef, params, rest, copy=True), batch)
+  micro = _split_micro(batch, micro_batches)
+  out = jax.lax.map(lambda mb: fn(nnx.merge(graphdef, params, rest, copy=True), mb), micro)
+  # [M, B/M, ...] back to rows i, i+M, ... of micro-batch i, the inverse of _split_micro.
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), out)
+
+
 class ReferencePass:
   """The starting trained parameters, frozen, and one jitted function of them for reference passes.
 
@@ -135,11 +147,13 @@ class ReferencePass:
   of the model (``state.rest``) is the trainer's current one, passed in on each call, so with LoRA
   (``reference_params=lora.without_adapters``: the base model, adapters off) no copy of the base
   weights exists. With ``offload`` the frozen copy lives in host memory (numpy) and is moved to the
-  devices for each pass, as NeMo-Aligner swaps its reference weights in from CPU.
+  devices for each pass, as NeMo-Aligner swaps its reference weights in from CPU. The batch goes
+  through in ``micro_batches`` parts (those of the train step), so that the pass holds one
+  micro-batch's activations at a time.
   """
 
   def __init__(self, graphdef, state: TrainState, fn, *, mesh=None, rules=pmesh.DEFAULT_RULES,
-               offload: bool = False, reference_params=None):
+               offload: bool = False, reference_params=None, micro_batches: int = 1):
     self.offload = offload
     self.sharding = pmesh.tree_shardings(state.params, mesh, rules) if mesh is not None else None
     params = state.params if reference_params is None else reference_params(state.params)
@@ -150,7 +164,7 @@ class ReferencePass:
       self.params = jax.tree.map(jnp.copy, placed)
     # Outputs are per-row ([B, ...]) and sharded by rows like the batch they join.
     out = None if mesh is None else pmesh.batch_sharding(mesh, rules)
-    self._fn = jax.jit(lambda params, rest, batch: fn(nnx.merge(graphdef, params, rest, copy=True), batch),
+    self._fn = jax.jit(functools.partial(reference_pass, graphdef, fn, micro_batches=micro_batches),
                        out_shardings=out)
 
   def __call__(self, batch, state: TrainState):

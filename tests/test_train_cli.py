@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.train.max_steps=3", "--config.train.val_check_interval=0", "--config.train.save_interval=0",
          "--config.data.max_seq_length=64", "--config.train.global_batch_size=4", "--config.train.micro_batch_size=2"]
@@ -55,3 +57,12 @@ def test_malformed_data_line_stops_before_training(tmp_path):
               "--config.data.skip_bad_lines=True")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "1 bad lines skipped" in out.stdout
+
+
+def test_ppo_configs_are_for_the_planner_only(tmp_path):
+  from jalign.config import ConfigError
+  from jalign.train import build_trainer, load_config_file
+  c = load_config_file(ROOT / "configs" / "ppo_70b.py", {"run_dir": str(tmp_path / "run")})
+  with pytest.raises(ConfigError, match="config.algorithm: ppo training runs are not available yet"):
+    build_trainer(c)
+  assert not (tmp_path / "run").exists()

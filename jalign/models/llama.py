@@ -26,7 +26,7 @@ from flax import nnx
 
 from jalign.kernels import cached_attention, decode_attention, flash_attention
 from jalign.parallel.logical import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
-                                     BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
+                                     BATCH, CACHE_LENGTH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
                                      NORM, VOCAB, active_mesh, constrain)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -338,7 +338,9 @@ class Transformer(nnx.Module):
     cfg = self.config
     shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    # Rows over the data-parallel axes and KV heads over tensor, like the activations that fill it.
+    names = (None, BATCH, CACHE_LENGTH, ACT_KV_HEADS, None)
+    return KVCache(k=constrain(jnp.zeros(shape, dtype), names), v=constrain(jnp.zeros(shape, dtype), names))
 
   def lm_head_kernel(self) -> jax.Array:
     """The ``[H,V]`` output projection (the transposed embedding when tied)."""

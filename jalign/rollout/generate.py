@@ -53,8 +53,10 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0):
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "min_new_tokens", "temperature",
                                    "top_k", "top_p", "greedy", "stop_ids", "pad_id"))
-def _generate(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_new_tokens, min_new_tokens,
+def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_new_tokens, min_new_tokens,
               temperature, top_k, top_p, greedy, stop_ids, pad_id):
+  """The jitted loop ``generate`` runs, on arrays: a model's ``nnx.split`` state, prompts ``[B,P]``
+  right-padded, their lengths ``[B]`` and a PRNG key; returns ``(tokens, lengths, is_end, logprobs)``."""
   def forward(tokens, positions, cache):
     # Merged afresh at each trace level: NNX modules may not cross into the loop's trace.
     fresh = jax.tree.map(lambda x: x, state)
@@ -122,7 +124,7 @@ def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, te
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p
   graphdef, state = nnx.split(model)
-  tokens, out_lengths, is_end, logprobs = _generate(
+  tokens, out_lengths, is_end, logprobs = generate_arrays(
       state, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed), graphdef=graphdef,
       max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
