@@ -45,6 +45,7 @@ from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
+from jalign.parallel.logical import fit_spec, logical_to_spec
 from jalign.rollout.generate import generate_arrays
 
 GiB = 1024**3
@@ -260,6 +261,14 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
                  optimizer_bytes=per_device_bytes(state.opt_state), steps=job.steps)
 
 
+def _rollout_rows(p, data_parallel: int) -> tuple[int, int]:
+  """Rows of one pass over rollouts (``rollout_micro_batch_size`` per data-parallel rank, fewer when
+  the step's samples do not fill them) and how many passes cover ``num_rollout_samples``."""
+  per_rank = min(p.rollout_micro_batch_size, math.ceil(p.num_rollout_samples / data_parallel))
+  rows = per_rank * data_parallel
+  return rows, math.ceil(p.num_rollout_samples / rows)
+
+
 def _logprob_pass(graphdef, weights, batch):
   model = nnx.merge(graphdef, weights, copy=True)
   hidden = model.hidden_states(batch["tokens"])
@@ -290,8 +299,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     gen_rules = tuple(tuple(r) for r in p.generation_rules) or inference_rules(rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)
-    rows = p.rollout_micro_batch_size * pmesh.data_parallel_size(mesh, gen_rules)
-    rounds = math.ceil(p.num_rollout_samples / rows)  # generation rounds per PPO step
+    rows, rounds = _rollout_rows(p, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per PPO step
     prompt_length = length - p.max_new_tokens
     prompts = job.batch({"tokens": jnp.zeros((prompt_length,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
                         rows, gen_rules)
@@ -301,15 +309,15 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     with pmesh.use(mesh, gen_rules):
       cache = jax.eval_shape(lambda: model.init_cache(rows, length))
-    decode_read = engine + per_device_bytes(cache, [jax.sharding.NamedSharding(
-        mesh, pmesh.logical_to_spec((None, "batch", None, "act_kv_heads", None), gen_rules))] * 2)
+    cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), gen_rules),
+                          cache.k.shape, mesh)
+    decode_read = engine + per_device_bytes(cache, [jax.sharding.NamedSharding(mesh, cache_spec)] * 2)
     with pmesh.use(mesh, gen_rules):
       job.add("rollout", lambda w, b, k: generate(w, b["tokens"], b["lengths"], k), (gen_weights, prompts, key),
               resident=params + initial + optimizer_resident,
               flops=_flops(cfg, rows * length, length, backward=False),
               seconds=p.max_new_tokens * decode_read / hbm_bytes_per_s, repeats=rounds)
-    rows = p.rollout_micro_batch_size * pmesh.data_parallel_size(mesh, rules)
-    rounds = math.ceil(p.num_rollout_samples / rows)
+    rows, rounds = _rollout_rows(p, pmesh.data_parallel_size(mesh, rules))
 
     # pi_old and pi_init on the rollouts, one micro-batch of rows at a time.
     batch = job.batch({k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets")}, rows)
@@ -347,8 +355,7 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                           dtype=jnp.dtype(c.model.dtype))
     rm_bytes = per_device_bytes(rm_weights)
-    rows = p.rollout_micro_batch_size * pmesh.data_parallel_size(mesh, rules)
-    rounds = math.ceil(p.num_rollout_samples / rows)
+    rows, rounds = _rollout_rows(p, pmesh.data_parallel_size(mesh, rules))
     batch = job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)
     job.add("values", functools.partial(_value_pass, graphdef), (state.params, batch),
             resident=rm_bytes + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),

@@ -61,7 +61,8 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
     return x
   if len(names) != x.ndim:
     raise ValueError(f"logical names {tuple(names)} do not match an array of shape {x.shape}")
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+  # Fitted like the parameters: a dimension an axis does not divide (2 KV heads, tensor 8) stays whole.
+  return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(names, rules), x.shape, mesh))
 
 
 def variable_spec(variable, rules=None, mesh=None) -> PartitionSpec:
