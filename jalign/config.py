@@ -298,8 +298,6 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     rows = t.micro_batch_size * dp
     _require(rows % pipe_micro == 0, "train.pipeline_microbatches",
              f"{pipe_micro} pipeline micro-batches do not divide the {rows} rows of a micro-batch")
-    _require(t.pipeline_repeats == 1 or pipe_micro >= shape["pipeline"], "train.pipeline_microbatches",
-             f"the circular schedule needs at least {shape['pipeline']} (one per stage)")
   _require(t.keep_last >= 1, "train.keep_last", "must be at least 1")
   for key in ("val_check_interval", "save_interval"):
     _require(t[key] >= 0, f"train.{key}", "must be >= 0")

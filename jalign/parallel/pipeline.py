@@ -11,7 +11,7 @@ the loop gives the backward schedule.
 
 ``circular`` is the interleaved schedule: each device holds ``repeats`` non-adjacent groups of
 layers and every micro-batch goes round the ring ``repeats`` times, which shrinks the bubble to
-``(S-1)/(M*R+S-1)`` for the same memory.
+``(S-1)/(M*R+S-1)`` for the same memory (``M >= S``; fewer micro-batches are padded to ``S``).
 """
 
 from __future__ import annotations
@@ -61,15 +61,20 @@ def circular(stage_fn: Callable, stage_params, xs: jax.Array, aux=None, *, repea
              spmd_axis_name: str | None = None):
   """The interleaved schedule. ``stage_params`` ``[R, S, ...]``: group ``r*S + s`` runs on stage ``s``.
 
-  A micro-batch visits stage 0..S-1 ``R`` times, running group ``r*S + s`` on its r-th visit; needs
-  ``M >= S`` micro-batches so that a micro-batch back at stage 0 finds it free.
+  A micro-batch visits stage 0..S-1 ``R`` times, running group ``r*S + s`` on its r-th visit. A
+  micro-batch is back at stage 0 ``S`` iterations after it left, so with ``M < S`` micro-batches the
+  schedule runs ``S - M`` bubble micro-batches of zeros beside them (computed and discarded: no
+  value or gradient comes from them), the bubble the ring needs anyway.
   """
   num_repeats, num_stages = jax.tree.leaves(stage_params)[0].shape[:2]
   if num_repeats != repeats:
     raise ValueError(f"stage_params have {num_repeats} repeats, expected {repeats}")
+  real = xs.shape[0]
+  if real < num_stages:
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((num_stages - real, *a.shape[1:]), a.dtype)])
+    xs = pad(xs)
+    aux = None if aux is None else jax.tree.map(pad, aux)
   num_micro = xs.shape[0]
-  if num_micro < num_stages:
-    raise ValueError(f"the circular schedule needs at least {num_stages} micro-batches, got {num_micro}")
   run = jax.vmap(stage_fn, spmd_axis_name=spmd_axis_name)
   total = num_micro * repeats + num_stages - 1
 
@@ -96,4 +101,4 @@ def circular(stage_fn: Callable, stage_params, xs: jax.Array, aux=None, *, repea
 
   state = jnp.zeros((num_stages, *xs.shape[1:]), xs.dtype)
   (_, outputs), _ = jax.lax.scan(step, (state, jnp.zeros_like(xs)), jnp.arange(total))
-  return outputs
+  return outputs[:real]
