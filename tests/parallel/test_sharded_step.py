@@ -28,9 +28,10 @@ def _batch(rows=16, length=16):
           "segment_ids": np.ones((rows, length), np.int32)}
 
 
-def _step(mesh=None, micro_batches=2):
+def _step(mesh=None, micro_batches=2, pipeline_microbatches=None, repeats=1):
   stages = 1 if mesh is None else mesh.shape["pipeline"]
-  cfg = CONFIG.replace(pipeline_stages=stages, pipeline_microbatches=stages)
+  cfg = CONFIG.replace(pipeline_stages=stages, pipeline_microbatches=pipeline_microbatches or stages,
+                       pipeline_repeats=repeats)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tx = optax.sgd(LR)  # new params = params - LR * grads: LR large so the parameters' rounding is negligible
   graphdef, state = trainer.init_state(model, tx)
@@ -56,9 +57,20 @@ def reference():
 
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}{v}" for k, v in s.items()))
 def test_sharded_step_equals_single_device(reference, sizes):
+  _assert_same_step(reference, _step(pmesh.make_mesh(sizes)))
+
+
+@pytest.mark.parametrize("pipeline_microbatches", [1, 2, 4])
+def test_circular_pipeline_step_equals_single_device(reference, pipeline_microbatches):
+  """Two stages holding two non-adjacent layer groups each (4 layers), micro-batches fewer than,
+  equal to and twice the stages."""
+  mesh = pmesh.make_mesh({"pipeline": 2, "data": 4})
+  _assert_same_step(reference, _step(mesh, pipeline_microbatches=pipeline_microbatches, repeats=2))
+
+
+def _assert_same_step(reference, result):
   old_ref, new_ref, metrics_ref = reference
-  mesh = pmesh.make_mesh(sizes)
-  old, new, metrics = _step(mesh)
+  old, new, metrics = result
   assert abs(float(metrics["loss"]) / float(metrics_ref["loss"]) - 1) < 1e-5
   for (path, a), (_, b), (_, a0) in zip(nnx.to_flat_state(new.params), nnx.to_flat_state(new_ref.params),
                                         nnx.to_flat_state(old_ref.params)):
