@@ -3,7 +3,9 @@
 ``ValueModel(config, num_outputs=A)`` is a Transformer trunk (without the language-model output
 projection) plus a linear head with bias, computed in float32 as NeMo-Aligner does
 (``force_head_dtype``). ``model(tokens)`` gives per-token values ``[B,T,A]``; ``model.score(tokens,
-lengths)`` picks each row's value at its last token, the reward of a reward model.
+lengths)`` picks each row's value at its last token, the reward of a reward model; ``model.values(tokens)``
+merges the attributes into one value per token, what a critic started from a reward model outputs
+(NeMo-Aligner's ``output_sequence=True``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ class ValueHead(nnx.Module):
     return hidden @ self.kernel[...] + self.bias[...]
 
 
+def merge_attributes(values, attribute_weights=None) -> jax.Array:
+  """``[..., A] -> [...]``: the weighted sum of the attributes (default weights 1/A)."""
+  values = jnp.asarray(values)
+  num = values.shape[-1]
+  weights = jnp.full((num,), 1.0 / num) if attribute_weights is None else jnp.asarray(attribute_weights, values.dtype)
+  if weights.shape != (num,):
+    raise ValueError(f"attribute_weights has shape {weights.shape}; the model has {num} outputs")
+  return values @ weights
+
+
 class ValueModel(nnx.Module):
   """Transformer trunk + value head; values ``[B,T,A]`` float32."""
 
@@ -47,6 +59,16 @@ class ValueModel(nnx.Module):
     values = self(tokens, **kwargs)
     rows = jnp.arange(values.shape[0])
     return values[rows, jnp.asarray(lengths) - 1]
+
+  def values(self, tokens, *, attribute_weights=None, **kwargs) -> jax.Array:
+    """One value per token ``[B,T]``: the outputs merged by ``attribute_weights`` ``[A]`` (default
+    uniform, NeMo's ``merge_attributes``); a critic's values, or a reward model's at every prefix."""
+    return merge_attributes(self(tokens, **kwargs), attribute_weights)
+
+  def copy(self) -> "ValueModel":
+    """A model with its own copy of every parameter (e.g. a critic to train, starting from a reward model)."""
+    graphdef, state = nnx.split(self)
+    return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
 
   @classmethod
   def from_transformer(cls, model: Transformer, num_outputs: int = 1, *, rngs: nnx.Rngs) -> "ValueModel":
