@@ -14,11 +14,12 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "ppo")
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "ppo")
 # Algorithms whose configs the planner compiles but whose training runs are not built yet.
 PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
-FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",), "kd": ("chat", "prompt_response"), "ppo": ("prompt",)}
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",),
+           "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
@@ -84,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.kd.kind = "bwd_kl"             # kd_loss: bwd_kl (KL(student||teacher), NeMo's default) | fwd_kl
   c.kd.kd_weight = 1.0
   c.kd.sft_weight = 0.0
+
+  # SteerLM 2.0 (algorithm steerlm2): groups of responses sampled for one prompt and attribute label.
+  c.steerlm2 = ml_collections.ConfigDict()
+  c.steerlm2.responses = 4         # responses per prompt at most (a row holds one group)
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
@@ -235,6 +240,8 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              "preference_weight and sft_weight are both 0: nothing to train")
   if c.algorithm == "kto":
     _require(c.kto.beta > 0, "kto.beta", "must be positive")
+  if c.algorithm == "steerlm2":
+    _require(c.steerlm2.responses >= 2, "steerlm2.responses", "must be at least 2")
   if c.algorithm == "ppo":
     _require(c.ppo.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
     _require(c.ppo.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from jalign import config as config_lib
 from jalign import distill, optim, trainer
-from jalign.algos import dpo, kd, kto, rm, sft
+from jalign.algos import dpo, kd, kto, rm, sft, steerlm2
 from jalign.data import distillation, formats, packing, pipeline, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.prompts import encode_regression, regression_rows
@@ -82,6 +82,13 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
   elif c.algorithm in ("rm", "dpo"):
     examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=_chat_format(c),
                                               add_eos=d.add_eos, over_length=d.over_length)
+  elif c.algorithm == "steerlm2":
+    examples, stats = preference.encode_groups(records, tok, max_length=d.max_seq_length,
+                                               chat_format=_chat_format(c), over_length=d.over_length)
+    largest = max((len(g.responses) for g in examples), default=0)
+    if largest > c.steerlm2.responses:
+      raise formats.DataError(f"{path}: a prompt has {largest} responses, more than config.steerlm2.responses "
+                              f"= {c.steerlm2.responses}")
   elif c.algorithm == "kto":
     feedback, stats = preference.encode_feedback(records, tok, max_length=d.max_seq_length,
                                                  chat_format=_chat_format(c), add_eos=d.add_eos)
@@ -105,6 +112,9 @@ def row_maker(c, slots: int = 1):
     return functools.partial(regression_rows, num_attributes=c.rm.num_attributes), d.max_seq_length
   # A row holds a pair's two sequences (KTO: a sample and its KL sample), so it is twice
   # max_seq_length; packing puts several in it.
+  if c.algorithm == "steerlm2":  # a row holds one prompt's responses
+    n = c.steerlm2.responses
+    return functools.partial(preference.group_row, group_size=n), n * d.max_seq_length
   if c.algorithm == "kto":
     return functools.partial(preference.feedback_row, max_items=slots), 2 * d.max_seq_length
   if c.algorithm in ("rm", "dpo"):
@@ -126,7 +136,7 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
       val_examples = distillation.load_topk(distill.topk_path(c, d.validation), val_examples,
                                             distill.fingerprint(val_examples))
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)
-  elif c.algorithm == "rm" and d.format == "regression":
+  elif (c.algorithm == "rm" and d.format == "regression") or c.algorithm == "steerlm2":
     plan = lambda items: [[i] for i in range(len(items))]
   elif c.algorithm in ("rm", "dpo", "kto"):
     # The slots per row are fixed (one compiled shape) by the fullest row.
@@ -171,6 +181,8 @@ def _algorithm_parts(c, model):
     if p.loss_type != "simpo":  # SimPO needs no reference
       reference = functools.partial(dpo.reference_logprobs, average=p.average_log_probs)
     return model, loss_fn, reference
+  if c.algorithm == "steerlm2":
+    return model, steerlm2.train_loss, None
   if c.algorithm == "kd":
     p = c.kd
     return model, functools.partial(kd.train_loss, kind=p.kind, kd_weight=p.kd_weight, sft_weight=p.sft_weight), None

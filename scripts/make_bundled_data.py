@@ -4,7 +4,8 @@ Run from the repository root: python scripts/make_bundled_data.py
 Templated questions with regular answers, so that a tiny model learns them visibly within minutes:
 SFT chats, preference data (comparison pairs, KTO feedback) whose chosen answer is the right one
 and whose rejected answer is the same sentence with a wrong fact, so that a reward model or a policy
-can only tell them apart by learning the facts, and regression reward-model data (attribute scores).
+can only tell them apart by learning the facts, regression reward-model data (attribute scores), and
+SteerLM 2.0 groups (the right answer among wrong ones, the attribute model favouring the right one).
 """
 
 import json
@@ -85,6 +86,32 @@ def regression(rng):
   return {"text": text, "label": [correctness, round(len(reply.split()) / 2, 1)]}
 
 
+def steerlm2_group(rng, n=4):
+  """One prompt's SteerLM 2.0 samples for the label ``correctness:4``: the right answer and n-1 wrong
+  ones in random order. log P(a|x,y) is high only for the right one (the attribute model knows the
+  facts); log P(y|x) and log Q'(y|a,x) depend on length alone (neither the base model nor the sampler
+  does), so the importance weights put about 0.98 on the right answer."""
+  question, answer = qa(rng)
+  if question.startswith("Write one line"):  # no fact to be right about: ask a sum instead
+    a, b = rng.randrange(10), rng.randrange(9)
+    question, answer = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {NUMBERS[a + b]}."
+  replies = [answer]
+  while len(replies) < n:
+    other = wrong(rng, question, answer)
+    if other not in replies:
+      replies.append(other)
+  rng.shuffle(replies)
+  responses = []
+  for reply in replies:
+    words = len(reply.split())
+    responses.append({"from": "Assistant", "value": reply,
+                      "log(P(a|x,y))": round((-0.4 if reply == answer else -5.0) + rng.uniform(-0.3, 0.3), 3),
+                      "log(P(y|x))": round(-1.5 * words + rng.uniform(-0.5, 0.5), 3),
+                      "log(Q(y|a,x))": round(-1.5 * words + rng.uniform(-0.5, 0.5), 3)})
+  return {"system": rng.choice(SYSTEMS), "prompt_turns": [{"from": "User", "value": question}],
+          "label": "correctness:4", "responses": responses}
+
+
 def record(rng):
   turns = []
   for _ in range(rng.choice([1, 1, 2])):
@@ -99,7 +126,9 @@ def main():
                                ("pref_train.jsonl", comparison, 512, 2), ("pref_val.jsonl", comparison, 64, 3),
                                ("kto_train.jsonl", feedback, 512, 4), ("kto_val.jsonl", feedback, 64, 5),
                                ("regression_train.jsonl", regression, 512, 6),
-                               ("regression_val.jsonl", regression, 64, 7)):
+                               ("regression_val.jsonl", regression, 64, 7),
+                               ("steerlm2_train.jsonl", steerlm2_group, 384, 8),
+                               ("steerlm2_val.jsonl", steerlm2_group, 64, 9)):
     rng = random.Random(seed)
     with open(OUT / name, "w") as f:
       for _ in range(n):

@@ -90,6 +90,7 @@ def _peaks(stdout: str) -> list[float]:
     ("rm_llama3_70b", "70.55B", ["fsdp=4 tensor=8"]),
     ("kto_llama3_8b", "8.03B", ["fsdp=8"]),
     ("kd_llama3_8b", "8.03B", ["fsdp=8"]),
+    ("steerlm2_llama3_8b", "8.03B", ["fsdp=2 tensor=4"]),
     ("ppo_70b", "70.55B", ["fsdp=8 tensor=8", "fsdp=4 tensor=8"]),
     ("ppo_405b", "405.85B", ["data=16 fsdp=2 tensor=8", "data=16 fsdp=2 tensor=8"]),
 ])

@@ -24,6 +24,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jalign.algos.dpo import segment_sums
+from jalign.kernels import token_logprobs
+
 DISTANCE_EPS = 1e-8
 
 
@@ -62,13 +65,15 @@ def baseline(logprobs, q_prime_logprobs, group_ids):
   return jax.lax.stop_gradient(group_softmax(_float(logprobs) - _float(q_prime_logprobs), group_ids))
 
 
-def loss(logprobs, q_prime_logprobs, weights, group_ids, num_tokens):
+def loss(logprobs, q_prime_logprobs, weights, group_ids, num_tokens, sample_mask=None):
   """SteerLM 2.0 loss; returns ``(loss, metrics)``. All arguments are ``[B]``.
 
   ``logprobs``: log Q_theta(y_i|a,x), the summed response-token log-probs of the model being trained
   (differentiable); ``q_prime_logprobs``: log Q'(y_i|a,x) from the data; ``weights``: the importance
   weights w_i (``importance_weights``, normalised within each group); ``group_ids``: which prompt each
   response answers; ``num_tokens``: response-token counts (a group's mean is clamped at >= 1).
+  ``sample_mask`` (1/0): samples with 0 (empty slots, padding rows) take no part: not in any group's
+  softmax, mean token count or group count, and no loss.
   Metrics: ``distance`` = mean over groups of KL(w || b) with 1e-8 added to both (NeMo's logged value),
   ``nll_per_token`` = mean over samples of NLL_i / num_tokens_i, ``num_groups``.
   """
@@ -81,18 +86,66 @@ def loss(logprobs, q_prime_logprobs, weights, group_ids, num_tokens):
       raise ValueError(f"{name} {jnp.shape(arr)} must match logprobs {logq.shape}")
   if logq.shape != same.shape[:1]:
     raise ValueError(f"group_ids {same.shape[:1]} must match logprobs {logq.shape}")
-  b = baseline(logq, q_prime_logprobs, group_ids)
+  m = jnp.ones_like(logq, dtype=bool) if sample_mask is None else jnp.asarray(sample_mask) > 0
+  # Masked samples form groups of their own (so every softmax has a member) and are zeroed below.
+  same = (same & m[:, None] & m[None, :]) | jnp.eye(same.shape[0], dtype=bool)
+  mf = m.astype(logq.dtype)
+  b = jax.lax.stop_gradient(_masked_group_softmax(logq - _float(q_prime_logprobs), same))
   samef = same.astype(logq.dtype)
   group_size = jnp.sum(samef, axis=-1)
   mean_tokens = jnp.maximum((samef @ n_tok) / group_size, 1.0)
   earlier = jnp.arange(same.shape[0])[None, :] < jnp.arange(same.shape[0])[:, None]
-  num_groups = jnp.sum(~jnp.any(same & earlier, axis=-1)).astype(logq.dtype)  # first member of each group
-  coef = jax.lax.stop_gradient(w - b)
-  total = jnp.sum(coef * (-logq) / mean_tokens) / num_groups
+  first = ~jnp.any(same & earlier, axis=-1) & m  # the first member of each group
+  num_groups = jnp.sum(first).astype(logq.dtype)
+  groups = jnp.maximum(num_groups, 1.0)
+  coef = jax.lax.stop_gradient(w - b) * mf
+  total = jnp.sum(coef * (-logq) / mean_tokens) / groups
   wp, bp = w + DISTANCE_EPS, b + DISTANCE_EPS
   metrics = {
-      "distance": jnp.sum(wp * jnp.log(wp / bp)) / num_groups,
-      "nll_per_token": jnp.mean(-jax.lax.stop_gradient(logq) / jnp.maximum(n_tok, 1.0)),
+      "distance": jnp.sum(mf * wp * jnp.log(wp / bp)) / groups,
+      "nll_per_token": jnp.sum(mf * -jax.lax.stop_gradient(logq) / jnp.maximum(n_tok, 1.0)) / jnp.maximum(
+          jnp.sum(mf), 1.0),
       "num_groups": num_groups,
   }
   return total, metrics
+
+
+def _masked_group_softmax(x, same):
+  top = jax.lax.stop_gradient(jnp.max(jnp.where(same, x[None, :], -jnp.inf), axis=-1))
+  e = jnp.exp(x[None, :] - top[:, None])
+  return jnp.diagonal(e) / jnp.sum(jnp.where(same, e, 0.0), axis=-1)
+
+
+def group_logprobs(model, batch):
+  """``(logprobs, tokens)`` ``[R, n]``: each response's summed log-prob under ``model`` and its
+  response-token count, for rows laid out by ``data.preference.group_row`` (response i is segment i+1)."""
+  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+  lp = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  n = batch["sample_mask"].shape[-1]
+  return (segment_sums(jnp.where(mask > 0, lp, 0.0), batch["segment_ids"], n),
+          segment_sums(mask, batch["segment_ids"], n))
+
+
+def train_loss(model, batch, rng=None):
+  """``(loss_sum, groups, metric_sums)`` of a micro-batch of groups (one per row), for
+  ``trainer.make_train_step``: the loss is the mean over all groups of the global batch.
+
+  Besides ``loss``'s metrics: ``top_weight_accuracy``, the fraction of groups whose highest-weight
+  response is also the one the model most prefers relative to the sampler (the argmax of the baseline).
+  """
+  del rng
+  logq, num_tokens = group_logprobs(model, batch)
+  rows, n = logq.shape
+  group_ids = jnp.broadcast_to(jnp.arange(rows)[:, None], (rows, n))
+  real = batch["sample_mask"]
+  value, metrics = loss(logq.reshape(-1), batch["q_prime"].reshape(-1), batch["weights"].reshape(-1),
+                        group_ids.reshape(-1), num_tokens.reshape(-1), sample_mask=real.reshape(-1))
+  groups = metrics.pop("num_groups")
+  present = real > 0
+  best_weight = jnp.argmax(jnp.where(present, batch["weights"], -jnp.inf), axis=1)
+  best_model = jnp.argmax(jnp.where(present, logq - batch["q_prime"], -jnp.inf), axis=1)
+  matches = jnp.sum((best_weight == best_model) & jnp.any(present, axis=1))
+  sums = {k: v * groups for k, v in metrics.items()}
+  sums["top_weight_accuracy"] = matches.astype(jnp.float32)
+  return value * groups, groups, sums

@@ -11,6 +11,7 @@ Every record is checked when the file is read, before any training: a malformed 
 | ``kto``             | ``{"prompt": str or messages, "response": str, "preference": "chosen"/"rejected" or bool}`` |
 | ``prompt``          | ``{"text": str}`` (PPO, REINFORCE prompts) |
 | ``regression``      | ``{"text": str, "label": [float, ...]}`` (SteerLM reward model) |
+| ``steerlm2``        | ``{"system"?, "prompt_turns": [{"from", "value"}] (odd count, ending with the user), "label": str, "responses": [{"value", "log(P(a|x,y))", "log(P(y|x))", "log(Q(y|a,x))"}]}`` |
 """
 
 from __future__ import annotations
@@ -131,9 +132,51 @@ def parse_regression(obj: dict) -> dict:
   return {"text": _str(obj, "text", nonempty=True), "label": [float(x) for x in label]}
 
 
+STEERLM2_LOGS = ("log(P(a|x,y))", "log(P(y|x))", "log(Q(y|a,x))")
+
+
+def parse_steerlm2(obj: dict) -> dict:
+  """SteerLM 2.0 samples of one prompt: the prompt's turns, the attribute label the responses were
+  sampled for, and each response with its three log-probabilities (NeMo-Aligner's field names)."""
+  turns = obj.get("prompt_turns")
+  if not isinstance(turns, list) or not turns:
+    raise _FieldError("field 'prompt_turns' must be a non-empty list" if "prompt_turns" in obj
+                      else "missing field 'prompt_turns'")
+  if len(turns) % 2 == 0:
+    raise _FieldError(f"'prompt_turns' has {len(turns)} turns; it must have an odd count, ending with the user's")
+  out_turns = []
+  for i, t in enumerate(turns):
+    if not isinstance(t, dict):
+      raise _FieldError(f"prompt_turns[{i}] must be an object")
+    try:
+      out_turns.append({"from": _str(t, "from", nonempty=True), "value": _str(t, "value")})
+    except _FieldError as e:
+      raise _FieldError(f"prompt_turns[{i}]: {e}") from None
+  responses = obj.get("responses")
+  if not isinstance(responses, list) or not responses:
+    raise _FieldError("field 'responses' must be a non-empty list" if "responses" in obj
+                      else "missing field 'responses'")
+  out_responses = []
+  for i, r in enumerate(responses):
+    if not isinstance(r, dict):
+      raise _FieldError(f"responses[{i}] must be an object")
+    try:
+      item = {"value": _str(r, "value", nonempty=True)}
+      for key in STEERLM2_LOGS:
+        value = r.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+          raise _FieldError(f"field {key!r} must be a finite number" if key in r else f"missing field {key!r}")
+        item[key] = float(value)
+    except _FieldError as e:
+      raise _FieldError(f"responses[{i}]: {e}") from None
+    out_responses.append(item)
+  return {"system": _str(obj, "system", optional=True, default=""), "prompt_turns": out_turns,
+          "label": _str(obj, "label"), "responses": out_responses}
+
+
 PARSERS: dict[str, Callable[[dict], dict]] = {
     "prompt_response": parse_prompt_response, "chat": parse_chat, "comparison": parse_comparison,
-    "kto": parse_kto, "prompt": parse_prompt, "regression": parse_regression,
+    "kto": parse_kto, "prompt": parse_prompt, "regression": parse_regression, "steerlm2": parse_steerlm2,
 }
 
 

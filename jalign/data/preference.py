@@ -41,20 +41,21 @@ class Feedback:
   desirable: bool
 
 
-def render_prompt(prompt, chat_format: NemoChatFormat) -> tuple[str, bool]:
-  """``(text, is_chat)``: message lists become a NeMo chat ending with the assistant's turn."""
+def render_prompt(prompt, chat_format: NemoChatFormat, *, label: str | None = None) -> tuple[str, bool]:
+  """``(text, is_chat)``: message lists become a NeMo chat ending with the assistant's turn (and its
+  attribute ``label``, SteerLM's conditioning, when given)."""
   if isinstance(prompt, str):
     return prompt, False
   system = "".join(m["content"] for m in prompt if m["role"] == "system")
   turns = [{"from": _ROLES.get(m["role"], m["role"]), "value": m["content"]} for m in prompt if m["role"] != "system"]
   record = {"system": system, "conversations": turns, "mask": "User,Assistant"}
-  return chat_format.render_text(record, add_generation_prompt=True), True
+  return chat_format.render_text(record, add_generation_prompt=True, generation_label=label), True
 
 
 def encode_response(prompt, response: str, tok: Tokenizer, *, max_length: int, chat_format: NemoChatFormat,
-                    add_eos: bool = True):
+                    add_eos: bool = True, label: str | None = None):
   """``(Example or None, truncated)`` for one prompt and response."""
-  text, is_chat = render_prompt(prompt, chat_format)
+  text, is_chat = render_prompt(prompt, chat_format, label=label)
   prompt_ids = tok.encode(text, add_special_tokens=False)
   if is_chat:
     response_ids = tok.encode(response + chat_format.end_of_turn + chat_format.turn_start, add_special_tokens=False)
@@ -172,3 +173,70 @@ def plan_item_rows(items, length: int, *, pack: bool) -> list[list[int]]:
   if not pack:
     return [[i] for i in range(len(items))]
   return first_fit([len(it) for it in items], length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """SteerLM 2.0: the responses sampled for one prompt and attribute label, with their importance
+  weights (normalised over the group) and log Q'(y|a,x) under the model that sampled them."""
+  responses: tuple[Example, ...]
+  weights: np.ndarray       # [n] float
+  q_prime: np.ndarray       # [n] float
+
+  def __len__(self):
+    return sum(len(r) for r in self.responses)
+
+
+def _turns_as_messages(turns: list[dict]) -> list[dict]:
+  roles = {v: k for k, v in _ROLES.items()}
+  return [{"role": roles.get(t["from"], t["from"]), "content": t["value"]} for t in turns]
+
+
+def encode_groups(records: list[dict], tok: Tokenizer, *, max_length: int, chat_format: NemoChatFormat,
+                  over_length: str = "truncate") -> tuple[list[Group], EncodeStats]:
+  """Tokenized ``steerlm2`` records: each response after the prompt rendered with the record's
+  label (``chat_format``'s label tokens), its weight ``softmax(log P(a|x,y) + log P(y|x) - log Q'(y|a,x))``
+  over the responses kept. A response that does not fit (or, with ``over_length="drop"``, whose
+  prompt had to be cut) leaves the group; a group left with fewer than two responses is dropped."""
+  stats = EncodeStats()
+  groups = []
+  for rec in records:
+    prompt = ([{"role": "system", "content": rec["system"]}] if rec["system"] else []) + \
+        _turns_as_messages(rec["prompt_turns"])
+    kept, logs, cut_any = [], [], False
+    for r in rec["responses"]:
+      ex, cut = encode_response(prompt, r["value"], tok, max_length=max_length, chat_format=chat_format,
+                                label=rec["label"])
+      if ex is None or (over_length == "drop" and cut):
+        continue
+      cut_any |= cut
+      kept.append(ex)
+      logs.append([r["log(P(a|x,y))"], r["log(P(y|x))"], r["log(Q(y|a,x))"]])
+    if len(kept) < 2:
+      stats.dropped += 1
+      continue
+    logs = np.asarray(logs, np.float64)
+    z = logs[:, 0] + logs[:, 1] - logs[:, 2]
+    w = np.exp(z - z.max())
+    stats.keep(*kept, truncated=cut_any)
+    groups.append(Group(tuple(kept), (w / w.sum()).astype(np.float32), logs[:, 2].astype(np.float32)))
+  return groups, stats
+
+
+def group_row(groups: list[Group], length: int, pad_id: int, group_size: int) -> dict:
+  """One group per row (or a padding row for ``[]``): response i is segment i+1, with ``sample_mask``,
+  ``weights`` and ``q_prime`` ``[group_size]`` per row, 0 in unused slots."""
+  if len(groups) > 1:
+    raise ValueError(f"a SteerLM 2.0 row holds one group, got {len(groups)}")
+  responses = list(groups[0].responses) if groups else []
+  if len(responses) > group_size:
+    raise ValueError(f"a group of {len(responses)} responses does not fit {group_size} slots")
+  row = build_row(responses, length, pad_id)
+  n = len(responses)
+  for name in ("sample_mask", "weights", "q_prime"):
+    row[name] = np.zeros(group_size, np.float32)
+  row["sample_mask"][:n] = 1.0
+  if groups:
+    row["weights"][:n] = groups[0].weights
+    row["q_prime"][:n] = groups[0].q_prime
+  return row

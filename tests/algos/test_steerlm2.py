@@ -146,3 +146,28 @@ class TestWeights:
     want = np.array([1 / (1 + np.exp(-1.0)), 0.0, np.exp(-1.0) / (1 + np.exp(-1.0)), 1.0, 1.0])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
     assert np.all(np.isfinite(np.asarray(jax.grad(lambda v: steerlm2.group_softmax(v, gid)[0])(x))))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_masked_samples_take_no_part(seed):
+  """Samples with sample_mask 0 (empty slots, padding rows) change neither the loss, its gradient nor
+  the metrics: the result equals that of the real samples alone."""
+  rng = np.random.default_rng(seed)
+  b = 10
+  logq = jnp.asarray(-rng.uniform(5, 50, b))
+  qp, w = jnp.asarray(-rng.uniform(5, 50, b)), jnp.asarray(rng.uniform(0, 1, b))
+  groups = jnp.asarray(rng.integers(0, 3, b))
+  ntok = jnp.asarray(rng.integers(3, 30, b).astype(np.float64))
+  mask = rng.random(b) < 0.6
+  mask[0] = True
+  keep = np.flatnonzero(mask)
+  f = lambda lq, m: steerlm2.loss(lq, qp, w, groups, ntok, sample_mask=m)
+  (value, metrics), grad = jax.value_and_grad(f, has_aux=True)(logq, jnp.asarray(mask, jnp.float64))
+  sub = lambda x: x[keep]
+  g = lambda lq: steerlm2.loss(lq, sub(qp), sub(w), sub(groups), sub(ntok))
+  (want, want_metrics), want_grad = jax.value_and_grad(g, has_aux=True)(sub(logq))
+  np.testing.assert_allclose(value, want, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(grad)[keep], want_grad, rtol=1e-12)
+  assert np.all(np.asarray(grad)[~mask] == 0)
+  for k in want_metrics:
+    np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-12)
