@@ -1,5 +1,6 @@
-"""DPO of the real SmolLM2-135M-Instruct on the bundled preference pairs (NeMo-Aligner chat format),
-with NeMo-Aligner's DPO settings scaled to a CPU: beta 0.2, summed log-probs, lr 9e-6 to 9e-7.
+"""DPO of the real SmolLM2-135M-Instruct on the bundled preference pairs, prompts in the model's own
+chat template (ChatML), with NeMo-Aligner's DPO settings scaled to a CPU: beta 0.2, summed log-probs,
+lr 9e-6 to 9e-7.
 
 python -m jalign.train --config=configs/dpo_smollm2.py
 """
@@ -16,6 +17,7 @@ def get_config():
   # Shard parameters, Adam moments and the reference copy over all devices.
   c.mesh.update({"data": 1, "fsdp": -1, "tensor": 1, "pipeline": 1})
   c.data.format = "comparison"
+  c.data.chat_template = "model"  # the tokenizer's own template; "nemo" renders NeMo-Aligner's chat format
   c.data.train = "bundled:pref_train.jsonl"
   c.data.validation = "bundled:pref_val.jsonl"
   c.data.max_seq_length = 128

@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.add_bos = False
   c.data.add_eos = True
   c.data.chat_prompt_tokens = "default"  # default (\x00 \x11 \x12) | extra_id (<extra_id_N>)
+  c.data.chat_template = "nemo"    # message prompts of comparison/kto data: nemo (NeMo's chat format with
+                                   # chat_prompt_tokens) | model (the tokenizer's own jinja chat template)
   c.data.skip_bad_lines = False
   c.data.over_length = "truncate"  # pairs too long: truncate the prompt's left end (drop if the response alone
                                    # does not fit) | drop (drop the pair); both counted in data_stats.json
@@ -183,6 +185,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def read_saved(path: Path) -> ml_collections.ConfigDict:
+  """The config a run saved (``config.json``) over today's defaults, so that keys added since the
+  run was made take their default values."""
+  import json
+  c = base_config()
+  try:
+    c.update(json.loads(Path(path).read_text()))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{path}: not a readable jalign config ({e})") from None
+  # JSON turned the rules tables' tuples into lists.
+  as_rules = lambda rules: tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+  c.sharding_rules = as_rules(c.sharding_rules)
+  c.ppo.generation_rules = as_rules(c.ppo.generation_rules)
+  return c
+
+
 def pipeline_fields(c) -> dict:
   """The model config's pipeline settings, from the mesh and ``train.pipeline_*``."""
   stages = int(c.mesh.pipeline) if int(c.mesh.pipeline) > 0 else 1
@@ -275,6 +293,9 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   _require(d.truncation in ("right", "left"), "data.truncation", f"{d.truncation!r} is not right or left")
   _require(d.chat_prompt_tokens in ("default", "extra_id"), "data.chat_prompt_tokens",
            f"{d.chat_prompt_tokens!r} is not default or extra_id")
+  _require(d.chat_template in ("nemo", "model"), "data.chat_template", f"{d.chat_template!r} is not nemo or model")
+  _require(d.chat_template == "nemo" or d.format in ("comparison", "kto"), "data.chat_template",
+           f"'model' renders the message prompts of comparison and kto data; {d.format} data uses NeMo's chat format")
   _require("{input}" in d.prompt_template and "{output}" in d.prompt_template, "data.prompt_template",
            "must contain {input} and {output}")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -130,7 +128,7 @@ def run_model_config(run_dir: str) -> LlamaConfig:
   config_file = Path(run_dir) / "config.json"
   if not config_file.is_file():
     raise config_lib.ConfigError(f"{config_file}: not a jalign run folder (no config.json)")
-  return model_config(ml_collections.ConfigDict(json.loads(config_file.read_text())))
+  return model_config(config_lib.read_saved(config_file))
 
 
 def _critic_config(c, key: str) -> LlamaConfig:

@@ -91,7 +91,7 @@ class RewardModel:
     """A prompt and response as the reward model's training pairs were encoded (None: does not fit)."""
     d = self.config.data
     example, _ = preference.encode_response(prompt, response, self.tokenizer, max_length=d.max_seq_length,
-                                            chat_format=train._chat_format(self.config), add_eos=d.add_eos)
+                                            chat_format=train.message_format(self.config, self.tokenizer), add_eos=d.add_eos)
     return example
 
   def raw_scores(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:

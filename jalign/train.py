@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import app, logging
 from flax import nnx
@@ -22,7 +21,7 @@ from jalign import config as config_lib
 from jalign import distill, optim, trainer
 from jalign.algos import dpo, kd, kto, rm, sft, steerlm2
 from jalign.data import distillation, formats, packing, pipeline, preference
-from jalign.data.chat import NemoChatFormat
+from jalign.data.chat import ModelChatTemplate, NemoChatFormat
 from jalign.data.prompts import encode_regression, regression_rows
 from jalign.data.sft import encode_records
 from jalign.data.tokenizer import Tokenizer
@@ -64,7 +63,14 @@ def build_tokenizer(c, own: Tokenizer | None) -> Tokenizer:
   return Tokenizer.from_dir(c.tokenizer)
 
 
-def _chat_format(c):
+def message_format(c, tok: Tokenizer | None = None):
+  """How message prompts are rendered: NeMo's chat format (``data.chat_prompt_tokens``), or with
+  ``data.chat_template = "model"`` the tokenizer's own template."""
+  if c.data.chat_template == "model":
+    if tok is None or tok.chat_template is None:
+      raise config_lib.ConfigError(f"config.data.chat_template: 'model', but the tokenizer "
+                                   f"{getattr(tok, 'source', '')} has no chat template")
+    return ModelChatTemplate(tok)
   return NemoChatFormat.extra_id() if c.data.chat_prompt_tokens == "extra_id" else NemoChatFormat()
 
 
@@ -80,23 +86,23 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
     except ValueError as e:  # a label of the wrong size: name the file and the key to change
       raise formats.DataError(f"{path}: {e} (config.rm.num_attributes)") from None
   elif c.algorithm in ("rm", "dpo"):
-    examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=_chat_format(c),
+    examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=message_format(c, tok),
                                               add_eos=d.add_eos, over_length=d.over_length)
   elif c.algorithm == "steerlm2":
     examples, stats = preference.encode_groups(records, tok, max_length=d.max_seq_length,
-                                               chat_format=_chat_format(c), over_length=d.over_length)
+                                               chat_format=message_format(c, tok), over_length=d.over_length)
     largest = max((len(g.responses) for g in examples), default=0)
     if largest > c.steerlm2.responses:
       raise formats.DataError(f"{path}: a prompt has {largest} responses, more than config.steerlm2.responses "
                               f"= {c.steerlm2.responses}")
   elif c.algorithm == "kto":
     feedback, stats = preference.encode_feedback(records, tok, max_length=d.max_seq_length,
-                                                 chat_format=_chat_format(c), add_eos=d.add_eos)
+                                                 chat_format=message_format(c, tok), add_eos=d.add_eos)
     examples = preference.kto_items(feedback, max_length=d.max_seq_length)
   else:
     examples, stats = encode_records(records, d.format, tok, max_length=d.max_seq_length,
                                      template=d.prompt_template, truncation=d.truncation, add_bos=d.add_bos,
-                                     add_eos=d.add_eos, chat_format=_chat_format(c))
+                                     add_eos=d.add_eos, chat_format=message_format(c))
   log(f"{path}: {report.records} records, {report.bad_lines} bad lines skipped, "
       f"{stats.truncated} truncated, {stats.dropped} dropped, {stats.tokens} tokens")
   return examples, {"bad_lines": report.bad_lines, **stats.as_dict()}
@@ -290,7 +296,7 @@ def load_trained(run_dir: str | Path, step: int | None = None):
   config_file = run_dir / "config.json"
   if not config_file.is_file():
     raise FileNotFoundError(f"{config_file}: not a jalign run folder (no config.json)")
-  c = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  c = config_lib.read_saved(config_file)
   model, own_tokenizer = build_model(c)
   tok = build_tokenizer(c, own_tokenizer)
   model, _, _ = algorithm_parts(c, model)

@@ -66,3 +66,18 @@ def test_ppo_configs_are_for_the_planner_only(tmp_path):
   with pytest.raises(ConfigError, match="config.algorithm: ppo training runs are not available yet"):
     build_trainer(c)
   assert not (tmp_path / "run").exists()
+
+
+def test_saved_configs_without_newer_keys_read_with_their_defaults(tmp_path):
+  from jalign.config import ConfigError, read_saved
+  from jalign.train import load_config_file
+  c = load_config_file(ROOT / "configs" / "dpo_tiny.py", {"dpo.beta": 0.5})
+  saved = json.loads(c.to_json_best_effort())
+  del saved["data"]["chat_template"], saved["steerlm2"]  # as a run made before these keys existed wrote it
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  back = read_saved(tmp_path / "config.json")
+  assert back.data.chat_template == "nemo" and back.steerlm2.responses == 4 and back.dpo.beta == 0.5
+  assert back.sharding_rules == c.sharding_rules
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ConfigError, match="config.json: not a readable jalign config"):
+    read_saved(tmp_path / "config.json")

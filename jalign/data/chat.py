@@ -140,3 +140,27 @@ def steerlm_label(values: dict[str, int | float]) -> str:
 
 def _fmt(v):
   return str(int(v)) if float(v).is_integer() else str(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChatTemplate:
+  """A tokenizer's own jinja chat template for message prompts (``config.data.chat_template = "model"``).
+
+  The prompt is the messages rendered with the generation prompt; a reply is what rendering the
+  messages plus the assistant's reply adds after that (its end-of-turn tokens included), so the prompt
+  is always a prefix of the whole conversation, as with NeMo's format.
+  """
+  tokenizer: object
+
+  def prompt_text(self, messages: list[dict], label: str | None = None) -> str:
+    if label is not None:
+      raise ChatTemplateError("attribute labels (SteerLM) need NeMo's chat format, not the model's template")
+    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+  def reply_text(self, messages: list[dict], reply: str) -> str:
+    prompt = self.prompt_text(messages)
+    full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}])
+    if not full.startswith(prompt):
+      raise ChatTemplateError("the chat template renders a conversation that does not start with its own "
+                              "generation prompt; use data.chat_template = 'nemo'")
+    return full[len(prompt):]

@@ -1,7 +1,8 @@
 """Preference data: comparison pairs (RM, DPO family) and KTO's unpaired feedback, tokenized.
 
 A prompt is a string with the chat template already applied, or a list of ``{"role", "content"}``
-messages rendered with NeMo-Aligner's chat format (ending in ``<turn>Assistant\\n``). The prompt is
+messages rendered with NeMo-Aligner's chat format (ending in ``<turn>Assistant\\n``) or, with
+``data.chat_template = "model"``, the tokenizer's own template. The prompt is
 tokenized on its own and the response after it, so the prompt's tokens are always a prefix of the
 full sequence; the loss mask covers the response only. Responses to string prompts end with EOS;
 responses to message prompts end with ``end_of_turn`` and the next ``turn_start``, as in SFT.
@@ -16,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from jalign.data.chat import NemoChatFormat
+from jalign.data.chat import ModelChatTemplate, NemoChatFormat
 from jalign.data.packing import build_row, first_fit
 from jalign.data.sft import EncodeStats, Example, _example
 from jalign.data.tokenizer import Tokenizer
@@ -41,23 +42,29 @@ class Feedback:
   desirable: bool
 
 
-def render_prompt(prompt, chat_format: NemoChatFormat, *, label: str | None = None) -> tuple[str, bool]:
+def render_prompt(prompt, chat_format: NemoChatFormat | ModelChatTemplate, *,
+                  label: str | None = None) -> tuple[str, bool]:
   """``(text, is_chat)``: message lists become a NeMo chat ending with the assistant's turn (and its
-  attribute ``label``, SteerLM's conditioning, when given)."""
+  attribute ``label``, SteerLM's conditioning, when given), or the model's own template's prompt."""
   if isinstance(prompt, str):
     return prompt, False
+  if isinstance(chat_format, ModelChatTemplate):
+    return chat_format.prompt_text(prompt, label), True
   system = "".join(m["content"] for m in prompt if m["role"] == "system")
   turns = [{"from": _ROLES.get(m["role"], m["role"]), "value": m["content"]} for m in prompt if m["role"] != "system"]
   record = {"system": system, "conversations": turns, "mask": "User,Assistant"}
   return chat_format.render_text(record, add_generation_prompt=True, generation_label=label), True
 
 
-def encode_response(prompt, response: str, tok: Tokenizer, *, max_length: int, chat_format: NemoChatFormat,
+def encode_response(prompt, response: str, tok: Tokenizer, *, max_length: int,
+                    chat_format: NemoChatFormat | ModelChatTemplate,
                     add_eos: bool = True, label: str | None = None):
   """``(Example or None, truncated)`` for one prompt and response."""
   text, is_chat = render_prompt(prompt, chat_format, label=label)
   prompt_ids = tok.encode(text, add_special_tokens=False)
-  if is_chat:
+  if is_chat and isinstance(chat_format, ModelChatTemplate):
+    response_ids = tok.encode(chat_format.reply_text(prompt, response), add_special_tokens=False)
+  elif is_chat:
     response_ids = tok.encode(response + chat_format.end_of_turn + chat_format.turn_start, add_special_tokens=False)
   else:
     response_ids = tok.encode(response, add_special_tokens=False)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jalign.data.chat import NemoChatFormat
+from jalign.data.chat import ChatTemplateError, ModelChatTemplate, NemoChatFormat
 from jalign.data.pipeline import batches
 from jalign.data.preference import (encode_feedback, encode_pairs, feedback_row, kto_items, pairs_row,
                                     plan_item_rows, render_prompt)
@@ -32,6 +32,22 @@ def test_message_prompts_render_in_the_nemo_chat_format():
   pairs, _ = encode_pairs([dict(PAIR, prompt=messages)], TOK, max_length=64)
   tail = TOK.decode(pairs[0].chosen.tokens[pairs[0].chosen.loss_mask], skip_special_tokens=False)
   assert tail == " Paris.\n\x11"
+
+
+def test_message_prompts_in_the_models_own_chat_template():
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  template = ModelChatTemplate(TOK)
+  text, is_chat = render_prompt(messages, template)
+  assert is_chat and text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+  pairs, _ = encode_pairs([dict(PAIR, prompt=messages)], TOK, max_length=64, chat_format=template)
+  chosen = pairs[0].chosen
+  tail = TOK.decode(chosen.tokens[chosen.loss_mask], skip_special_tokens=False)
+  assert tail == " Paris.<|im_end|>\n"
+  # Prompt and reply tokenized apart give the whole conversation's tokens.
+  whole = TOK.apply_chat_template(messages + [{"role": "assistant", "content": " Paris."}], tokenize=True)
+  assert chosen.tokens.tolist() == whole
+  with pytest.raises(ChatTemplateError, match="attribute labels"):
+    render_prompt(messages, template, label="quality:4")
 
 
 def test_long_prompts_lose_their_left_end_and_hopeless_pairs_are_dropped():
