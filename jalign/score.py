@@ -173,9 +173,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  tmp = Path(args.output).with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in scored))
-  tmp.replace(args.output)  # a crash midway never leaves a half-written output
+  formats.write_jsonl(args.output, scored)
   if args.fit_standardization:
     path = write_standardization(args.rm, summary["mean"], summary["std"], fitted_on=str(args.input),
                                  responses=summary["responses"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -104,9 +103,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  tmp = Path(args.output).with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in labelled))
-  tmp.replace(args.output)  # a crash midway never leaves a half-written output
+  formats.write_jsonl(args.output, labelled)
   turns = sum(1 for r in labelled for t in r["conversations"] if t["from"] == "Assistant")
   print(f"{args.output}: {len(labelled)} records, {turns} assistant turns labelled "
         f"({report.bad_lines} bad input lines skipped)")

@@ -220,3 +220,11 @@ def read_jsonl(path: str | os.PathLike, fmt: str, *, skip_bad_lines: bool = Fals
   if not records:
     raise DataError(f"{path}: no usable records" + (f" (first bad line: {report.first_bad})" if report.first_bad else ""))
   return records, report
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+  """Write ``records`` one per line through a temporary file, so a crash midway leaves no half file."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tmp.replace(path)
