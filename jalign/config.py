@@ -18,8 +18,8 @@ ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "ppo")
 # Algorithms whose configs the planner compiles but whose training runs are not built yet.
 PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
-FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",), "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",),
-           "ppo": ("prompt",)}
+FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",),
+           "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
@@ -266,9 +266,11 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              f"{c.ppo.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
     for key in ("init", "reward_model"):
       value = c.critic[key]
-      _require(value == "random" or value.startswith("run:"), f"critic.{key}", f"{value!r} is not random or run:<folder>")
+      _require(value == "random" or value.startswith("run:"), f"critic.{key}",
+               f"{value!r} is not random or run:<folder>")
       if value.startswith("run:") and check_files:
-        _require((Path(value[4:]) / "config.json").is_file(), f"critic.{key}", f"{value[4:]} is not a jalign run folder")
+        _require((Path(value[4:]) / "config.json").is_file(), f"critic.{key}",
+                 f"{value[4:]} is not a jalign run folder")
   if c.algorithm == "kd":
     _require(bool(c.kd.teacher), "kd.teacher", "name the teacher model (run:<folder>, hf:<folder>, ...)")
     _require(c.kd.kind in ("fwd_kl", "bwd_kl"), "kd.kind", f"{c.kd.kind!r} is not fwd_kl or bwd_kl")

@@ -155,9 +155,8 @@ def inference_rules(rules):
 class _Job:
   """Compiles steps on one mesh and collects their plans."""
 
-  def __init__(self, mesh, rules, peak_flops: float, hbm_bytes_per_s: float):
-    self.mesh, self.rules = mesh, rules
-    self.peak_flops, self.hbm = peak_flops, hbm_bytes_per_s
+  def __init__(self, mesh, rules, peak_flops: float):
+    self.mesh, self.rules, self.peak_flops = mesh, rules, peak_flops
     self.devices = mesh.size
     self.steps: list[StepPlan] = []
 
@@ -227,7 +226,7 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   cfg = model_config(c)
   t = c.train
   tx = _optimizer(c.optimizer, t.max_steps)
-  job = _Job(mesh, rules, peak_flops, hbm_bytes_per_s)
+  job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     parts = {}
 
@@ -284,7 +283,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   cfg = model_config(c)
   p, t, length = c.ppo, c.train, c.data.max_seq_length
   tx = _optimizer(c.optimizer, t.max_steps)
-  job = _Job(mesh, rules, peak_flops, hbm_bytes_per_s)
+  job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = job.state(model, tx)
@@ -304,7 +303,8 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     generate = functools.partial(generate_arrays, graphdef=gen_graphdef, max_new_tokens=p.max_new_tokens,
                                  min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                  top_p=p.top_p, greedy=False, stop_ids=(0,), pad_id=0)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
     with pmesh.use(mesh, gen_rules):
       cache = jax.eval_shape(lambda: model.init_cache(rows, length))
     cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), gen_rules),
@@ -343,7 +343,7 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   cfg, rm_cfg = _critic_config(c, "init"), _critic_config(c, "reward_model")
   k, p, length = c.critic, c.ppo, c.data.max_seq_length
   tx = _optimizer(c.optimizer, c.train.max_steps, lr=k.lr, min_lr=k.min_lr, weight_decay=k.weight_decay)
-  job = _Job(mesh, rules, peak_flops, hbm_bytes_per_s)
+  job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     critic = nnx.eval_shape(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(0)))
     graphdef, state = job.state(critic, tx)

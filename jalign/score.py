@@ -90,8 +90,9 @@ class RewardModel:
   def encode(self, prompt, response: str) -> Example | None:
     """A prompt and response as the reward model's training pairs were encoded (None: does not fit)."""
     d = self.config.data
+    chat_format = train.message_format(self.config, self.tokenizer)
     example, _ = preference.encode_response(prompt, response, self.tokenizer, max_length=d.max_seq_length,
-                                            chat_format=train.message_format(self.config, self.tokenizer), add_eos=d.add_eos)
+                                            chat_format=chat_format, add_eos=d.add_eos)
     return example
 
   def raw_scores(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:

@@ -86,7 +86,8 @@ def load_examples(c, tok: Tokenizer, spec: str, log):
     except ValueError as e:  # a label of the wrong size: name the file and the key to change
       raise formats.DataError(f"{path}: {e} (config.rm.num_attributes)") from None
   elif c.algorithm in ("rm", "dpo"):
-    examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length, chat_format=message_format(c, tok),
+    examples, stats = preference.encode_pairs(records, tok, max_length=d.max_seq_length,
+                                              chat_format=message_format(c, tok),
                                               add_eos=d.add_eos, over_length=d.over_length)
   elif c.algorithm == "steerlm2":
     examples, stats = preference.encode_groups(records, tok, max_length=d.max_seq_length,

@@ -54,7 +54,7 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0):
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "min_new_tokens", "temperature",
                                    "top_k", "top_p", "greedy", "stop_ids", "pad_id"))
 def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_new_tokens, min_new_tokens,
-              temperature, top_k, top_p, greedy, stop_ids, pad_id):
+                    temperature, top_k, top_p, greedy, stop_ids, pad_id):
   """The jitted loop ``generate`` runs, on arrays: a model's ``nnx.split`` state, prompts ``[B,P]``
   right-padded, their lengths ``[B]`` and a PRNG key; returns ``(tokens, lengths, is_end, logprobs)``."""
   def forward(tokens, positions, cache):
