@@ -47,25 +47,35 @@ def pair_texts(records, chat_format):
   return out
 
 
-def jalign_steps(model, tok, records, args, *, pack):
-  """Seconds per step and real tokens per step; ``pack`` puts several pairs in each row."""
+def jalign_steps(model, tok, records, args, *, pack, share=False):
+  """Seconds per step, the pairs' tokens per step (as separate sequences, what TRL processes), pairs
+  per step and the row width; ``pack`` puts several pairs in each row, ``share`` computes each pair's
+  prompt once (``dpo.share_prompt``)."""
   pairs, _ = preference.encode_pairs(records, tok, max_length=args.max_length)
-  length = 2 * args.max_length
+  make_row = preference.shared_pairs_row if share else preference.pairs_row
+  pad = tok.pad_id or 0
+  # Each step trains on the same args.pairs pairs as TRL's step. Packed, a step's pairs share one row
+  # as wide as the fullest step needs (rounded up to 16): one compiled shape, little padding.
+  groups = [list(range(i * args.pairs, (i + 1) * args.pairs)) for i in range(len(pairs) // args.pairs)]
   if pack:
-    plan = preference.plan_item_rows(pairs, length, pack=True)
-    slots = max(len(r) for r in plan)
-    # As many rows per step as hold the step's pairs on average (same pairs per step as TRL's).
-    rows_per_step = max(1, round(len(plan) / args.steps))
+    size = preference.shared_pair_length if share else len
+    length = -(-max(sum(size(pairs[i]) for i in g) for g in groups) // 16) * 16
+    plans = [[g] for g in groups]
   else:
-    plan, slots, rows_per_step = [[i] for i in range(len(pairs))], 1, args.pairs
-  rows = [preference.pairs_row([pairs[i] for i in r], length, tok.pad_id or 0, slots) for r in plan]
-  batches = [jax.tree.map(lambda *xs: np.stack(xs), *rows[i * rows_per_step:(i + 1) * rows_per_step])
-             for i in range(len(rows) // rows_per_step)]
+    length = 2 * args.max_length
+    plans = [[[i] for i in g] for g in groups]
+  slots = max(len(r) for plan in plans for r in plan)
+  rows_per_step = max(len(plan) for plan in plans)
+  batches = []
+  for plan in plans:
+    rows = [make_row([pairs[i] for i in r], length, pad, slots) for r in plan]
+    rows += [make_row([], length, pad, slots)] * (rows_per_step - len(rows))
+    batches.append(jax.tree.map(lambda *xs: np.stack(xs), *rows))
+  tokens = float(np.mean([sum(len(pairs[i]) for i in g) for g in groups]))
   # One width for every step (the longest batch's, rounded up to 16): one compilation, as in training
   # with pad_to_multiple_of where most batches share a width.
   width = max(pipeline.trim_batch(b, 16)["tokens"].shape[1] for b in batches)
   batches = [{k: v[:, :width] if v.shape[-1] == length else v for k, v in b.items()} for b in batches]
-  tokens = float(np.mean([np.sum(b["segment_ids"] > 0) for b in batches]))
   pairs_per_step = float(np.mean([np.sum(b["pair_mask"]) for b in batches]))
   tx = optim.adamw(optax.constant_schedule(LR), b1=0.9, b2=0.999, weight_decay=WEIGHT_DECAY, grad_clip=1.0)
   graphdef, state = trainer.init_state(model, tx)
@@ -133,16 +143,20 @@ def main():
     t, t_tokens = trl_steps(model, pair_texts(records, NemoChatFormat()), args, workdir)
   j, j_tokens, _, j_width = jalign_steps(model, tok, records, args, pack=False)
   jp, jp_tokens, jp_pairs, jp_width = jalign_steps(model, tok, records, args, pack=True)
+  js, js_tokens, js_pairs, js_width = jalign_steps(model, tok, records, args, pack=True, share=True)
   import trl
   print(f"DPO SmolLM2-135M, {args.pairs} pairs/step, max length {args.max_length}, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}; trl {trl.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-  print(f"{'':<26}{'s/step':>10}{'pairs/step':>12}{'tokens/step':>13}{'tokens/s':>10}")
+  print(f"{'':<30}{'s/step':>10}{'pairs/step':>12}{'tokens/step':>13}{'tokens/s':>10}")
   for name, s, p, n in ((f"jalign, 1 pair/row ({j_width})", j, args.pairs, j_tokens),
-                        (f"jalign, packed ({jp_width})", jp, jp_pairs, jp_tokens), ("trl", t, args.pairs, t_tokens)):
-    print(f"{name:<26}{s:>10.3f}{p:>12.1f}{n:>13.0f}{n / s:>10.0f}")
+                        (f"jalign, packed ({jp_width})", jp, jp_pairs, jp_tokens),
+                        (f"jalign, shared prompt ({js_width})", js, js_pairs, js_tokens),
+                        ("trl", t, args.pairs, t_tokens)):
+    print(f"{name:<30}{s:>10.3f}{p:>12.1f}{n:>13.0f}{n / s:>10.0f}")
+  print("(tokens: the pairs' chosen and rejected sequences, without padding, however a tool lays them out)")
   print(f"jalign / trl, one pair per row: {t / j:.2f}x steps/s, {(j_tokens / j) / (t_tokens / t):.2f}x tokens/s")
-  print(f"jalign packed / trl: {(jp_tokens / jp) / (t_tokens / t):.2f}x tokens/s, "
-        f"{(jp_pairs / jp) / (args.pairs / t):.2f}x pairs/s")
+  for name, s, p, n in (("packed", jp, jp_pairs, jp_tokens), ("shared prompt", js, js_pairs, js_tokens)):
+    print(f"jalign {name} / trl: {(n / s) / (t_tokens / t):.2f}x tokens/s, {(p / s) / (args.pairs / t):.2f}x pairs/s")
 
 
 if __name__ == "__main__":

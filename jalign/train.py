@@ -124,6 +124,8 @@ def row_maker(c, slots: int = 1):
     return functools.partial(preference.group_row, group_size=n), n * d.max_seq_length
   if c.algorithm == "kto":
     return functools.partial(preference.feedback_row, max_items=slots), 2 * d.max_seq_length
+  if c.algorithm == "dpo" and c.dpo.share_prompt:
+    return functools.partial(preference.shared_pairs_row, max_pairs=slots), 2 * d.max_seq_length
   if c.algorithm in ("rm", "dpo"):
     return functools.partial(preference.pairs_row, max_pairs=slots), 2 * d.max_seq_length
   return packing.build_row, d.max_seq_length
@@ -147,7 +149,8 @@ def build_data(c, tok: Tokenizer, pad_id: int, log):
     plan = lambda items: [[i] for i in range(len(items))]
   elif c.algorithm in ("rm", "dpo", "kto"):
     # The slots per row are fixed (one compiled shape) by the fullest row.
-    plan = lambda items: preference.plan_item_rows(items, 2 * d.max_seq_length, pack=d.pack)
+    size = preference.shared_pair_length if c.algorithm == "dpo" and c.dpo.share_prompt else len
+    plan = lambda items: preference.plan_item_rows(items, 2 * d.max_seq_length, pack=d.pack, size=size)
     slots = max(len(r) for r in plan(train_examples) + (plan(val_examples) if val_examples else []))
   else:
     plan = lambda examples: packing.plan_rows(examples, d.max_seq_length, pack=d.pack)

@@ -49,6 +49,15 @@ def test_reference_offloaded_to_host_gives_the_same_losses(tmp_path):
   np.testing.assert_array_equal(list(offloaded.values()), list(on_device.values()))
 
 
+def test_shared_prompt_rows_train_like_separate_sequences(tmp_path):
+  """dpo.share_prompt computes each prompt once: the same pairs per row give the same losses."""
+  small = {"train.max_steps": 4, "train.val_check_interval": 0, "train.save_interval": 0, "data.pack": False}
+  plain = run(load("dpo_tiny", tmp_path / "a", **small), log=quiet)["losses"]
+  shared = run(load("dpo_tiny", tmp_path / "b", **small, **{"dpo.share_prompt": True}), log=quiet)["losses"]
+  assert shared[1] == pytest.approx(math.log(2), abs=1e-6)
+  np.testing.assert_allclose(list(shared.values()), list(plain.values()), rtol=2e-5)
+
+
 def test_over_length_pairs_are_dropped_or_truncated_and_counted(tmp_path):
   stats = {}
   for mode in ("drop", "truncate"):

@@ -207,14 +207,17 @@ def segment_sums(values, segment_ids, num_segments: int):
 
 def pair_logprobs(model, batch, *, average=False):
   """``(chosen [N], rejected [N])`` response log-probs of the pair slots of rows laid out by
-  ``data.preference.pairs_row`` (pair p: segments 2p+1 and 2p+2), N = rows x slots; one forward pass."""
-  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"])
+  ``data.preference.pairs_row`` (pair p: segments 2p+1 and 2p+2) or ``shared_pairs_row`` (the prompt
+  once, the responses as branches numbered by ``response_ids``), N = rows x slots; one forward pass."""
+  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch["segment_ids"],
+                               branch_ids=batch.get("branch_ids"))
   lp = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   slots = batch["pair_mask"].shape[-1]
-  sums = segment_sums(jnp.where(mask > 0, lp, 0.0), batch["segment_ids"], 2 * slots)
+  responses = batch.get("response_ids", batch["segment_ids"])
+  sums = segment_sums(jnp.where(mask > 0, lp, 0.0), responses, 2 * slots)
   if average:
-    sums = sums / jnp.maximum(segment_sums(mask, batch["segment_ids"], 2 * slots), 1.0)
+    sums = sums / jnp.maximum(segment_sums(mask, responses, 2 * slots), 1.0)
   return sums[:, 0::2].reshape(-1), sums[:, 1::2].reshape(-1)
 
 

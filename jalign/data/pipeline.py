@@ -49,7 +49,8 @@ def trim_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndar
           for k, v in batch.items()}
 
 
-_TOKEN_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "teacher_ids", "teacher_logits")
+_TOKEN_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "branch_ids", "response_ids",
+                 "teacher_ids", "teacher_logits")
 
 
 def row_dataset(rows: list[list[int]], examples, *, length: int, pad_id: int, batch_size: int, seed: int,

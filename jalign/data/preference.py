@@ -168,6 +168,62 @@ def kto_items(feedback: list[Feedback], *, max_length: int) -> list[KTOItem]:
   return items
 
 
+def shared_prompt_length(pair: Pair) -> int:
+  """Tokens the chosen and rejected sequences share before either response's first trained token."""
+  c, r = pair.chosen, pair.rejected
+  n = min(int(np.argmax(c.loss_mask)) if c.loss_mask.any() else len(c),
+          int(np.argmax(r.loss_mask)) if r.loss_mask.any() else len(r))
+  differ = np.flatnonzero(c.tokens[:n] != r.tokens[:n])
+  return int(differ[0]) if differ.size else n
+
+
+def shared_pair_length(pair: Pair) -> int:
+  """Tokens a pair takes in a shared-prompt row: the prompt once, plus each response after it (each
+  branch repeats the prompt's last token, whose hidden state predicts the response's first token)."""
+  return len(pair) - max(shared_prompt_length(pair) - 1, 0)
+
+
+def shared_pairs_row(pairs: list[Pair], length: int, pad_id: int, max_pairs: int) -> dict:
+  """Pairs with their prompt computed once. Pair p is segment p+1: its prompt but the last token
+  (``branch_ids`` 0), then that last token and the chosen response (branch 1), then the same token and
+  the rejected response (branch 2); both branches continue the prompt's positions and see the prompt
+  and themselves only. ``response_ids`` number the responses 2p+1 (chosen) and 2p+2 (rejected) like
+  ``pairs_row``'s segments, for the per-response sums; the per-pair fields are ``pairs_row``'s."""
+  if len(pairs) > max_pairs:
+    raise ValueError(f"{len(pairs)} pairs do not fit a row of at most {max_pairs}")
+  fields = {name: np.zeros(length, np.int32) for name in ("tokens", "targets", "positions", "segment_ids",
+                                                           "branch_ids", "response_ids")}
+  fields["tokens"][:] = pad_id
+  fields["targets"][:] = pad_id
+  fields["loss_mask"] = np.zeros(length, np.float32)
+  start = 0
+  for i, pair in enumerate(pairs):
+    shared = max(shared_prompt_length(pair) - 1, 0)
+    parts = [(pair.chosen.tokens[:shared], np.zeros(shared, bool), 0, 0, 0)]
+    for branch, ex in ((1, pair.chosen), (2, pair.rejected)):
+      parts.append((ex.tokens[shared:], ex.loss_mask[shared:], branch, 2 * i + branch, shared))
+    for tokens, mask, branch, response, first_position in parts:
+      n = len(tokens)
+      if start + n > length:
+        raise ValueError(f"pairs of {sum(map(shared_pair_length, pairs))} tokens do not fit a row of {length}")
+      end = start + n
+      fields["tokens"][start:end] = tokens
+      fields["targets"][start:end - 1] = tokens[1:]
+      fields["loss_mask"][start:end - 1] = mask[1:]
+      fields["positions"][start:end] = first_position + np.arange(n)
+      fields["segment_ids"][start:end] = i + 1
+      fields["branch_ids"][start:end] = branch
+      fields["response_ids"][start:end] = response
+      start = end
+  fields["pair_mask"] = np.zeros(max_pairs, np.float32)
+  fields["pair_mask"][:len(pairs)] = 1.0
+  for name, values in (("chosen_reward", [p.chosen_reward for p in pairs]),
+                       ("rejected_reward", [p.rejected_reward for p in pairs])):
+    fields[name] = np.zeros(max_pairs, np.float32)
+    fields[name][:len(pairs)] = values
+  return fields
+
+
 def feedback_row(items: list[KTOItem], length: int, pad_id: int, max_items: int) -> dict:
   """KTO samples laid out like pairs: sample p is segment 2p+1 and its KL sample 2p+2, with
   ``desirable`` (1.0 / 0.0) and ``pair_mask`` per slot."""
@@ -175,11 +231,12 @@ def feedback_row(items: list[KTOItem], length: int, pad_id: int, max_items: int)
                     desirable=[float(it.desirable) for it in items])
 
 
-def plan_item_rows(items, length: int, *, pack: bool) -> list[list[int]]:
-  """Rows of pairs or KTO items: one per row, or first-fit packed by their two sequences' length."""
+def plan_item_rows(items, length: int, *, pack: bool, size=len) -> list[list[int]]:
+  """Rows of pairs or KTO items: one per row, or first-fit packed by ``size`` (default: their two
+  sequences' length; ``shared_pair_length`` for shared-prompt rows)."""
   if not pack:
     return [[i] for i in range(len(items))]
-  return first_fit([len(it) for it in items], length)
+  return first_fit([size(it) for it in items], length)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,18 @@ def _grouped_attention(q, k, v, mask, sm_scale):
   return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
-def attention_xla(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None):
+def _branch_mask(segment_ids, branch_ids):
+  """``[B,T,T]``: equal segments, and the key in the shared prefix (branch 0) or the query's branch."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  if branch_ids is None:
+    return same
+  if branch_ids.shape != segment_ids.shape:
+    raise ValueError(f"branch_ids {branch_ids.shape} must be shaped like segment_ids {segment_ids.shape}")
+  key_branch = branch_ids[:, None, :]
+  return same & ((key_branch == 0) | (key_branch == branch_ids[:, :, None]))
+
+
+def attention_xla(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None, branch_ids=None):
   """Reference attention in plain XLA ops; differentiable by JAX."""
   _check_shapes(q, k, v)
   t, s = q.shape[1], k.shape[1]
@@ -62,12 +73,11 @@ def attention_xla(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, slid
   if segment_ids is not None:
     if segment_ids.shape != q.shape[:2] or t != s:
       raise ValueError(f"segment_ids {segment_ids.shape} must be [B,T] with T == S for q {q.shape}")
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = mask & same[:, None, None]
+    mask = mask & _branch_mask(segment_ids, branch_ids)[:, None, None]
   return _grouped_attention(q, k, v, mask, sm_scale)
 
 
-def attention_cudnn(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None):
+def attention_cudnn(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None, branch_ids=None):
   """``jax.nn.dot_product_attention``: cuDNN's fused kernel on NVIDIA GPUs (bf16/fp16 inputs), its
   XLA path on other backends. Segment ids become a boolean mask (cuDNN then takes it as a bias)."""
   _check_shapes(q, k, v)
@@ -75,7 +85,7 @@ def attention_cudnn(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sl
   if segment_ids is not None:
     if segment_ids.shape != q.shape[:2] or q.shape[1] != k.shape[1]:
       raise ValueError(f"segment_ids {segment_ids.shape} must be [B,T] with T == S for q {q.shape}")
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    mask = _branch_mask(segment_ids, branch_ids)[:, None]
   window = None if sliding_window is None or not causal else (int(sliding_window) - 1, 0)
   on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=causal,
@@ -87,10 +97,13 @@ def default_impl(table=None) -> str:
 
 
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, impl=None,
-                    sliding_window=None):
+                    sliding_window=None, branch_ids=None):
   """Multi-head (grouped-query) attention; see the module docstring for layouts.
 
   ``segment_ids`` ``[B,T]``: tokens attend only to tokens with the same id (packed sequences).
+  ``branch_ids`` ``[B,T]`` (with ``segment_ids``): within a segment, branch 0 is a shared prefix and
+  a token of branch b > 0 sees the prefix and its own branch only (a prompt computed once for two
+  responses). Implementations "xla" and "cudnn".
   ``sliding_window`` (Mistral): query i also sees only keys i-window+1..i.
   ``impl``: one of ``IMPLS``, or None for the backend's measured default (``DEFAULT_IMPL``).
   "pallas" runs the kernels of ``attention_pallas`` (in interpret mode on CPU); "cudnn" calls
@@ -104,12 +117,16 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, im
   if causal and q.shape[1] != k.shape[1]:
     raise ValueError(f"causal attention needs as many queries as keys; got T={q.shape[1]}, S={k.shape[1]}")
   kwargs = dict(causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, sliding_window=sliding_window)
+  if branch_ids is not None and segment_ids is None:
+    raise ValueError("branch_ids need segment_ids")
   if impl == "pallas":
+    if branch_ids is not None:
+      raise NotImplementedError("branch_ids (shared-prompt rows) need attention impl 'xla' or 'cudnn'")
     from jalign.kernels.attention_pallas import attention_pallas
     return attention_pallas(q, k, v, **kwargs)
   if impl == "cudnn":
-    return attention_cudnn(q, k, v, **kwargs)
-  return attention_xla(q, k, v, **kwargs)
+    return attention_cudnn(q, k, v, branch_ids=branch_ids, **kwargs)
+  return attention_xla(q, k, v, branch_ids=branch_ids, **kwargs)
 
 
 def decode_attention_xla(q, k_cache, v_cache, lengths, *, sm_scale=None, sliding_window=None):

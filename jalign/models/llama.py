@@ -251,14 +251,14 @@ class Attention(nnx.Module):
       y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
     return y
 
-  def __call__(self, x, cos, sin, positions, segment_ids, cache):
+  def __call__(self, x, cos, sin, positions, segment_ids, cache, branch_ids=None):
     cfg = self.config
     q = constrain(apply_rope(self._project(x, "q"), cos, sin), (BATCH, LENGTH, ACT_HEADS, None))
     k = constrain(apply_rope(self._project(x, "k"), cos, sin), (BATCH, LENGTH, ACT_KV_HEADS, None))
     v = constrain(self._project(x, "v"), (BATCH, LENGTH, ACT_KV_HEADS, None))
     if cache is None:
-      o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids, impl=cfg.attention_impl,
-                          sliding_window=cfg.sliding_window)
+      o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids, branch_ids=branch_ids,
+                          impl=cfg.attention_impl, sliding_window=cfg.sliding_window)
     else:
       k_cache, v_cache = cache
       rows = jnp.arange(x.shape[0])[:, None]
@@ -301,8 +301,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd, rngs=rngs)
     self.mlp = FeedForward(config, rngs=rngs)
 
-  def __call__(self, x, cos, sin, positions, segment_ids, cache):
-    attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, segment_ids, cache)
+  def __call__(self, x, cos, sin, positions, segment_ids, cache, branch_ids=None):
+    attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, segment_ids, cache, branch_ids)
     x = x + attn_out
     x = x + self.mlp(self.post_attn_norm(x))
     return x, cache
@@ -350,8 +350,12 @@ class Transformer(nnx.Module):
       raise ValueError("this model was built without an output projection (with_lm_head=False)")
     return self.lm_head[...]
 
-  def hidden_states(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
-    """Final-norm hidden states ``[B,T,H]`` (and the updated cache when one is given)."""
+  def hidden_states(self, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None,
+                    branch_ids=None):
+    """Final-norm hidden states ``[B,T,H]`` (and the updated cache when one is given).
+
+    ``branch_ids`` (with ``segment_ids``): rows where a shared prefix (branch 0) is followed by
+    branches that each see it and themselves only (``jalign.kernels.flash_attention``)."""
     cfg = self.config
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -370,8 +374,10 @@ class Transformer(nnx.Module):
     cos, sin = rope_tables(positions, cfg, dtype)
 
     def body(x, layer, layer_cache):
-      return layer(x, cos, sin, positions, segment_ids, layer_cache)
+      return layer(x, cos, sin, positions, segment_ids, layer_cache, branch_ids)
 
+    if branch_ids is not None and (cache is not None or segment_ids is None or cfg.pipeline_stages > 1):
+      raise ValueError("branch_ids need segment_ids, no KV cache and no pipeline stages")
     if cfg.pipeline_stages > 1 and cache is None:
       x = self._pipelined_layers(x, positions, segment_ids)
       return self.final_norm(x)

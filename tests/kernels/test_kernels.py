@@ -206,3 +206,23 @@ class TestTokenLogprobs:
     ref = lambda h, w: jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(h @ w), targets[..., None], -1)[..., 0] * g)
     for a, b in zip(jax.grad(ours, (0, 1))(hidden, lm_head), jax.grad(ref, (0, 1))(hidden, lm_head)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=seed)
+
+
+@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+def test_branch_ids_see_the_shared_prefix_and_their_own_branch(impl):
+  """A row [prefix, branch 1, branch 2]: each branch's outputs equal those of [prefix, branch] alone."""
+  r = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+  prefix, b1, b2, hq, hkv, d = 5, 4, 6, 4, 2, 8
+  t = prefix + b1 + b2
+  q, k, v = (jnp.asarray(r.standard_normal((1, t, h, d)), jnp.float32) for h in (hq, hkv, hkv))
+  segment = jnp.ones((1, t), jnp.int32)
+  branch = jnp.asarray([[0] * prefix + [1] * b1 + [2] * b2])
+  out = flash_attention(q, k, v, segment_ids=segment, branch_ids=branch, impl=impl)
+  for lo, hi in ((prefix, prefix + b1), (prefix + b1, t)):
+    idx = np.r_[0:prefix, lo:hi]
+    alone = flash_attention(q[:, idx], k[:, idx], v[:, idx], impl="xla")
+    np.testing.assert_allclose(out[:, lo:hi], alone[:, prefix:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:, :prefix], flash_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], impl="xla"),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError, match="branch_ids"):
+    flash_attention(q, k, v, segment_ids=segment, branch_ids=branch, impl="pallas")
