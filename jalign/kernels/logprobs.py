@@ -1,8 +1,9 @@
 """Token log-probs (and entropy) from hidden states and the output projection.
 
 ``token_logprobs(hidden [B,T,H], lm_head [H,V], targets [B,T])`` equals
-``log_softmax(hidden @ lm_head)[targets]``. The XLA implementation walks the rows (B*T flattened)
-in chunks so that only a ``[chunk, V]`` block of logits is alive at a time. Its custom backward
+``log_softmax(hidden @ lm_head)[targets]``. The XLA implementation computes small problems (up to
+``PLAIN_MAX_LOGITS_BYTES`` of logits) whole, with plain autodiff; larger ones it walks by rows (B*T
+flattened) in chunks so that only a ``[chunk, V]`` block of logits is alive at a time. Its custom backward
 walks the vocabulary instead, in blocks of ``VOCAB_CHUNK`` columns: for each block it recomputes
 those logits for all rows, writes that block of the LM-head gradient in place and adds the block's
 share to the (small) hidden-state gradient. The formulas are the Pallas kernel's (``logprobs_pallas``).
@@ -24,6 +25,9 @@ from jax.sharding import PartitionSpec as P
 IMPLS = ("xla", "pallas")
 DEFAULT_CHUNK = 256  # rows of B*T per block of logits in the forward pass
 VOCAB_CHUNK = 2048   # vocabulary columns per block in the backward pass
+# Up to this many bytes of float32 logits the XLA implementation computes them whole, with plain
+# autodiff (one matmul fewer in the backward); above, in chunks with the recomputing backward.
+PLAIN_MAX_LOGITS_BYTES = 128 * 2**20
 
 
 def _chunk_stats(h, w, targets, with_entropy):
@@ -98,8 +102,12 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
   if targets.shape != hidden.shape[:2]:
     raise ValueError(f"targets {targets.shape} must be [B,T] = {hidden.shape[:2]}")
   b, t, h = hidden.shape
-  lp, ent, logz = _chunked(hidden.reshape(b * t, h), lm_head, targets.reshape(b * t).astype(jnp.int32), chunk,
-                           bool(return_entropy))
+  rows, flat_targets = hidden.reshape(b * t, h), targets.reshape(b * t).astype(jnp.int32)
+  if b * t * lm_head.shape[1] * 4 <= PLAIN_MAX_LOGITS_BYTES:
+    # Small enough to hold: plain autodiff keeps the logits and saves the backward's recomputation.
+    lp, ent, logz = _chunk_stats(rows, lm_head, flat_targets, bool(return_entropy))
+  else:
+    lp, ent, logz = _chunked(rows, lm_head, flat_targets, chunk, bool(return_entropy))
   lp, ent, logz = lp.reshape(b, t), ent.reshape(b, t), logz.reshape(b, t)
   if return_entropy == "with_logz":
     return lp, ent, logz

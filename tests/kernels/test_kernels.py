@@ -158,8 +158,20 @@ def numpy_logprobs(hidden, lm_head, targets):
   return picked, entropy
 
 
-@pytest.mark.parametrize("impl", logprobs.IMPLS)
+# "xla" computes these small problems whole (plain autodiff); "xla_chunked" forces its chunked path
+# with the recomputing backward, the one large vocabularies take.
+LOGPROB_VARIANTS = [*logprobs.IMPLS, "xla_chunked"]
+
+
+@pytest.mark.parametrize("variant", LOGPROB_VARIANTS)
 class TestTokenLogprobs:
+
+  @pytest.fixture
+  def impl(self, variant, monkeypatch):
+    if variant == "xla_chunked":
+      monkeypatch.setattr(logprobs, "PLAIN_MAX_LOGITS_BYTES", 0)
+      return "xla"
+    return variant
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   @pytest.mark.parametrize("t", [7, logprobs.DEFAULT_CHUNK * 2 + 3])  # one block, and several
