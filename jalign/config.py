@@ -71,8 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo.average_log_probs = False  # preference_average_log_probs
   c.dpo.preference_weight = 1.0    # preference_loss_weight
   c.dpo.sft_weight = 0.0           # sft_loss_weight
-  c.dpo.share_prompt = False       # compute each pair's prompt once (responses as branches that see it);
-                                   # attention impl xla or cudnn
+  c.dpo.share_prompt = False       # compute each pair's prompt once (the responses as branches that see it)
 
   # KTO (algorithm kto): unpaired feedback; the KL reference point from mismatched prompt/response pairs.
   c.kto = ml_collections.ConfigDict()

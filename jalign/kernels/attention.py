@@ -102,8 +102,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, im
 
   ``segment_ids`` ``[B,T]``: tokens attend only to tokens with the same id (packed sequences).
   ``branch_ids`` ``[B,T]`` (with ``segment_ids``): within a segment, branch 0 is a shared prefix and
-  a token of branch b > 0 sees the prefix and its own branch only (a prompt computed once for two
-  responses). Implementations "xla" and "cudnn".
+  a token of branch b (1 to 3) sees the prefix and its own branch only (a prompt computed once for
+  two responses).
   ``sliding_window`` (Mistral): query i also sees only keys i-window+1..i.
   ``impl``: one of ``IMPLS``, or None for the backend's measured default (``DEFAULT_IMPL``).
   "pallas" runs the kernels of ``attention_pallas`` (in interpret mode on CPU); "cudnn" calls
@@ -120,10 +120,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, im
   if branch_ids is not None and segment_ids is None:
     raise ValueError("branch_ids need segment_ids")
   if impl == "pallas":
-    if branch_ids is not None:
-      raise NotImplementedError("branch_ids (shared-prompt rows) need attention impl 'xla' or 'cudnn'")
     from jalign.kernels.attention_pallas import attention_pallas
-    return attention_pallas(q, k, v, **kwargs)
+    return attention_pallas(q, k, v, branch_ids=branch_ids, **kwargs)
   if impl == "cudnn":
     return attention_cudnn(q, k, v, branch_ids=branch_ids, **kwargs)
   return attention_xla(q, k, v, branch_ids=branch_ids, **kwargs)

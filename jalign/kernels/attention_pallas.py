@@ -6,7 +6,8 @@ repeats K/V in memory.
 
 Forward (grid: batch, query head, query block): walk the key blocks with an online softmax
 (running max ``m``, sum ``l``, accumulator), stopping after the diagonal when causal; keep
-``lse = m + log l`` for the backward. Masks: padded keys, causality, unequal segment ids.
+``lse = m + log l`` for the backward. Masks: padded keys, causality, unequal segment ids (and
+branches of a segment other than its shared prefix and the query's own).
 
 Backward (FlashAttention-2): with ``P = exp(S - lse)`` and ``delta = rowsum(dO * O)``,
 ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ = dS K * scale``, ``dK = dS^T Q * scale``.
@@ -42,8 +43,16 @@ def _mask(q_start, k_start, bq, bk, seq_k, causal, q_seg, k_seg, window=None):
   if window is not None:
     keep = keep & (rows - cols < window)
   if q_seg is not None:
-    keep = keep & (q_seg[:, None] == k_seg[None, :])
+    keep = keep & _visible(q_seg[:, None], k_seg[None, :])
   return keep
+
+
+def _visible(q_id, k_id):
+  """Ids are ``segment * 4 + branch``: equal segments, and the key in the shared prefix (branch 0)
+  or the query's own branch (``attention.flash_attention``'s ``branch_ids``)."""
+  k_branch = jnp.bitwise_and(k_id, 3)
+  same_segment = jnp.right_shift(q_id, 2) == jnp.right_shift(k_id, 2)
+  return same_segment & ((k_branch == 0) | (k_branch == jnp.bitwise_and(q_id, 3)))
 
 
 def _num_key_blocks(q_block, bq, bk, num_k, causal):
@@ -221,13 +230,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention_pallas(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None,
-                     block_q=64, block_k=64, num_warps=4, num_stages=2):
+                     block_q=64, block_k=64, num_warps=4, num_stages=2, branch_ids=None):
   """Flash attention; see the module docstring. Block sizes are powers of two (at least 16 on GPU);
-  ``num_warps`` and ``num_stages`` are passed to Triton."""
+  ``num_warps`` and ``num_stages`` are passed to Triton. ``branch_ids`` (0 to 3, with
+  ``segment_ids``) travel in the segment ids' two low bits."""
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
   if segment_ids is not None:
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32) * 4
+    if branch_ids is not None:
+      segment_ids = segment_ids + jnp.asarray(branch_ids, jnp.int32)
   window = None if sliding_window is None else int(sliding_window)
   return _flash(q, k, v, segment_ids, bool(causal), float(sm_scale), int(block_q), int(block_k), window,
                 (int(num_warps), int(num_stages)))

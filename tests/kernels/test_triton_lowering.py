@@ -27,12 +27,13 @@ def lower_for_gpu(fn, *shapes):
 bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("segments", ["none", "segments", "branches"])
 def test_flash_attention_forward_and_backward(segments):
   seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
 
   def loss(q, k, v, s):
-    out = attention_pallas.attention_pallas(q, k, v, segment_ids=s if segments else None, block_q=128)
+    out = attention_pallas.attention_pallas(q, k, v, segment_ids=None if segments == "none" else s,
+                                            branch_ids=s % 3 if segments == "branches" else None, block_q=128)
     return jnp.sum(out.astype(jnp.float32))
 
   lower_for_gpu(lambda q, k, v, s: jax.grad(loss, argnums=(0, 1, 2))(q, k, v, s),
