@@ -66,6 +66,29 @@ def write_standardization(run_dir: Path, mean: float, std: float, **info) -> Pat
   return path
 
 
+def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_length: int,
+                      batch_size: int = 8) -> np.ndarray:
+  """``[N, A]``: a value model's outputs at each example's last token, ``batch_size`` rows of
+  ``max_length`` at a time (one compiled shape)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def score(state, batch):
+    values = nnx.merge(graphdef, state, copy=True)(batch["tokens"], positions=batch["positions"],
+                                                   segment_ids=batch["segment_ids"])
+    return rm.gather_last(values, batch["length"])
+
+  pad = tok.pad_id if tok.pad_id is not None else 0
+  out = []
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    rows = [{**build_row([ex], max_length, pad), "length": np.int32(len(ex))} for ex in chunk]
+    rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    out.append(np.asarray(score(state, batch))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, model.head.kernel.shape[-1]), np.float32)
+
+
 @dataclasses.dataclass
 class RewardModel:
   model: ValueModel
@@ -97,25 +120,9 @@ class RewardModel:
 
   def raw_scores(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:
     """``[N]`` merged rewards before standardisation, read at each sequence's last token."""
-    graphdef, state = nnx.split(self.model)
-    weights = self.attribute_weights
-
-    @jax.jit
-    def score(state, batch):
-      model = nnx.merge(graphdef, state, copy=True)
-      values = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-      return merge_attributes(rm.gather_last(values, batch["length"]), weights)
-
-    length = self.config.data.max_seq_length
-    pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-    out = []
-    for start in range(0, len(examples), batch_size):
-      chunk = examples[start:start + batch_size]
-      rows = [{**build_row([ex], length, pad), "length": np.int32(len(ex))} for ex in chunk]
-      rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
-      batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-      out.append(np.asarray(score(state, batch))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    values = last_token_values(self.model, self.tokenizer, examples, max_length=self.config.data.max_seq_length,
+                               batch_size=batch_size)
+    return np.asarray(merge_attributes(values, self.attribute_weights))
 
   def rewards(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:
     """``[N]`` standardised rewards."""

@@ -20,18 +20,14 @@ import copy
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jalign import config as config_lib
 from jalign import train
-from jalign.algos import rm
 from jalign.data import formats
 from jalign.data.chat import STEERLM_ATTRIBUTES, NemoChatFormat, steerlm_label
-from jalign.data.packing import build_row
 from jalign.data.sft import Example
+from jalign.score import last_token_values
 
 
 def turn_texts(record: dict, chat_format: NemoChatFormat) -> list[tuple[int, str]]:
@@ -54,29 +50,15 @@ def annotate(records: list[dict], model, tok, *, attributes: list[str], max_leng
     raise ValueError(f"{len(attributes)} attribute names for a reward model of {model.head.kernel.shape[-1]} outputs")
   jobs = [(r, i, text) for r, rec in enumerate(records) for i, text in turn_texts(rec, chat_format)]
 
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, batch):
-    scorer = nnx.merge(graphdef, state, copy=True)
-    values = scorer(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    return rm.gather_last(values, batch["length"])
-
+  examples = []
+  for _, _, text in jobs:
+    ids = tok.encode(text, add_special_tokens=False)[-max_length:]
+    examples.append(Example(np.asarray(ids, np.int32), np.zeros(len(ids), bool)))
+  scores = last_token_values(model, tok, examples, max_length=max_length, batch_size=batch_size)
   out = copy.deepcopy(records)
-  pad = tok.pad_id if tok.pad_id is not None else 0
-  for start in range(0, len(jobs), batch_size):
-    chunk = jobs[start:start + batch_size]
-    rows = []
-    for _, _, text in chunk:
-      ids = tok.encode(text, add_special_tokens=False)[-max_length:]
-      row = build_row([Example(np.asarray(ids, np.int32), np.zeros(len(ids), bool))], max_length, pad)
-      rows.append({**row, "length": np.int32(len(ids))})
-    rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    scores = np.asarray(score(state, batch))[:len(chunk)]
-    for (r, i, _), values in zip(chunk, scores):
-      clipped = {name: float(np.clip(np.round(v), low, high)) for name, v in zip(attributes, values)}
-      out[r]["conversations"][i]["label"] = steerlm_label(clipped)
+  for (r, i, _), values in zip(jobs, scores):
+    clipped = {name: float(np.clip(np.round(v), low, high)) for name, v in zip(attributes, values)}
+    out[r]["conversations"][i]["label"] = steerlm_label(clipped)
   for rec in out:
     rec["type"] = "VALUE_TO_TEXT"
   return out

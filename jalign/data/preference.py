@@ -124,11 +124,16 @@ def _slots_row(slots: list[tuple[Example, Example]], length: int, pad_id: int, m
   if len(slots) > max_slots:
     raise ValueError(f"{len(slots)} pairs do not fit a row of at most {max_slots}")
   row = build_row([ex for pair in slots for ex in pair], length, pad_id)
-  out = {**row, "pair_mask": np.zeros(max_slots, np.float32)}
-  out["pair_mask"][:len(slots)] = 1.0
-  for name, values in per_slot.items():
+  return {**row, **_slot_fields(len(slots), max_slots, "pair_mask", **per_slot)}
+
+
+def _slot_fields(used: int, max_slots: int, mask_name: str, **per_slot) -> dict:
+  """``[max_slots]`` float32 fields of a row: ``mask_name`` 1 for the ``used`` slots, and each
+  ``per_slot`` value list in them, 0 elsewhere."""
+  out = {}
+  for name, values in {mask_name: np.ones(used), **per_slot}.items():
     out[name] = np.zeros(max_slots, np.float32)
-    out[name][:len(slots)] = values
+    out[name][:used] = values
   return out
 
 
@@ -215,13 +220,9 @@ def shared_pairs_row(pairs: list[Pair], length: int, pad_id: int, max_pairs: int
       fields["branch_ids"][start:end] = branch
       fields["response_ids"][start:end] = response
       start = end
-  fields["pair_mask"] = np.zeros(max_pairs, np.float32)
-  fields["pair_mask"][:len(pairs)] = 1.0
-  for name, values in (("chosen_reward", [p.chosen_reward for p in pairs]),
-                       ("rejected_reward", [p.rejected_reward for p in pairs])):
-    fields[name] = np.zeros(max_pairs, np.float32)
-    fields[name][:len(pairs)] = values
-  return fields
+  return {**fields, **_slot_fields(len(pairs), max_pairs, "pair_mask",
+                                    chosen_reward=[p.chosen_reward for p in pairs],
+                                    rejected_reward=[p.rejected_reward for p in pairs])}
 
 
 def feedback_row(items: list[KTOItem], length: int, pad_id: int, max_items: int) -> dict:
@@ -295,12 +296,6 @@ def group_row(groups: list[Group], length: int, pad_id: int, group_size: int) ->
   responses = list(groups[0].responses) if groups else []
   if len(responses) > group_size:
     raise ValueError(f"a group of {len(responses)} responses does not fit {group_size} slots")
-  row = build_row(responses, length, pad_id)
-  n = len(responses)
-  for name in ("sample_mask", "weights", "q_prime"):
-    row[name] = np.zeros(group_size, np.float32)
-  row["sample_mask"][:n] = 1.0
-  if groups:
-    row["weights"][:n] = groups[0].weights
-    row["q_prime"][:n] = groups[0].q_prime
-  return row
+  weights, q_prime = (groups[0].weights, groups[0].q_prime) if groups else ([], [])
+  return {**build_row(responses, length, pad_id),
+          **_slot_fields(len(responses), group_size, "sample_mask", weights=weights, q_prime=q_prime)}
