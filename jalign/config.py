@@ -14,12 +14,12 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "ppo")
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "ppo")
 # Algorithms whose configs the planner compiles but whose training runs are not built yet.
 PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
 FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",),
-           "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "ppo": ("prompt",)}
+           "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "spin": ("chat",), "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
@@ -92,6 +92,18 @@ def base_config() -> ml_collections.ConfigDict:
   # SteerLM 2.0 (algorithm steerlm2): groups of responses sampled for one prompt and attribute label.
   c.steerlm2 = ml_collections.ConfigDict()
   c.steerlm2.responses = 4         # responses per prompt at most (a row holds one group)
+
+  # SPIN (algorithm spin): iterations of DPO between the chat data's replies and the model's own, the
+  # model at each iteration's start being the reference (dpo.beta, dpo.loss_type apply).
+  c.spin = ml_collections.ConfigDict()
+  c.spin.iterations = 3            # max_iterations
+  c.spin.epochs = 1                # max_epochs per iteration: steps = ceil(epochs * pairs / global_batch_size)
+  c.spin.max_new_tokens = 0        # length_params.max_length; 0: data.max_seq_length // 2
+  c.spin.rollout_batch_size = 32   # rollout_micro_batch_size: prompts generated at once
+  c.spin.temperature = 1.0
+  c.spin.top_k = 0
+  c.spin.top_p = 1.0
+  c.spin.greedy = False
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
@@ -261,6 +273,14 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     _require(c.kto.beta > 0, "kto.beta", "must be positive")
   if c.algorithm == "steerlm2":
     _require(c.steerlm2.responses >= 2, "steerlm2.responses", "must be at least 2")
+  if c.algorithm == "spin":
+    _require(c.spin.iterations >= 1, "spin.iterations", "must be at least 1")
+    _require(c.spin.epochs > 0, "spin.epochs", "must be positive")
+    _require(c.spin.rollout_batch_size >= 1, "spin.rollout_batch_size", "must be at least 1")
+    _require(0 <= c.spin.max_new_tokens < d.max_seq_length, "spin.max_new_tokens",
+             f"{c.spin.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
+    _require(c.spin.greedy or c.spin.temperature > 0, "spin.temperature", "must be positive (or spin.greedy)")
+    _require(c.dpo.beta > 0, "dpo.beta", "must be positive")
   if c.algorithm == "ppo":
     _require(c.ppo.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
     _require(c.ppo.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",

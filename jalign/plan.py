@@ -389,6 +389,9 @@ def plan(c, *, peak_flops: float, hbm_bytes_per_s: float = 3.35e12) -> list[JobP
   """Compile the steps of config ``c``'s jobs, each for its mesh over the first devices visible."""
   actor_devices = _mesh_devices(c.mesh)
   config_lib.validate(c, device_count=actor_devices, check_files=False)
+  if c.algorithm == "spin":  # its training steps are DPO's (its generation is not planned yet)
+    from jalign import spin
+    c = spin.as_dpo(c)
   kwargs = dict(peak_flops=peak_flops, hbm_bytes_per_s=hbm_bytes_per_s)
   if c.algorithm != "ppo":
     return [train_job(c, jax.devices()[:actor_devices], **kwargs)]

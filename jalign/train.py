@@ -244,8 +244,10 @@ def trainable_filter(c):
   return lora.LoRAParam
 
 
-def build_trainer(c, log=print) -> trainer.Trainer:
-  """Everything a config describes, ready to ``run()``: model, data, step, checkpoints."""
+def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = None) -> trainer.Trainer:
+  """Everything a config describes, ready to ``run()``: model, data, step, checkpoints. A ``model``
+  (and its ``tokenizer``) already in memory, such as SPIN's previous iteration, replaces building
+  ``config.model``'s."""
   if c.algorithm in config_lib.PLAN_ONLY:
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} training runs are not available yet; "
                                  f"python -m jalign.plan compiles and sizes this config's steps")
@@ -256,8 +258,8 @@ def build_trainer(c, log=print) -> trainer.Trainer:
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
 
-  model, own_tokenizer = build_model(c)
-  tok = build_tokenizer(c, own_tokenizer)
+  model, own_tokenizer = (model, tokenizer) if model is not None else build_model(c)
+  tok = tokenizer or build_tokenizer(c, own_tokenizer)
   if tok.vocab_size > model.config.vocab_size:
     raise config_lib.ConfigError(f"config.tokenizer: {tok.vocab_size} tokens, more than the model's "
                                  f"vocabulary of {model.config.vocab_size}")
@@ -317,6 +319,9 @@ def load_trained(run_dir: str | Path, step: int | None = None):
 
 def run(c, log=print) -> dict:
   """Train with a ConfigDict; returns the trainer's summary (with the loss of every step run)."""
+  if c.algorithm == "spin":  # iterations of generation and DPO runs
+    from jalign import spin
+    return spin.run(c, log)
   loop = build_trainer(c, log)
   summary = loop.run()
   run_dir = Path(c.run_dir)

@@ -109,8 +109,12 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
 
 def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=(), pad_id: int = 0,
-             seed: int = 0) -> Rollout:
-  """Generate up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists)."""
+             seed: int = 0, prompt_width: int = 0) -> Rollout:
+  """Generate up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
+
+  Prompts are right-padded to the longest of them, or to ``prompt_width`` when that is more: callers
+  that generate batch after batch pass one width so that every batch runs one compiled loop.
+  """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
   if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
@@ -119,7 +123,7 @@ def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, te
   if not greedy and temperature <= 0:
     raise ValueError("temperature must be positive (use greedy=True for argmax decoding)")
   lengths = np.array([len(p) for p in prompts], np.int32)
-  width = int(lengths.max())
+  width = max(int(lengths.max()), int(prompt_width))
   padded = np.full((len(prompts), width), pad_id, np.int32)
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p

@@ -1,0 +1,200 @@
+"""SPIN, self-play fine-tuning (NeMo-Aligner's ``gpt_spin.yaml``): DPO between the chat data's own
+replies and the model's.
+
+Iteration k = 1 .. ``spin.iterations``:
+  1. the model as it starts the iteration (the config's model, then iteration k-1's result) answers
+     the prompt of every chat record: the conversation up to its last assistant turn;
+  2. each (recorded reply, generated reply) becomes a comparison pair, written to
+     ``<run_dir>/iteration_<k>/train_pairs.jsonl`` (and ``val_pairs.jsonl`` for ``data.validation``);
+  3. DPO trains on those pairs for ``spin.epochs`` epochs with the starting model as its reference
+     (``dpo.beta`` is NeMo's ``ref_policy_kl_penalty``; ``dpo.loss_type`` applies too).
+Iteration k is an ordinary DPO run folder, so ``run:<run_dir>/iteration_<k>`` starts any later job from
+it; ``<run_dir>/spin.json`` lists the iterations done. A rerun skips finished iterations and resumes an
+unfinished one on the pairs it generated before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jalign import config as config_lib
+from jalign.data import formats
+from jalign.data.chat import NemoChatFormat
+from jalign.data.preference import render_prompt
+from jalign.data.tokenizer import Tokenizer
+from jalign.models import lora
+from jalign.rollout.generate import generate
+
+_ROLES = {"User": "user", "Assistant": "assistant"}
+
+
+def prompts_and_replies(records: list[dict]) -> tuple[list[list[dict]], list[str], int]:
+  """``(prompts, replies, skipped)`` of parsed chat records: each record's messages before its last
+  assistant turn, and that turn's text. Records without such a turn, or with nothing before it, are
+  skipped (counted)."""
+  prompts, replies, skipped = [], [], 0
+  for rec in records:
+    turns = rec["conversations"]
+    last = max((i for i, t in enumerate(turns) if t["from"] == "Assistant"), default=None)
+    messages = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+    messages += [{"role": _ROLES.get(t["from"], t["from"]), "content": t["value"]} for t in turns[:last or 0]]
+    if last is None or not any(m["role"] != "system" for m in messages):
+      skipped += 1
+      continue
+    prompts.append(messages)
+    replies.append(turns[last]["value"])
+  return prompts, replies, skipped
+
+
+def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_format: NemoChatFormat, s, *,
+                     max_seq_length: int, seed: int) -> tuple[list[str], dict]:
+  """The model's reply text to each message prompt, and generation statistics.
+
+  A reply stops at the chat format's next turn start (or EOS); the end-of-turn text before it is cut,
+  since the pair encoder adds it back. Prompts lose tokens from the left to leave room for the reply.
+  """
+  max_new = s.max_new_tokens or max_seq_length // 2
+  stops = [i for i in (_single_id(tok, chat_format.turn_start), tok.eos_id) if i is not None]
+  keep = max_seq_length - max_new
+  ids = [tok.encode(render_prompt(p, chat_format)[0], add_special_tokens=False)[-keep:] for p in prompts]
+  width = max(len(x) for x in ids)
+  size = s.rollout_batch_size
+  texts, lengths, ended = [], [], []
+  for start in range(0, len(ids), size):
+    batch = ids[start:start + size]
+    filled = batch + [batch[0]] * (size - len(batch))  # one compiled shape for the last batch too
+    rollout = generate(model, filled, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k,
+                       top_p=s.top_p, greedy=s.greedy, stop_ids=tuple(stops),
+                       pad_id=tok.pad_id if tok.pad_id is not None else 0, seed=seed + start,
+                       prompt_width=width)
+    is_end = np.asarray(rollout.is_end)
+    for b, reply in enumerate(rollout.responses()[:len(batch)]):
+      reply = reply[:-1] if is_end[b] else reply  # the stop token
+      text = tok.decode(reply)
+      if text.endswith(chat_format.end_of_turn):
+        text = text[:len(text) - len(chat_format.end_of_turn)]
+      texts.append(text)
+      lengths.append(len(reply))
+      ended.append(bool(is_end[b]))
+  return texts, {"generated": len(texts), "mean_reply_tokens": float(np.mean(lengths)),
+                 "ended": float(np.mean(ended))}
+
+
+def _single_id(tok: Tokenizer, text: str) -> int | None:
+  ids = tok.encode(text, add_special_tokens=False)
+  return ids[0] if len(ids) == 1 else None
+
+
+def write_pairs(path: Path, prompts, replies, generated) -> dict:
+  """The comparison records (recorded reply chosen, generated one rejected); empty generations, which a
+  comparison file cannot hold, are left out and counted."""
+  records = [{"prompt": p, "chosen_response": r, "rejected_response": g}
+             for p, r, g in zip(prompts, replies, generated) if g.strip()]
+  formats.write_jsonl(path, records)
+  return {"pairs": len(records), "empty_generations": len(prompts) - len(records)}
+
+
+def as_dpo(c):
+  """A copy of SPIN config ``c`` as the DPO config of its training steps (one pair per row)."""
+  ci = copy.deepcopy(c)
+  ci.algorithm = "dpo"
+  ci.data.format = "comparison"
+  ci.data.pack = False  # so that an epoch is pairs / global_batch_size steps
+  return ci
+
+
+def iteration_config(c, k: int, folder: Path, pairs: int, previous: Path | None, has_validation: bool):
+  """The DPO run config of iteration ``k``."""
+  ci = as_dpo(c)
+  ci.run_dir = str(folder)
+  ci.data.train = str(folder / "train_pairs.jsonl")
+  ci.data.validation = str(folder / "val_pairs.jsonl") if has_validation else ""
+  ci.model.init = f"run:{previous}" if previous is not None else c.model.init
+  ci.train.max_steps = max(1, math.ceil(c.spin.epochs * pairs / c.train.global_batch_size))
+  return ci
+
+
+def _load_records(c, spec: str, log) -> list[dict]:
+  path = config_lib.data_path(spec)
+  records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
+  log(f"{path}: {report.records} records, {report.bad_lines} bad lines skipped")
+  return records
+
+
+def run(c, log=print) -> dict:
+  """Every SPIN iteration of config ``c``; returns ``{"iterations": [...], "steps", "stopped", ...}``."""
+  from jalign import train  # train dispatches here; its builders make each iteration's DPO run
+
+  config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
+  run_dir = Path(c.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
+  summary_path = run_dir / "spin.json"
+  done = json.loads(summary_path.read_text())["iterations"] if summary_path.is_file() else []
+
+  chat_format = train.message_format(c)
+  data = {"train": prompts_and_replies(_load_records(c, c.data.train, log))}
+  if c.data.validation:
+    data["val"] = prompts_and_replies(_load_records(c, c.data.validation, log))
+  if len(data["train"][0]) < c.train.global_batch_size:
+    raise formats.DataError(f"{config_lib.data_path(c.data.train)}: {len(data['train'][0])} prompts with an "
+                            f"assistant reply, fewer than config.train.global_batch_size {c.train.global_batch_size}")
+
+  model = tok = None
+  previous = None
+  results = list(done)
+  stopped, steps = "finished", 0
+  for k in range(1, c.spin.iterations + 1):
+    folder = run_dir / f"iteration_{k}"
+    if k <= len(done):  # finished before: its result is where the next iteration starts
+      previous, model = folder, None
+      continue
+    if model is None:
+      model, tok = _starting_model(c, previous, train)
+    folder.mkdir(parents=True, exist_ok=True)
+    stats_path = folder / "pairs.json"
+    if stats_path.is_file():  # resume on the pairs generated before
+      stats = json.loads(stats_path.read_text())
+    else:
+      stats = {}
+      for split, (prompts, replies, skipped) in data.items():
+        generated, gen_stats = generate_replies(model, tok, prompts, chat_format, c.spin,
+                                                max_seq_length=c.data.max_seq_length, seed=c.seed + 1000 * k)
+        written = write_pairs(folder / f"{split}_pairs.jsonl", prompts, replies, generated)
+        stats[split] = {"records_without_reply": skipped, **gen_stats, **written}
+      stats_path.write_text(json.dumps(stats, indent=2))
+    log(f"iteration {k}: " + ", ".join(f"{split} {s['pairs']} pairs ({s['mean_reply_tokens']:.1f} tokens a reply, "
+                                       f"{s['ended']:.0%} ended)" for split, s in stats.items()))
+    ci = iteration_config(c, k, folder, stats["train"]["pairs"], previous, "val" in stats)
+    loop = train.build_trainer(ci, log, model=model, tokenizer=tok)
+    result = loop.run()
+    steps += result["steps"]
+    if result["stopped"] != "finished":  # SIGTERM or the time limit: a rerun resumes this iteration
+      stopped = result["stopped"]
+      break
+    model = nnx.merge(loop.graphdef, loop.state.params, loop.state.rest)
+    model = lora.merge_lora(model) if lora.has_lora(model) else model
+    results.append({"iteration": k, "run_dir": str(folder), "steps": result["steps"], "pairs": stats,
+                    "first_loss": loop.losses.get(1), "last_loss": loop.losses.get(result["steps"]),
+                    "val": result["val"]})
+    summary_path.write_text(json.dumps({"iterations": results}, indent=2))
+    previous = folder
+  log(f"SPIN {stopped}: {len(results)} of {c.spin.iterations} iterations; run folder: {run_dir.absolute()}")
+  return {"iterations": results, "steps": steps, "stopped": stopped, "run_dir": str(run_dir),
+          "losses": {}}
+
+
+def _starting_model(c, previous: Path | None, train):
+  """The model an iteration starts from: the config's, or a finished iteration's (after a rerun)."""
+  if previous is None:
+    model, own = train.build_model(c)
+    return model, train.build_tokenizer(c, own)
+  model, tok, _ = train.load_trained(previous)
+  return (lora.merge_lora(model) if lora.has_lora(model) else model), tok
