@@ -172,7 +172,7 @@ def run(c, log=print) -> dict:
       stats_path.write_text(json.dumps(stats, indent=2))
     log(f"iteration {k}: " + ", ".join(f"{split} {s['pairs']} pairs ({s['mean_reply_tokens']:.1f} tokens a reply, "
                                        f"{s['ended']:.0%} ended)" for split, s in stats.items()))
-    ci = iteration_config(c, k, folder, stats["train"]["pairs"], previous, "val" in stats)
+    ci = iteration_config(c, k, folder, stats["train"]["pairs"], previous, stats.get("val", {}).get("pairs", 0) > 0)
     loop = train.build_trainer(ci, log, model=model, tokenizer=tok)
     result = loop.run()
     steps += result["steps"]
@@ -187,8 +187,7 @@ def run(c, log=print) -> dict:
     summary_path.write_text(json.dumps({"iterations": results}, indent=2))
     previous = folder
   log(f"SPIN {stopped}: {len(results)} of {c.spin.iterations} iterations; run folder: {run_dir.absolute()}")
-  return {"iterations": results, "steps": steps, "stopped": stopped, "run_dir": str(run_dir),
-          "losses": {}}
+  return {"iterations": results, "steps": steps, "stopped": stopped, "run_dir": str(run_dir)}
 
 
 def _starting_model(c, previous: Path | None, train):
