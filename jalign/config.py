@@ -19,7 +19,8 @@ ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "ppo")
 PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
 FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",),
-           "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "spin": ("chat",), "ppo": ("prompt",)}
+           "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "spin": ("chat",),
+           "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 

@@ -251,6 +251,9 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   if c.algorithm in config_lib.PLAN_ONLY:
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} training runs are not available yet; "
                                  f"python -m jalign.plan compiles and sizes this config's steps")
+  if c.algorithm == "spin":
+    raise config_lib.ConfigError("config.algorithm: spin is several runs, not one; jalign.train.run (or "
+                                 "jalign.spin.run) runs its iterations")
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   mesh = pmesh.make_mesh(dict(c.mesh))
   rules = tuple(tuple(r) for r in c.sharding_rules)
