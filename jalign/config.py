@@ -14,13 +14,13 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "ppo")
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "reinforce", "ppo")
 # Algorithms whose configs the planner compiles but whose training runs are not built yet.
 PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
 FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",),
            "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "spin": ("chat",),
-           "ppo": ("prompt",)}
+           "reinforce": ("prompt",), "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
@@ -105,6 +105,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.spin.top_k = 0
   c.spin.top_p = 1.0
   c.spin.greedy = False
+
+  # REINFORCE with the RLOO baseline (algorithm reinforce), NeMo-Aligner's names in comments: each
+  # rollout samples num_rollouts_per_prompt responses to each of num_rollout_samples prompts, scores them
+  # with the reward model, and trains on them for one epoch of global batches.
+  c.reinforce = ml_collections.ConfigDict()
+  c.reinforce.reward_model = ""    # run:<folder> of a jalign reward model (algorithm rm); scores tokens
+  c.reinforce.num_rollout_samples = 512  # prompts per rollout
+  c.reinforce.num_rollouts_per_prompt = 4
+  c.reinforce.rollout_batch_size = 32    # rollout_micro_batch_size: sequences generated at once
+  c.reinforce.max_new_tokens = 0   # length_params.max_length; 0: data.max_seq_length // 2
+  c.reinforce.min_new_tokens = 1   # length_params.min_length
+  c.reinforce.temperature = 1.0
+  c.reinforce.top_k = 0
+  c.reinforce.top_p = 1.0
+  c.reinforce.kl_coef = 0.01       # initial_policy_kl_penalty
+  c.reinforce.absolute_kl = True   # use_absolute_kl
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
@@ -282,6 +298,22 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              f"{c.spin.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
     _require(c.spin.greedy or c.spin.temperature > 0, "spin.temperature", "must be positive (or spin.greedy)")
     _require(c.dpo.beta > 0, "dpo.beta", "must be positive")
+  if c.algorithm == "reinforce":
+    r = c.reinforce
+    _require(r.reward_model.startswith("run:"), "reinforce.reward_model",
+             f"{r.reward_model!r}: name a reward model run, run:<folder>")
+    if check_files:
+      _require((Path(r.reward_model[4:]) / "config.json").is_file(), "reinforce.reward_model",
+               f"{r.reward_model[4:]} is not a jalign run folder")
+    _require(r.num_rollouts_per_prompt >= 2, "reinforce.num_rollouts_per_prompt",
+             "must be at least 2 (the baseline is the other samples' mean)")
+    _require(r.num_rollout_samples * r.num_rollouts_per_prompt % c.train.global_batch_size == 0,
+             "reinforce.num_rollout_samples", f"{r.num_rollout_samples} x {r.num_rollouts_per_prompt} "
+             f"samples do not split into global batches of {c.train.global_batch_size}")
+    _require(0 <= r.max_new_tokens < d.max_seq_length and 0 <= r.min_new_tokens <= (r.max_new_tokens or
+             d.max_seq_length // 2), "reinforce.max_new_tokens",
+             f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {d.max_seq_length}")
+    _require(r.temperature > 0, "reinforce.temperature", "must be positive")
   if c.algorithm == "ppo":
     _require(c.ppo.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
     _require(c.ppo.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",

@@ -251,9 +251,9 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   if c.algorithm in config_lib.PLAN_ONLY:
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} training runs are not available yet; "
                                  f"python -m jalign.plan compiles and sizes this config's steps")
-  if c.algorithm == "spin":
-    raise config_lib.ConfigError("config.algorithm: spin is several runs, not one; jalign.train.run (or "
-                                 "jalign.spin.run) runs its iterations")
+  if c.algorithm in ("spin", "reinforce"):
+    raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} generates its own data; jalign.train.run "
+                                 f"(or jalign.{c.algorithm}.run) runs it")
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   mesh = pmesh.make_mesh(dict(c.mesh))
   rules = tuple(tuple(r) for r in c.sharding_rules)
@@ -325,6 +325,9 @@ def run(c, log=print) -> dict:
   if c.algorithm == "spin":  # iterations of generation and DPO runs
     from jalign import spin
     return spin.run(c, log)
+  if c.algorithm == "reinforce":  # rollouts scored by a reward model
+    from jalign import reinforce
+    return reinforce.run(c, log)
   loop = build_trainer(c, log)
   summary = loop.run()
   run_dir = Path(c.run_dir)

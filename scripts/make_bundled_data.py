@@ -64,6 +64,13 @@ def comparison(rng):
   return {"prompt": prompt, "chosen_response": answer, "rejected_response": wrong(rng, question, answer)}
 
 
+def prompt(rng):
+  """A PPO/REINFORCE prompt: a question rendered in NeMo's chat format, up to the assistant's turn."""
+  from jalign.data.chat import NemoChatFormat
+  from jalign.data.preference import render_prompt
+  return {"text": render_prompt(comparison(rng)["prompt"], NemoChatFormat())[0]}
+
+
 def feedback(rng):
   pair = comparison(rng)
   desirable = rng.random() < 0.5
@@ -128,7 +135,8 @@ def main():
                                ("regression_train.jsonl", regression, 512, 6),
                                ("regression_val.jsonl", regression, 64, 7),
                                ("steerlm2_train.jsonl", steerlm2_group, 384, 8),
-                               ("steerlm2_val.jsonl", steerlm2_group, 64, 9)):
+                               ("steerlm2_val.jsonl", steerlm2_group, 64, 9),
+                               ("prompts_train.jsonl", prompt, 256, 10)):
     rng = random.Random(seed)
     with open(OUT / name, "w") as f:
       for _ in range(n):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jalign.kernels import token_logprobs
+
 
 def baseline(rewards, group_ids, is_end) -> jax.Array:
   """``[B]``: for sample i, (sum of R_j over ended samples j != i of its group) / (ended in group - 1).
@@ -41,3 +43,22 @@ def loss(logprobs, rewards, baselines, mask):
   advantages = jax.lax.stop_gradient(jnp.asarray(rewards) - jnp.asarray(baselines))
   value = jnp.sum(-logprobs * advantages[:, None] * mask) / jnp.maximum(jnp.sum(mask), 1e-9)
   return value, {"reinforce_loss": value, "advantages": jnp.mean(advantages)}
+
+
+def token_logprobs_of(model, batch):
+  """``{"token_logprobs": [B,T]}``: the model's log-probs of ``batch["targets"]`` (a reference pass's
+  output, for the old and the initial policy)."""
+  hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  return {"token_logprobs": token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])}
+
+
+def train_loss(model, batch, rng=None):
+  """``(loss_sum, tokens, metric_sums)`` of a micro-batch of scored samples, for ``trainer.make_train_step``:
+  the summed ``-log pi(t) * advantage`` over the response tokens ``loss_mask`` covers, so that the
+  trainer's division gives the masked mean over the global batch. ``batch["advantages"]`` is ``[B]``."""
+  del rng
+  mask = batch["loss_mask"].astype(jnp.float32)
+  lp = token_logprobs_of(model, batch)["token_logprobs"]
+  advantages = jax.lax.stop_gradient(batch["advantages"].astype(jnp.float32))
+  total = jnp.sum(-lp * advantages[:, None] * mask)
+  return total, jnp.sum(mask), {"response_logprob": jnp.sum(lp * mask)}

@@ -1,0 +1,203 @@
+"""REINFORCE with the leave-one-out baseline (NeMo-Aligner's ``gpt_reinforce_actor.yaml``): the policy
+samples, a reward model scores, and the policy trains on what it sampled.
+
+A rollout takes the next ``reinforce.num_rollout_samples`` prompts and samples
+``num_rollouts_per_prompt`` responses to each from the current policy (the JAX decode loop). Then:
+  - the reward model (a jalign ``rm`` run) scores each prompt + response as tokens, standardised as in
+    ``jalign.score``;
+  - the policy's log-probs now (pi_old) and the initial policy's (the starting weights, frozen) give each
+    sample's KL, the masked mean of ``|log pi_old - log pi_init|``, and its reward R = r - kl_coef * KL;
+  - the baseline of a sample is the mean R of the other samples of its prompt that ended
+    (``algos.rloo.baseline``), the advantage R - b;
+  - the samples, shuffled, make ``num_rollout_samples * num_rollouts_per_prompt / global_batch_size``
+    optimizer steps of ``algos.rloo.train_loss``, the masked mean of ``-log pi(t) * advantage``.
+Rollout statistics (reward, KL, lengths, how many ended) go to ``metrics.jsonl`` with split ``rollout``.
+The loop, checkpoints and resume are the shared trainer's; a resumed run starts a fresh rollout.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jalign import config as config_lib
+from jalign import train, trainer
+from jalign.algos import rloo
+from jalign.data import formats
+from jalign.data.packing import build_row
+from jalign.data.sft import _example
+from jalign.parallel import mesh as pmesh
+from jalign.rollout.generate import generate
+from jalign.score import RewardModel
+
+
+class Rollouts:
+  """An iterator of global batches of scored samples, sampling a new rollout from the trainer's current
+  policy whenever the last one is used up. ``loop`` (the Trainer) is set once it exists."""
+
+  def __init__(self, c, tok, prompts: list[list[int]], reward: RewardModel, initial: trainer.ReferencePass,
+               current, *, mesh, rules, log):
+    self.c, self.r, self.tok, self.prompts = c, c.reinforce, tok, prompts
+    self.reward, self.initial, self.current = reward, initial, current
+    self.mesh, self.rules, self.log = mesh, rules, log
+    self.loop = None
+    self.pad = tok.pad_id if tok.pad_id is not None else 0
+    self.max_new = self.r.max_new_tokens or c.data.max_seq_length // 2
+    self.width = max(len(p) for p in prompts)
+    self.steps_per_rollout = self.r.num_rollout_samples * self.r.num_rollouts_per_prompt // c.train.global_batch_size
+    self._queue: list[dict] = []
+    # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
+    turn = tok.encode(train.message_format(c).turn_start, add_special_tokens=False)
+    self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if not self._queue:
+      self._queue = self.rollout()
+    return self._queue.pop(0)
+
+  def _prompt_indices(self, index: int) -> np.ndarray:
+    """Rollout ``index``'s prompts: consecutive slices of one shuffled order per pass over the data."""
+    n, total = self.r.num_rollout_samples, len(self.prompts)
+    positions = np.arange(index * n, (index + 1) * n)
+    orders = {}
+    out = []
+    for pos in positions:
+      epoch = int(pos // total)
+      if epoch not in orders:
+        orders[epoch] = np.random.default_rng([self.c.seed, epoch]).permutation(total)
+      out.append(orders[epoch][pos % total])
+    return np.asarray(out)
+
+  def rollout(self) -> list[dict]:
+    step = int(jax.device_get(self.loop.state.step))
+    index = step // self.steps_per_rollout
+    k = self.r.num_rollouts_per_prompt
+    chosen = self._prompt_indices(index)
+    prompts = [self.prompts[i] for i in chosen for _ in range(k)]
+    group_ids = np.repeat(np.arange(len(chosen)), k)
+    responses, is_end = self._generate(prompts, seed=self.c.seed + 7919 * index)
+    examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
+    rows = [build_row([ex], self.c.data.max_seq_length, self.pad) for ex in examples]
+    batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    rewards = self.reward.rewards(examples, batch_size=self.r.rollout_batch_size)
+    old, init = self._logprobs(batch)
+    kl = np.asarray(rloo.sequence_kl(old, init, batch["loss_mask"], absolute_kl=self.r.absolute_kl))
+    total = rewards - self.r.kl_coef * kl
+    baselines = np.asarray(rloo.baseline(total, group_ids, is_end))
+    batch["advantages"] = (total - baselines).astype(np.float32)
+    # Responses cut off by the length limit train nothing ("micro-batches without any ended sample get
+    # zero loss"), as in NeMo's PPO actor; they still shape the baselines' counts through is_end.
+    batch["loss_mask"] = batch["loss_mask"] * is_end[:, None]
+    batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
+    lengths = np.array([len(resp) for resp in responses])
+    stats = {"reward": float(np.mean(rewards)), "init_policy_kl": float(np.mean(kl)),
+             "rewards_with_kl": float(np.mean(total)), "advantage_std": float(np.std(batch["advantages"])),
+             "response_length": float(np.mean(lengths)), "fraction_ended": float(np.mean(is_end))}
+    self.loop.metrics.write(step, stats, prefix="rollout")
+    self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
+    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(examples))
+    size = self.c.train.global_batch_size
+    return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
+
+  def _generate(self, prompts, *, seed):
+    """Responses (token lists, the stop token included when there is one) and ``is_end``."""
+    model = self.loop.model()
+    size = self.r.rollout_batch_size
+    responses, ended = [], []
+    stops = self.stop_ids
+    for start in range(0, len(prompts), size):
+      chunk = prompts[start:start + size]
+      out = generate(model, chunk + [chunk[0]] * (size - len(chunk)), max_new_tokens=self.max_new,
+                     min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature, top_k=self.r.top_k,
+                     top_p=self.r.top_p, stop_ids=stops, pad_id=self.pad, seed=seed + start,
+                     prompt_width=self.width)
+      responses += out.responses()[:len(chunk)]
+      ended += np.asarray(out.is_end)[:len(chunk)].tolist()
+    return responses, np.asarray(ended, bool)
+
+  def _logprobs(self, batch):
+    """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's,
+    one global batch at a time."""
+    old, init = [], []
+    size = self.c.train.global_batch_size
+    state = self.loop.state
+    for start in range(0, len(batch["tokens"]), size):
+      part = {key: value[start:start + size] for key, value in batch.items()}
+      part = pmesh.put_batch(part, self.mesh, self.rules) if self.mesh is not None else part
+      old.append(np.asarray(self.current(state.params, state.rest, part)["token_logprobs"]))
+      init.append(np.asarray(self.initial(part, state)["token_logprobs"]))
+    return np.concatenate(old), np.concatenate(init)
+
+
+def load_prompts(c, tok, log) -> list[list[int]]:
+  """The prompt file's texts as token ids, left-truncated to leave room for the responses."""
+  path = config_lib.data_path(c.data.train)
+  records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
+  keep = c.data.max_seq_length - (c.reinforce.max_new_tokens or c.data.max_seq_length // 2)
+  prompts = [tok.encode(r["text"], add_special_tokens=c.data.add_bos)[-keep:] for r in records]
+  log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, "
+      f"{sum(len(tok.encode(r['text'])) > keep for r in records)} cut to {keep} tokens")
+  if len(prompts) < c.reinforce.num_rollout_samples:
+    raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.reinforce.num_rollout_samples "
+                            f"{c.reinforce.num_rollout_samples}")
+  return prompts
+
+
+def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
+  """The trainer of a REINFORCE config, fed by its rollouts."""
+  config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("config.algorithm: reinforce runs in one process (its rollouts are not "
+                                 "spread over processes yet)")
+  reward = RewardModel.load(c.reinforce.reward_model[4:])
+  if reward.config.data.max_seq_length < c.data.max_seq_length:
+    raise config_lib.ConfigError(f"config.reinforce.reward_model: it scores up to "
+                                 f"{reward.config.data.max_seq_length} tokens, fewer than data.max_seq_length "
+                                 f"{c.data.max_seq_length}")
+  mesh = pmesh.make_mesh(dict(c.mesh))
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
+  graphdef, weights = nnx.split(reward.model)
+  reward.model = nnx.merge(graphdef, jax.device_put(weights, pmesh.tree_shardings(weights, mesh, rules)))
+  run_dir = Path(c.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
+  model, own = train.build_model(c)
+  tok = train.build_tokenizer(c, own)
+  if reward.tokenizer.vocab_size != tok.vocab_size:
+    raise config_lib.ConfigError(f"config.reinforce.reward_model: its tokenizer ({reward.tokenizer.vocab_size} "
+                                 f"tokens) is not the policy's ({tok.vocab_size}); it scores the policy's tokens")
+  prompts = load_prompts(c, tok, log)
+  t = c.train
+  micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
+  schedule, tx = train.build_optimizer(c)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=train.trainable_filter(c))
+  initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
+                                  offload=c.reference.offload, micro_batches=micro_batches)
+  current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
+                                      micro_batches=micro_batches))
+  rollouts = Rollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log)
+  options = trainer.TrainerOptions(max_steps=t.max_steps, save_interval=t.save_interval, keep_last=t.keep_last,
+                                   keep_best=0, max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume)
+  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, rloo.train_loss, tx, schedule,
+                                                                         micro_batches=micro_batches),
+                         eval_step=trainer.make_eval_step(graphdef, rloo.train_loss), train_batches=rollouts,
+                         run_dir=run_dir, options=options, mesh=mesh, rules=rules,
+                         wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
+  rollouts.loop = loop
+  return loop, rollouts
+
+
+def run(c, log=print) -> dict:
+  loop, _ = build(c, log)
+  summary = loop.run()
+  summary["losses"] = loop.losses
+  log(f"{summary['stopped']} after {summary['steps']} steps; run folder: {Path(c.run_dir).absolute()}")
+  return summary

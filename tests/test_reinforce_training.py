@@ -1,0 +1,86 @@
+"""REINFORCE with the RLOO baseline: rollouts from the current policy scored by a jalign reward model,
+advantages as plain numpy computes them, and the shared loop's checkpoints and resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jalign import config as config_lib
+from jalign import reinforce
+from jalign.data.sft import Example
+from jalign.score import RewardModel
+from jalign.train import run
+from tests.algos.test_ppo import np_rloo
+from tests.test_preference_training import load, quiet
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+  """A tiny reward model run (two steps: any fixed scorer will do)."""
+  folder = tmp_path_factory.mktemp("rm") / "rm"
+  run(load("rm_tiny", folder, **{"train.max_steps": 2, "train.val_check_interval": 0, "train.save_interval": 0}),
+      log=quiet)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+  """A briefly fine-tuned tiny policy: it ends most replies with the chat format's turn start."""
+  folder = tmp_path_factory.mktemp("sft") / "sft"
+  run(load("sft_tiny", folder, **{"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0}),
+      log=quiet)
+  return folder
+
+
+def reinforce_config(tmp_path, reward_run, sft_run, **overrides):
+  return load("reinforce_tiny", tmp_path / "rf", **{
+      "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}", "reinforce.num_rollout_samples": 8,
+      "reinforce.num_rollouts_per_prompt": 4, "reinforce.rollout_batch_size": 32, "reinforce.max_new_tokens": 12,
+      "reinforce.kl_coef": 0.5, "train.max_steps": 4, "train.save_interval": 2, **overrides})
+
+
+def test_first_rollout_scores_and_advantages(tmp_path, reward_run, sft_run):
+  c = reinforce_config(tmp_path, reward_run, sft_run)
+  loop, rollouts = reinforce.build(c, log=quiet)
+  batches = rollouts.rollout()
+  assert len(batches) == 2 and all(len(b["tokens"]) == 16 for b in batches)
+  batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  groups, ended, rewards = batch["group_ids"], batch["is_end"], batch["rewards"]
+  assert sorted(np.bincount(groups)) == [4] * 8
+  # Rewards: the reward model's scores of the sampled sequences, computed again here.
+  lengths = (batch["segment_ids"] > 0).sum(1)
+  examples = [Example(batch["tokens"][i, :n], np.zeros(n, bool)) for i, n in enumerate(lengths)]
+  np.testing.assert_allclose(rewards, RewardModel.load(reward_run).rewards(examples), rtol=1e-5, atol=1e-6)
+  # At step 0 the policy is its initial self: no KL, so the advantage is the reward minus RLOO's baseline
+  # (kl_coef 0.5 would show any difference).
+  np.testing.assert_allclose(batch["advantages"], rewards - np_rloo(rewards, groups, ended), rtol=1e-5, atol=1e-6)
+  # The loss covers the responses of the samples that ended, up to their last token.
+  mask = batch["loss_mask"]
+  assert not mask[~ended].any()
+  for i in np.flatnonzero(ended):
+    covered = np.flatnonzero(mask[i])
+    assert covered[-1] == lengths[i] - 2 and np.all(np.diff(covered) == 1)
+  assert set(batch["tokens"][ended, lengths[ended] - 1].tolist()) <= set(rollouts.stop_ids)
+  # The fine-tuned policy ends enough replies for groups with baselines: advantages are not all zero.
+  assert ended.sum() >= 4 and np.abs(batch["advantages"]).max() > 1e-3
+
+
+def test_training_logs_rollouts_and_resumes_at_the_next_one(tmp_path, reward_run, sft_run):
+  summary = run(reinforce_config(tmp_path, reward_run, sft_run), log=quiet)
+  assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))
+  rows = [json.loads(line) for line in open(tmp_path / "rf" / "metrics.jsonl")]
+  rollout_rows = [r for r in rows if r["split"] == "rollout"]
+  assert [r["step"] for r in rollout_rows] == [0, 2]
+  assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[1]["init_policy_kl"] > 0.0
+  summary = run(reinforce_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6}), log=quiet)
+  assert summary["steps"] == 6 and sorted(summary["losses"]) == [5, 6]
+  rows = [json.loads(line) for line in open(tmp_path / "rf" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if r["split"] == "rollout"] == [0, 2, 4]
+
+
+def test_a_reward_model_is_required_and_must_fit(tmp_path, reward_run, sft_run):
+  with pytest.raises(config_lib.ConfigError, match="config.reinforce.reward_model"):
+    run(reinforce_config(tmp_path, reward_run, sft_run, **{"reinforce.reward_model": ""}), log=quiet)
+  with pytest.raises(config_lib.ConfigError, match="config.reinforce.reward_model: it scores up to 80"):
+    run(reinforce_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
