@@ -14,13 +14,13 @@ from ml_collections import config_dict
 
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
-ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "reinforce", "ppo")
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "reinforce", "rs", "ppo")
 # Algorithms whose configs the planner compiles but whose training runs are not built yet.
 PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
 FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",),
            "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "spin": ("chat",),
-           "reinforce": ("prompt",), "ppo": ("prompt",)}
+           "reinforce": ("prompt",), "rs": ("prompt",), "ppo": ("prompt",)}
 MODEL_INITS = ("random", "smollm2")  # or "hf:<folder>", "gguf:<file>", "run:<jalign run folder>"
 
 
@@ -121,6 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.reinforce.top_p = 1.0
   c.reinforce.kl_coef = 0.01       # initial_policy_kl_penalty
   c.reinforce.absolute_kl = True   # use_absolute_kl
+
+  # Online rejection sampling (algorithm rs): rollouts sampled and scored as config.reinforce says (its KL
+  # settings unused); each prompt's best samples are trained on with the SFT loss.
+  c.rs = ml_collections.ConfigDict()
+  c.rs.top_n_rollouts = 1          # top_n_rollouts: samples kept per prompt
 
   # Reward model (algorithm rm): a value head on the model's last real token.
   c.rm = ml_collections.ConfigDict()
@@ -298,7 +303,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              f"{c.spin.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
     _require(c.spin.greedy or c.spin.temperature > 0, "spin.temperature", "must be positive (or spin.greedy)")
     _require(c.dpo.beta > 0, "dpo.beta", "must be positive")
-  if c.algorithm == "reinforce":
+  if c.algorithm in ("reinforce", "rs"):
     r = c.reinforce
     _require(r.reward_model.startswith("run:"), "reinforce.reward_model",
              f"{r.reward_model!r}: name a reward model run, run:<folder>")
@@ -306,10 +311,15 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
       _require((Path(r.reward_model[4:]) / "config.json").is_file(), "reinforce.reward_model",
                f"{r.reward_model[4:]} is not a jalign run folder")
     _require(r.num_rollouts_per_prompt >= 2, "reinforce.num_rollouts_per_prompt",
-             "must be at least 2 (the baseline is the other samples' mean)")
-    _require(r.num_rollout_samples * r.num_rollouts_per_prompt % c.train.global_batch_size == 0,
-             "reinforce.num_rollout_samples", f"{r.num_rollout_samples} x {r.num_rollouts_per_prompt} "
-             f"samples do not split into global batches of {c.train.global_batch_size}")
+             "must be at least 2 (the baseline, or the choice, is among a prompt's samples)")
+    kept = r.num_rollouts_per_prompt
+    if c.algorithm == "rs":
+      kept = c.rs.top_n_rollouts
+      _require(1 <= kept <= r.num_rollouts_per_prompt, "rs.top_n_rollouts",
+               f"{kept} is not within 1..reinforce.num_rollouts_per_prompt {r.num_rollouts_per_prompt}")
+    _require(r.num_rollout_samples * kept % c.train.global_batch_size == 0,
+             "reinforce.num_rollout_samples", f"{r.num_rollout_samples} x {kept} samples to train on do not "
+             f"split into global batches of {c.train.global_batch_size}")
     _require(0 <= r.max_new_tokens < d.max_seq_length and 0 <= r.min_new_tokens <= (r.max_new_tokens or
              d.max_seq_length // 2), "reinforce.max_new_tokens",
              f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {d.max_seq_length}")

@@ -389,9 +389,9 @@ def plan(c, *, peak_flops: float, hbm_bytes_per_s: float = 3.35e12) -> list[JobP
   """Compile the steps of config ``c``'s jobs, each for its mesh over the first devices visible."""
   actor_devices = _mesh_devices(c.mesh)
   config_lib.validate(c, device_count=actor_devices, check_files=False)
-  if c.algorithm == "reinforce":
-    raise config_lib.ConfigError("config.algorithm: the planner does not size reinforce runs yet (their steps "
-                                 "are a PPO actor job's without the critic: see configs/ppo_70b.py)")
+  if c.algorithm in ("reinforce", "rs"):
+    raise config_lib.ConfigError(f"config.algorithm: the planner does not size {c.algorithm} runs yet (their "
+                                 "steps are a PPO actor job's without the critic: see configs/ppo_70b.py)")
   if c.algorithm == "spin":  # its training steps are DPO's (its generation is not planned yet)
     from jalign import spin
     c = spin.as_dpo(c)

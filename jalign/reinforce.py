@@ -13,6 +13,10 @@ A rollout takes the next ``reinforce.num_rollout_samples`` prompts and samples
     optimizer steps of ``algos.rloo.train_loss``, the masked mean of ``-log pi(t) * advantage``.
 Rollout statistics (reward, KL, lengths, how many ended) go to ``metrics.jsonl`` with split ``rollout``.
 The loop, checkpoints and resume are the shared trainer's; a resumed run starts a fresh rollout.
+
+Online rejection sampling (``algorithm = "rs"``, NeMo's ``gpt_rs_actor.yaml``) samples and scores the
+same way, keeps each prompt's ``rs.top_n_rollouts`` highest-reward samples and trains on them with the
+SFT loss over their responses; it needs no KL and no initial policy.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from flax import nnx
 
 from jalign import config as config_lib
 from jalign import train, trainer
-from jalign.algos import rloo
+from jalign.algos import rloo, sft
 from jalign.data import formats
 from jalign.data.packing import build_row
 from jalign.data.sft import _example
@@ -39,7 +43,7 @@ class Rollouts:
   """An iterator of global batches of scored samples, sampling a new rollout from the trainer's current
   policy whenever the last one is used up. ``loop`` (the Trainer) is set once it exists."""
 
-  def __init__(self, c, tok, prompts: list[list[int]], reward: RewardModel, initial: trainer.ReferencePass,
+  def __init__(self, c, tok, prompts: list[list[int]], reward: RewardModel, initial: trainer.ReferencePass | None,
                current, *, mesh, rules, log):
     self.c, self.r, self.tok, self.prompts = c, c.reinforce, tok, prompts
     self.reward, self.initial, self.current = reward, initial, current
@@ -48,8 +52,11 @@ class Rollouts:
     self.pad = tok.pad_id if tok.pad_id is not None else 0
     self.max_new = self.r.max_new_tokens or c.data.max_seq_length // 2
     self.width = max(len(p) for p in prompts)
-    self.steps_per_rollout = self.r.num_rollout_samples * self.r.num_rollouts_per_prompt // c.train.global_batch_size
+    self.top_n = c.rs.top_n_rollouts if c.algorithm == "rs" else 0  # rejection sampling keeps these
+    kept = self.top_n or self.r.num_rollouts_per_prompt
+    self.steps_per_rollout = self.r.num_rollout_samples * kept // c.train.global_batch_size
     self._queue: list[dict] = []
+    self.last: dict | None = None
     # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
     turn = tok.encode(train.message_format(c).turn_start, add_special_tokens=False)
     self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
@@ -87,22 +94,28 @@ class Rollouts:
     rows = [build_row([ex], self.c.data.max_seq_length, self.pad) for ex in examples]
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
     rewards = self.reward.rewards(examples, batch_size=self.r.rollout_batch_size)
-    old, init = self._logprobs(batch)
-    kl = np.asarray(rloo.sequence_kl(old, init, batch["loss_mask"], absolute_kl=self.r.absolute_kl))
-    total = rewards - self.r.kl_coef * kl
-    baselines = np.asarray(rloo.baseline(total, group_ids, is_end))
-    batch["advantages"] = (total - baselines).astype(np.float32)
-    # Responses cut off by the length limit train nothing ("micro-batches without any ended sample get
-    # zero loss"), as in NeMo's PPO actor; they still shape the baselines' counts through is_end.
-    batch["loss_mask"] = batch["loss_mask"] * is_end[:, None]
+    stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
+             "fraction_ended": float(np.mean(is_end))}
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
-    lengths = np.array([len(resp) for resp in responses])
-    stats = {"reward": float(np.mean(rewards)), "init_policy_kl": float(np.mean(kl)),
-             "rewards_with_kl": float(np.mean(total)), "advantage_std": float(np.std(batch["advantages"])),
-             "response_length": float(np.mean(lengths)), "fraction_ended": float(np.mean(is_end))}
+    self.last = batch  # every sample of the latest rollout, before any selection (for inspection)
+    if self.top_n:
+      keep = top_per_group(rewards, group_ids, self.top_n)
+      batch = {key: value[keep] for key, value in batch.items()}
+      stats["selected_reward"] = float(np.mean(rewards[keep]))
+    else:
+      old, init = self._logprobs(batch)
+      kl = np.asarray(rloo.sequence_kl(old, init, batch["loss_mask"], absolute_kl=self.r.absolute_kl))
+      total = rewards - self.r.kl_coef * kl
+      baselines = np.asarray(rloo.baseline(total, group_ids, is_end))
+      batch["advantages"] = (total - baselines).astype(np.float32)
+      # Responses cut off by the length limit train nothing ("micro-batches without any ended sample get
+      # zero loss"), as in NeMo's PPO actor; they still shape the baselines' counts through is_end.
+      batch["loss_mask"] = batch["loss_mask"] * is_end[:, None]
+      stats.update(init_policy_kl=float(np.mean(kl)), rewards_with_kl=float(np.mean(total)),
+                   advantage_std=float(np.std(batch["advantages"])))
     self.loop.metrics.write(step, stats, prefix="rollout")
     self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
-    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(examples))
+    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
     size = self.c.train.global_batch_size
     return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
 
@@ -136,6 +149,15 @@ class Rollouts:
     return np.concatenate(old), np.concatenate(init)
 
 
+def top_per_group(rewards, group_ids, n: int) -> np.ndarray:
+  """Indices of each group's ``n`` highest rewards (the earlier sample first among equals), in order."""
+  keep = []
+  for g in np.unique(group_ids):
+    members = np.flatnonzero(group_ids == g)
+    keep += members[np.argsort(-rewards[members], kind="stable")[:n]].tolist()
+  return np.sort(np.asarray(keep))
+
+
 def load_prompts(c, tok, log) -> list[list[int]]:
   """The prompt file's texts as token ids, left-truncated to leave room for the responses."""
   path = config_lib.data_path(c.data.train)
@@ -151,10 +173,10 @@ def load_prompts(c, tok, log) -> list[list[int]]:
 
 
 def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
-  """The trainer of a REINFORCE config, fed by its rollouts."""
+  """The trainer of a REINFORCE (or rejection sampling) config, fed by its rollouts."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   if jax.process_count() > 1:
-    raise config_lib.ConfigError("config.algorithm: reinforce runs in one process (its rollouts are not "
+    raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} runs in one process (its rollouts are not "
                                  "spread over processes yet)")
   reward = RewardModel.load(c.reinforce.reward_model[4:])
   if reward.config.data.max_seq_length < c.data.max_seq_length:
@@ -179,16 +201,20 @@ def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
   micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
   schedule, tx = train.build_optimizer(c)
   graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=train.trainable_filter(c))
-  initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
-                                  offload=c.reference.offload, micro_batches=micro_batches)
-  current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
-                                      micro_batches=micro_batches))
+  initial = current = None
+  loss_fn = sft.loss
+  if c.algorithm == "reinforce":  # the KL needs the initial policy's log-probs and the current one's
+    initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
+                                    offload=c.reference.offload, micro_batches=micro_batches)
+    current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
+                                        micro_batches=micro_batches))
+    loss_fn = rloo.train_loss
   rollouts = Rollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log)
   options = trainer.TrainerOptions(max_steps=t.max_steps, save_interval=t.save_interval, keep_last=t.keep_last,
                                    keep_best=0, max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume)
-  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, rloo.train_loss, tx, schedule,
+  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, loss_fn, tx, schedule,
                                                                          micro_batches=micro_batches),
-                         eval_step=trainer.make_eval_step(graphdef, rloo.train_loss), train_batches=rollouts,
+                         eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
                          run_dir=run_dir, options=options, mesh=mesh, rules=rules,
                          wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
   rollouts.loop = loop

@@ -251,7 +251,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   if c.algorithm in config_lib.PLAN_ONLY:
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} training runs are not available yet; "
                                  f"python -m jalign.plan compiles and sizes this config's steps")
-  if c.algorithm in ("spin", "reinforce"):
+  if c.algorithm in ("spin", "reinforce", "rs"):
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} generates its own data; jalign.train.run "
                                  f"(or jalign.{c.algorithm}.run) runs it")
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
@@ -325,7 +325,7 @@ def run(c, log=print) -> dict:
   if c.algorithm == "spin":  # iterations of generation and DPO runs
     from jalign import spin
     return spin.run(c, log)
-  if c.algorithm == "reinforce":  # rollouts scored by a reward model
+  if c.algorithm in ("reinforce", "rs"):  # rollouts scored by a reward model
     from jalign import reinforce
     return reinforce.run(c, log)
   loop = build_trainer(c, log)

@@ -84,3 +84,29 @@ def test_a_reward_model_is_required_and_must_fit(tmp_path, reward_run, sft_run):
     run(reinforce_config(tmp_path, reward_run, sft_run, **{"reinforce.reward_model": ""}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.reinforce.reward_model: it scores up to 80"):
     run(reinforce_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
+
+
+def test_rejection_sampling_trains_on_each_prompts_best_sample(tmp_path, reward_run, sft_run):
+  c = load("rs_tiny", tmp_path / "rs", **{
+      "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}",
+      "reinforce.num_rollout_samples": 16, "reinforce.num_rollouts_per_prompt": 4,
+      "reinforce.rollout_batch_size": 32, "reinforce.max_new_tokens": 12, "rs.top_n_rollouts": 2,
+      "train.max_steps": 4, "train.save_interval": 4})
+  loop, rollouts = reinforce.build(c, log=quiet)
+  batches = rollouts.rollout()
+  kept = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  every = rollouts.last
+  want = []
+  for g in range(16):  # each prompt's two best samples, by a plain loop
+    members = [i for i in range(64) if every["group_ids"][i] == g]
+    want += sorted(members, key=lambda i: (-every["rewards"][i], i))[:2]
+  row = lambda b, i: (int(b["group_ids"][i]), float(b["rewards"][i]), b["tokens"][i].tobytes())
+  assert sorted(row(kept, i) for i in range(len(kept["tokens"]))) == sorted(row(every, i) for i in want)
+  assert len(batches) == 2 and "advantages" not in kept
+  c.run_dir = str(tmp_path / "rs_run")  # a run of its own, beside the rollout inspected above
+  summary = run(c, log=quiet)
+  assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))
+  rows = [json.loads(line) for line in open(tmp_path / "rs_run" / "metrics.jsonl")]
+  rollout_rows = [r for r in rows if r["split"] == "rollout"]
+  assert [r["step"] for r in rollout_rows] == [0, 2]
+  assert all(r["selected_reward"] >= r["reward"] for r in rollout_rows)
