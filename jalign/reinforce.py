@@ -10,7 +10,8 @@ A rollout takes the next ``reinforce.num_rollout_samples`` prompts and samples
   - the baseline of a sample is the mean R of the other samples of its prompt that ended
     (``algos.rloo.baseline``), the advantage R - b;
   - the samples, shuffled, make ``num_rollout_samples * num_rollouts_per_prompt / global_batch_size``
-    optimizer steps of ``algos.rloo.train_loss``, the masked mean of ``-log pi(t) * advantage``.
+    optimizer steps of ``algos.rloo.train_loss``, the masked mean of ``-log pi(t) * advantage`` over the
+    responses of the samples that ended (a response cut off by the length limit trains nothing).
 Rollout statistics (reward, KL, lengths, how many ended) go to ``metrics.jsonl`` with split ``rollout``.
 The loop, checkpoints and resume are the shared trainer's; a resumed run starts a fresh rollout.
 
@@ -97,7 +98,7 @@ class Rollouts:
     stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
              "fraction_ended": float(np.mean(is_end))}
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
-    self.last = batch  # every sample of the latest rollout, before any selection (for inspection)
+    self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
     if self.top_n:
       keep = top_per_group(rewards, group_ids, self.top_n)
       batch = {key: value[keep] for key, value in batch.items()}
