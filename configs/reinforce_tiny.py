@@ -16,7 +16,7 @@ def get_config():
   c.tokenizer = "tiny"
   c.data.format = "prompt"
   c.data.train = "bundled:prompts_train.jsonl"
-  c.data.validation = ""
+  c.data.validation = "bundled:prompts_val.jsonl"
   c.data.max_seq_length = 80  # the reward model's (configs/rm_tiny.py)
   c.reinforce.reward_model = "run:runs/rm_tiny"
   c.reinforce.num_rollout_samples = 16
@@ -27,8 +27,8 @@ def get_config():
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8
   c.train.max_steps = 200
-  c.train.save_interval = 100
-  c.train.val_check_interval = 0  # no validation generation yet
+  c.train.save_interval = 50
+  c.train.val_check_interval = 25  # the reward of one reply to each validation prompt
   c.optimizer.lr = 1e-3
   c.optimizer.min_lr = 1e-4
   c.optimizer.warmup_steps = 4

@@ -13,7 +13,10 @@ A rollout takes the next ``reinforce.num_rollout_samples`` prompts and samples
     optimizer steps of ``algos.rloo.train_loss``, the masked mean of ``-log pi(t) * advantage`` over the
     responses of the samples that ended (a response cut off by the length limit trains nothing).
 Rollout statistics (reward, KL, lengths, how many ended) go to ``metrics.jsonl`` with split ``rollout``.
-The loop, checkpoints and resume are the shared trainer's; a resumed run starts a fresh rollout.
+Validation (``data.validation``, every ``train.val_check_interval`` steps) answers each validation prompt
+once, with a fixed seed, and reports the mean reward ``val_reward``, by which ``train.keep_best`` keeps
+checkpoints (higher is better). The loop, checkpoints and resume are the shared trainer's; a resumed run
+starts a fresh rollout.
 
 Online rejection sampling (``algorithm = "rs"``, NeMo's ``gpt_rs_actor.yaml``) samples and scores the
 same way, keeps each prompt's ``rs.top_n_rollouts`` highest-reward samples and trains on them with the
@@ -45,14 +48,14 @@ class Rollouts:
   policy whenever the last one is used up. ``loop`` (the Trainer) is set once it exists."""
 
   def __init__(self, c, tok, prompts: list[list[int]], reward: RewardModel, initial: trainer.ReferencePass | None,
-               current, *, mesh, rules, log):
-    self.c, self.r, self.tok, self.prompts = c, c.reinforce, tok, prompts
+               current, *, mesh, rules, log, val_prompts: list[list[int]] | None = None):
+    self.c, self.r, self.tok, self.prompts, self.val_prompts = c, c.reinforce, tok, prompts, val_prompts
     self.reward, self.initial, self.current = reward, initial, current
     self.mesh, self.rules, self.log = mesh, rules, log
     self.loop = None
     self.pad = tok.pad_id if tok.pad_id is not None else 0
     self.max_new = self.r.max_new_tokens or c.data.max_seq_length // 2
-    self.width = max(len(p) for p in prompts)
+    self.width = max(len(p) for p in prompts + (val_prompts or []))
     self.top_n = c.rs.top_n_rollouts if c.algorithm == "rs" else 0  # rejection sampling keeps these
     kept = self.top_n or self.r.num_rollouts_per_prompt
     self.steps_per_rollout = self.r.num_rollout_samples * kept // c.train.global_batch_size
@@ -120,6 +123,15 @@ class Rollouts:
     size = self.c.train.global_batch_size
     return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
 
+  def validate(self) -> dict:
+    """One response to each validation prompt from the current policy (the same seed every time, so
+    that checkpoints compare on equal terms), scored: ``val_reward`` (the checkpoint monitor), lengths."""
+    responses, is_end = self._generate(self.val_prompts, seed=self.c.seed + 1)
+    examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
+    rewards = self.reward.rewards(examples, batch_size=self.r.rollout_batch_size)
+    return {"val_reward": float(np.mean(rewards)), "val_response_length": float(np.mean([len(x) for x in responses])),
+            "val_fraction_ended": float(np.mean(is_end))}
+
   def _generate(self, prompts, *, seed):
     """Responses (token lists, the stop token included when there is one) and ``is_end``."""
     model = self.loop.model()
@@ -159,15 +171,16 @@ def top_per_group(rewards, group_ids, n: int) -> np.ndarray:
   return np.sort(np.asarray(keep))
 
 
-def load_prompts(c, tok, log) -> list[list[int]]:
-  """The prompt file's texts as token ids, left-truncated to leave room for the responses."""
-  path = config_lib.data_path(c.data.train)
+def load_prompts(c, tok, log, spec: str | None = None) -> list[list[int]]:
+  """The prompt file's texts (``data.train``, or ``spec``) as token ids, left-truncated to leave room for
+  the responses."""
+  path = config_lib.data_path(spec or c.data.train)
   records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
   keep = c.data.max_seq_length - (c.reinforce.max_new_tokens or c.data.max_seq_length // 2)
   prompts = [tok.encode(r["text"], add_special_tokens=c.data.add_bos)[-keep:] for r in records]
   log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, "
       f"{sum(len(tok.encode(r['text'])) > keep for r in records)} cut to {keep} tokens")
-  if len(prompts) < c.reinforce.num_rollout_samples:
+  if spec is None and len(prompts) < c.reinforce.num_rollout_samples:
     raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.reinforce.num_rollout_samples "
                             f"{c.reinforce.num_rollout_samples}")
   return prompts
@@ -210,12 +223,19 @@ def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
     current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
                                         micro_batches=micro_batches))
     loss_fn = rloo.train_loss
-  rollouts = Rollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log)
-  options = trainer.TrainerOptions(max_steps=t.max_steps, save_interval=t.save_interval, keep_last=t.keep_last,
-                                   keep_best=0, max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume)
+  val_prompts = load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
+  rollouts = Rollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log,
+                      val_prompts=val_prompts)
+  validating = bool(val_prompts) and t.val_check_interval > 0
+  options = trainer.TrainerOptions(max_steps=t.max_steps, val_check_interval=t.val_check_interval if validating else 0,
+                                   save_interval=t.save_interval, keep_last=t.keep_last,
+                                   keep_best=t.keep_best if validating else 0, monitor="val_reward",
+                                   monitor_higher_is_better=True, max_time_s=t.max_time_s, log_every=t.log_every,
+                                   resume=t.resume)
   loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, loss_fn, tx, schedule,
                                                                          micro_batches=micro_batches),
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
+                         validator=rollouts.validate if validating else None,
                          run_dir=run_dir, options=options, mesh=mesh, rules=rules,
                          wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
   rollouts.loop = loop

@@ -255,8 +255,9 @@ class TrainerOptions:
   val_check_interval: int = 0       # 0: no validation
   save_interval: int = 0            # 0: save only at the end (and on SIGTERM / time limit)
   keep_last: int = 2
-  keep_best: int = 1                # by ``monitor`` (lower is better); 0: keep only the last ones
+  keep_best: int = 1                # by ``monitor``; 0: keep only the last ones
   monitor: str = "val_loss"
+  monitor_higher_is_better: bool = False  # a reward, rather than a loss
   max_time_s: float = 0.0           # 0: no limit
   log_every: int = 10
   resume: bool = True
@@ -268,6 +269,7 @@ class Trainer:
 
   def __init__(self, *, state: TrainState, train_step, eval_step, train_batches, run_dir,
                options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
+               validator: Callable[[], dict] | None = None,
                mesh=None, rules=pmesh.DEFAULT_RULES, wandb_project: str | None = None,
                config: dict | None = None, graphdef=None, reference=None):
     """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows.
@@ -289,12 +291,14 @@ class Trainer:
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.train_batches = train_batches
     self.val_batches = val_batches
+    self.validator = validator  # replaces the loss over val_batches (e.g. the reward of generated replies)
     self._train_fn, self._eval_fn = train_step, eval_step
     self._train_step = self._eval_step = None
     o = options
     policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
     if o.keep_best:
-      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor], reverse=True,
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor],
+                                                     reverse=not o.monitor_higher_is_better,
                                                      n=o.keep_best, keep_checkpoints_without_metrics=False))
     self.checkpoints = ocp.CheckpointManager(
         (self.run_dir / "checkpoints").absolute(),
@@ -356,6 +360,8 @@ class Trainer:
   # -- validation -------------------------------------------------------------------------------
 
   def validate(self) -> dict:
+    if self.validator is not None:
+      return self.validator()
     total = weight = 0.0
     sums: dict[str, float] = {}
     for batch in self.val_batches():
@@ -413,7 +419,7 @@ class Trainer:
         progress.update(step, metrics)
 
         val = None
-        if o.val_check_interval and self.val_batches and (step % o.val_check_interval == 0 or step == o.max_steps):
+        if o.val_check_interval and (self.val_batches or self.validator) and (step % o.val_check_interval == 0 or step == o.max_steps):
           val = self.validate()
           self.last_val = val
           self.metrics.write(step, val, prefix="val")

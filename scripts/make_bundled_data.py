@@ -136,7 +136,7 @@ def main():
                                ("regression_val.jsonl", regression, 64, 7),
                                ("steerlm2_train.jsonl", steerlm2_group, 384, 8),
                                ("steerlm2_val.jsonl", steerlm2_group, 64, 9),
-                               ("prompts_train.jsonl", prompt, 256, 10)):
+                               ("prompts_train.jsonl", prompt, 256, 10), ("prompts_val.jsonl", prompt, 32, 11)):
     rng = random.Random(seed)
     with open(OUT / name, "w") as f:
       for _ in range(n):

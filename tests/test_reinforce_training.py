@@ -37,7 +37,8 @@ def reinforce_config(tmp_path, reward_run, sft_run, **overrides):
   return load("reinforce_tiny", tmp_path / "rf", **{
       "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}", "reinforce.num_rollout_samples": 8,
       "reinforce.num_rollouts_per_prompt": 4, "reinforce.rollout_batch_size": 32, "reinforce.max_new_tokens": 12,
-      "reinforce.kl_coef": 0.5, "train.max_steps": 4, "train.save_interval": 2, **overrides})
+      "reinforce.kl_coef": 0.5, "train.max_steps": 4, "train.save_interval": 2, "train.val_check_interval": 2,
+      **overrides})
 
 
 def test_first_rollout_scores_and_advantages(tmp_path, reward_run, sft_run):
@@ -73,6 +74,10 @@ def test_training_logs_rollouts_and_resumes_at_the_next_one(tmp_path, reward_run
   rollout_rows = [r for r in rows if r["split"] == "rollout"]
   assert [r["step"] for r in rollout_rows] == [0, 2]
   assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[1]["init_policy_kl"] > 0.0
+  # Validation: one reply to each validation prompt, scored, at every val_check_interval.
+  val_rows = [r for r in rows if r["split"] == "val"]
+  assert [r["step"] for r in val_rows] == [2, 4] and all(np.isfinite(r["val_reward"]) for r in val_rows)
+  assert summary["val"]["val_reward"] == pytest.approx(val_rows[-1]["val_reward"])
   summary = run(reinforce_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6}), log=quiet)
   assert summary["steps"] == 6 and sorted(summary["losses"]) == [5, 6]
   rows = [json.loads(line) for line in open(tmp_path / "rf" / "metrics.jsonl")]
@@ -91,7 +96,7 @@ def test_rejection_sampling_trains_on_each_prompts_best_sample(tmp_path, reward_
       "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}",
       "reinforce.num_rollout_samples": 16, "reinforce.num_rollouts_per_prompt": 4,
       "reinforce.rollout_batch_size": 32, "reinforce.max_new_tokens": 12, "rs.top_n_rollouts": 2,
-      "train.max_steps": 4, "train.save_interval": 4})
+      "train.max_steps": 4, "train.save_interval": 4, "train.val_check_interval": 4})
   loop, rollouts = reinforce.build(c, log=quiet)
   batches = rollouts.rollout()
   kept = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -190,3 +190,20 @@ def test_smollm2_sft_config_trains(tmp_path, smollm2_file):
   c.train.val_check_interval = c.train.save_interval = 0
   summary = run(c, log=quiet)
   assert summary["steps"] == 2 and all(0 < v < 10 for v in summary["losses"].values())
+
+
+def test_a_validator_with_a_reward_keeps_the_highest_checkpoint(tmp_path):
+  """``validator`` replaces the validation loss; ``monitor_higher_is_better`` keeps the best by maximum."""
+  model = Transformer(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0))
+  tx = optax.adam(1e-3)
+  graphdef, state = trainer.init_state(model, tx)
+  rewards = iter([0.2, 0.9, 0.5, 0.1])  # at steps 1, 2, 3, 4
+  loop = trainer.Trainer(
+      state=state, train_step=trainer.make_train_step(graphdef, sft.loss, tx),
+      eval_step=trainer.make_eval_step(graphdef, sft.loss), train_batches=iter([_batch(i) for i in range(4)]),
+      run_dir=tmp_path, validator=lambda: {"val_reward": next(rewards)},
+      options=trainer.TrainerOptions(max_steps=4, val_check_interval=1, save_interval=1, keep_last=1, keep_best=1,
+                                     monitor="val_reward", monitor_higher_is_better=True, log_every=100))
+  summary = loop.run()
+  assert summary["val"] == {"val_reward": 0.1}
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]  # the best and the last
