@@ -47,12 +47,12 @@ def _chunks(x, chunk):
   return x.reshape(n, chunk, *x.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(hidden, lm_head, targets, chunk, with_entropy):
-  return _chunked_fwd(hidden, lm_head, targets, chunk, with_entropy)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked(hidden, lm_head, targets, chunk, vocab_chunk, with_entropy):
+  return _chunked_fwd(hidden, lm_head, targets, chunk, vocab_chunk, with_entropy)[0]
 
 
-def _chunked_fwd(hidden, lm_head, targets, chunk, with_entropy):
+def _chunked_fwd(hidden, lm_head, targets, chunk, vocab_chunk, with_entropy):
   rows = hidden.shape[0]
   lp, ent, logz = jax.lax.map(lambda a: _chunk_stats(a[0], lm_head, a[1], with_entropy),
                               (_chunks(hidden, chunk), _chunks(targets, chunk)))
@@ -60,12 +60,12 @@ def _chunked_fwd(hidden, lm_head, targets, chunk, with_entropy):
   return (lp, ent, logz), (hidden, lm_head, targets, logz, ent)
 
 
-def _chunked_bwd(chunk, with_entropy, residuals, grads):
+def _chunked_bwd(chunk, vocab_chunk, with_entropy, residuals, grads):
   del chunk
   hidden, lm_head, targets, logz, ent = residuals
   g_lp, g_ent, g_logz = grads
   vocab = lm_head.shape[1]
-  width = min(VOCAB_CHUNK, vocab)
+  width = min(vocab_chunk or VOCAB_CHUNK, vocab)
   full_blocks, tail = divmod(vocab, width)
   expectation = (logz - ent)[:, None]
   # The logits' cotangent meets the matmuls in the inputs' dtype (bf16 inputs: bf16 operands, float32
@@ -102,7 +102,9 @@ def _chunked_bwd(chunk, with_entropy, residuals, grads):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=DEFAULT_CHUNK):
+def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=DEFAULT_CHUNK, vocab_chunk=None):
+  """``chunk``: rows per block of logits in the forward; ``vocab_chunk``: columns per block in the
+  backward (default ``VOCAB_CHUNK``)."""
   if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
     raise ValueError(f"hidden must be [B,T,H] and lm_head [H,V]; got {hidden.shape}, {lm_head.shape}")
   if targets.shape != hidden.shape[:2]:
@@ -113,7 +115,7 @@ def token_logprobs_xla(hidden, lm_head, targets, *, return_entropy=False, chunk=
     # Small enough to hold: plain autodiff keeps the logits and saves the backward's recomputation.
     lp, ent, logz = _chunk_stats(rows, lm_head, flat_targets, bool(return_entropy))
   else:
-    lp, ent, logz = _chunked(rows, lm_head, flat_targets, chunk, bool(return_entropy))
+    lp, ent, logz = _chunked(rows, lm_head, flat_targets, chunk, vocab_chunk, bool(return_entropy))
   lp, ent, logz = lp.reshape(b, t), ent.reshape(b, t), logz.reshape(b, t)
   if return_entropy == "with_logz":
     return lp, ent, logz
