@@ -15,8 +15,6 @@ from ml_collections import config_dict
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
 
 ALGORITHMS = ("sft", "rm", "dpo", "kto", "kd", "steerlm2", "spin", "reinforce", "rs", "ppo")
-# Algorithms whose configs the planner compiles but whose training runs are not built yet.
-PLAN_ONLY = ("ppo",)
 # The jsonl format each algorithm reads (data.format).
 FORMATS = {"sft": ("chat", "prompt_response"), "rm": ("comparison", "regression"), "dpo": ("comparison",),
            "kto": ("kto",), "kd": ("chat", "prompt_response"), "steerlm2": ("steerlm2",), "spin": ("chat",),
@@ -325,6 +323,15 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
              f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {d.max_seq_length}")
     _require(r.temperature > 0, "reinforce.temperature", "must be positive")
   if c.algorithm == "ppo":
+    p = c.ppo
+    for key, size in (("train.global_batch_size", c.train.global_batch_size),
+                      ("critic.global_batch_size", c.critic.global_batch_size)):
+      _require(p.num_rollout_samples % size == 0, "ppo.num_rollout_samples",
+               f"{p.num_rollout_samples} samples do not split into global batches of {key} {size}")
+    _require(p.rollout_micro_batch_size >= 1, "ppo.rollout_micro_batch_size", "must be at least 1")
+    _require(p.temperature > 0, "ppo.temperature", "must be positive")
+    _require(0 <= p.min_new_tokens <= p.max_new_tokens, "ppo.min_new_tokens",
+             f"{p.min_new_tokens} is not within 0..ppo.max_new_tokens {p.max_new_tokens}")
     _require(c.ppo.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
     _require(c.ppo.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",
              f"{c.ppo.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")

@@ -49,15 +49,18 @@ class Rollouts:
 
   def __init__(self, c, tok, prompts: list[list[int]], reward: RewardModel, initial: trainer.ReferencePass | None,
                current, *, mesh, rules, log, val_prompts: list[list[int]] | None = None):
-    self.c, self.r, self.tok, self.prompts, self.val_prompts = c, c.reinforce, tok, prompts, val_prompts
+    self.c, self.r, self.tok, self.prompts, self.val_prompts = c, sampling_config(c), tok, prompts, val_prompts
     self.reward, self.initial, self.current = reward, initial, current
     self.mesh, self.rules, self.log = mesh, rules, log
     self.loop = None
     self.pad = tok.pad_id if tok.pad_id is not None else 0
     self.max_new = self.r.max_new_tokens or c.data.max_seq_length // 2
     self.width = max(len(p) for p in prompts + (val_prompts or []))
+    # PPO (jalign.ppo) samples once per prompt, NeMo's rollout_micro_batch_size prompts at a time.
+    self.per_prompt = 1 if c.algorithm == "ppo" else self.r.num_rollouts_per_prompt
+    self.generate_batch = self.r.rollout_micro_batch_size if c.algorithm == "ppo" else self.r.rollout_batch_size
     self.top_n = c.rs.top_n_rollouts if c.algorithm == "rs" else 0  # rejection sampling keeps these
-    kept = self.top_n or self.r.num_rollouts_per_prompt
+    kept = self.top_n or self.per_prompt
     self.steps_per_rollout = self.r.num_rollout_samples * kept // c.train.global_batch_size
     self._queue: list[dict] = []
     self.last: dict | None = None
@@ -89,7 +92,7 @@ class Rollouts:
   def rollout(self) -> list[dict]:
     step = int(jax.device_get(self.loop.state.step))
     index = step // self.steps_per_rollout
-    k = self.r.num_rollouts_per_prompt
+    k = self.per_prompt
     chosen = self._prompt_indices(index)
     prompts = [self.prompts[i] for i in chosen for _ in range(k)]
     group_ids = np.repeat(np.arange(len(chosen)), k)
@@ -97,11 +100,20 @@ class Rollouts:
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
     rows = [build_row([ex], self.c.data.max_seq_length, self.pad) for ex in examples]
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-    rewards = self.reward.rewards(examples, batch_size=self.r.rollout_batch_size)
+    rewards = self.score(examples)
     stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
              "fraction_ended": float(np.mean(is_end))}
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
     self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
+    batch = self.prepare(batch, stats, step)
+    self.loop.metrics.write(step, stats, prefix="rollout")
+    self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
+    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
+    size = self.c.train.global_batch_size
+    return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
+
+  def prepare(self, batch: dict, stats: dict, step: int) -> dict:
+    """What the algorithm trains on from a scored rollout; adds its statistics to ``stats``."""
     if self.top_n:
       keep = top_per_group(rewards, group_ids, self.top_n)
       batch = {key: value[keep] for key, value in batch.items()}
@@ -117,25 +129,25 @@ class Rollouts:
       batch["loss_mask"] = batch["loss_mask"] * is_end[:, None]
       stats.update(init_policy_kl=float(np.mean(kl)), rewards_with_kl=float(np.mean(total)),
                    advantage_std=float(np.std(batch["advantages"])))
-    self.loop.metrics.write(step, stats, prefix="rollout")
-    self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
-    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
-    size = self.c.train.global_batch_size
-    return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
+    return batch
+
+  def score(self, examples) -> np.ndarray:
+    """``[N]`` standardised rewards of prompt + response examples."""
+    return self.reward.rewards(examples, batch_size=self.generate_batch)
 
   def validate(self) -> dict:
     """One response to each validation prompt from the current policy (the same seed every time, so
     that checkpoints compare on equal terms), scored: ``val_reward`` (the checkpoint monitor), lengths."""
     responses, is_end = self._generate(self.val_prompts, seed=self.c.seed + 1)
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
-    rewards = self.reward.rewards(examples, batch_size=self.r.rollout_batch_size)
+    rewards = self.score(examples)
     return {"val_reward": float(np.mean(rewards)), "val_response_length": float(np.mean([len(x) for x in responses])),
             "val_fraction_ended": float(np.mean(is_end))}
 
   def _generate(self, prompts, *, seed):
     """Responses (token lists, the stop token included when there is one) and ``is_end``."""
     model = self.loop.model()
-    size = self.r.rollout_batch_size
+    size = self.generate_batch
     responses, ended = [], []
     stops = self.stop_ids
     for start in range(0, len(prompts), size):
@@ -162,6 +174,11 @@ class Rollouts:
     return np.concatenate(old), np.concatenate(init)
 
 
+def sampling_config(c):
+  """The config block that sets the rollouts' sampling: ``ppo`` for PPO, else ``reinforce``."""
+  return c.ppo if c.algorithm == "ppo" else c.reinforce
+
+
 def top_per_group(rewards, group_ids, n: int) -> np.ndarray:
   """Indices of each group's ``n`` highest rewards (the earlier sample first among equals), in order."""
   keep = []
@@ -176,13 +193,15 @@ def load_prompts(c, tok, log, spec: str | None = None) -> list[list[int]]:
   the responses."""
   path = config_lib.data_path(spec or c.data.train)
   records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
-  keep = c.data.max_seq_length - (c.reinforce.max_new_tokens or c.data.max_seq_length // 2)
+  r = sampling_config(c)
+  keep = c.data.max_seq_length - (r.max_new_tokens or c.data.max_seq_length // 2)
   prompts = [tok.encode(r["text"], add_special_tokens=c.data.add_bos)[-keep:] for r in records]
   log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, "
       f"{sum(len(tok.encode(r['text'])) > keep for r in records)} cut to {keep} tokens")
-  if spec is None and len(prompts) < c.reinforce.num_rollout_samples:
-    raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.reinforce.num_rollout_samples "
-                            f"{c.reinforce.num_rollout_samples}")
+  if spec is None and len(prompts) < r.num_rollout_samples:
+    block = "ppo" if c.algorithm == "ppo" else "reinforce"
+    raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.{block}.num_rollout_samples "
+                            f"{r.num_rollout_samples}")
   return prompts
 
 

@@ -248,10 +248,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   """Everything a config describes, ready to ``run()``: model, data, step, checkpoints. A ``model``
   (and its ``tokenizer``) already in memory, such as SPIN's previous iteration, replaces building
   ``config.model``'s."""
-  if c.algorithm in config_lib.PLAN_ONLY:
-    raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} training runs are not available yet; "
-                                 f"python -m jalign.plan compiles and sizes this config's steps")
-  if c.algorithm in ("spin", "reinforce", "rs"):
+  if c.algorithm in ("spin", "reinforce", "rs", "ppo"):
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} generates its own data; jalign.train.run "
                                  f"(or jalign.{c.algorithm}.run) runs it")
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
@@ -328,6 +325,9 @@ def run(c, log=print) -> dict:
   if c.algorithm in ("reinforce", "rs"):  # rollouts scored by a reward model
     from jalign import reinforce
     return reinforce.run(c, log)
+  if c.algorithm == "ppo":  # rollouts, a reward model and a critic trained beside the policy
+    from jalign import ppo
+    return ppo.run(c, log)
   loop = build_trainer(c, log)
   summary = loop.run()
   run_dir = Path(c.run_dir)

@@ -271,13 +271,17 @@ class Trainer:
                options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
                validator: Callable[[], dict] | None = None,
                mesh=None, rules=pmesh.DEFAULT_RULES, wandb_project: str | None = None,
-               config: dict | None = None, graphdef=None, reference=None):
+               config: dict | None = None, graphdef=None, reference=None, companion=None):
     """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows.
 
     ``reference(batch, state) -> dict``, when given, adds fields to every (device) batch before the
     train and eval steps see it: the reference policy's log-probs of DPO, for example
     (``ReferencePass``).
+    ``companion``: a second trained model with checkpoints of its own (PPO's critic), which has
+    ``save(step, metrics)``, ``restore(step)`` and ``wait()``; it is saved and restored at the same
+    steps as this state.
     """
+    self.companion = companion
     self.graphdef = graphdef
     self.reference = reference
     self.mesh, self.rules = mesh, rules
@@ -294,17 +298,7 @@ class Trainer:
     self.validator = validator  # replaces the loss over val_batches (e.g. the reward of generated replies)
     self._train_fn, self._eval_fn = train_step, eval_step
     self._train_step = self._eval_step = None
-    o = options
-    policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
-    if o.keep_best:
-      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor],
-                                                     reverse=not o.monitor_higher_is_better,
-                                                     n=o.keep_best, keep_checkpoints_without_metrics=False))
-    self.checkpoints = ocp.CheckpointManager(
-        (self.run_dir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=True, cleanup_tmp_directories=True))
+    self.checkpoints = checkpoint_manager(self.run_dir / "checkpoints", options)
     self.metrics = MetricsWriter(self.run_dir, wandb_project, config)
     self._stop_signal = None
     self.losses: dict[int, float] = {}
@@ -344,6 +338,8 @@ class Trainer:
     self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
                                                          data=ocp.args.JsonSave(data_state)),
                           metrics=metrics, force=True)
+    if self.companion is not None:
+      self.companion.save(step, metrics)
 
   def restore(self) -> int | None:
     step = self.checkpoints.latest_step()
@@ -353,6 +349,8 @@ class Trainer:
     restored = self.checkpoints.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     self.state = restored.state.replace(rest=self.state.rest)
+    if self.companion is not None:
+      self.companion.restore(step)
     if restored.data and hasattr(self.train_batches, "set_state"):
       self.train_batches.set_state(restored.data)
     return step
@@ -433,10 +431,27 @@ class Trainer:
     finally:
       signal.signal(signal.SIGTERM, previous)
       self.checkpoints.wait_until_finished()
+      if self.companion is not None:
+        self.companion.wait()
       progress.close()
       self.metrics.close()
     return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
+
+
+def checkpoint_manager(directory, o: TrainerOptions) -> ocp.CheckpointManager:
+  """Async, atomic checkpoints in ``directory`` keeping the last ``o.keep_last`` and the best
+  ``o.keep_best`` by ``o.monitor``."""
+  policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
+  if o.keep_best:
+    policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor],
+                                                   reverse=not o.monitor_higher_is_better,
+                                                   n=o.keep_best, keep_checkpoints_without_metrics=False))
+  return ocp.CheckpointManager(
+      Path(directory).absolute(),
+      options=ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+          enable_async_checkpointing=True, cleanup_tmp_directories=True))
 
 
 def count(tree) -> int:

@@ -59,11 +59,11 @@ def test_malformed_data_line_stops_before_training(tmp_path):
   assert "1 bad lines skipped" in out.stdout
 
 
-def test_ppo_configs_are_for_the_planner_only(tmp_path):
+def test_algorithms_that_generate_their_data_are_not_built_by_build_trainer(tmp_path):
   from jalign.config import ConfigError
   from jalign.train import build_trainer, load_config_file
   c = load_config_file(ROOT / "configs" / "ppo_70b.py", {"run_dir": str(tmp_path / "run")})
-  with pytest.raises(ConfigError, match="config.algorithm: ppo training runs are not available yet"):
+  with pytest.raises(ConfigError, match="config.algorithm: ppo generates its own data; jalign.train.run"):
     build_trainer(c)
   assert not (tmp_path / "run").exists()
 

@@ -120,7 +120,7 @@ def actor_train_loss(model, batch, rng=None, *, clip_eps=0.2, entropy_coef=0.0):
   ``is_end`` folded in), ``old_logprobs`` and ``advantages``, all ``[B,T]``.
   """
   del rng
-  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"))
+  hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
   out = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"], return_entropy=entropy_coef > 0)
   logprobs, entropy = out if entropy_coef > 0 else (out, None)
   loss, metrics = actor_loss(logprobs, batch["old_logprobs"], batch["advantages"], batch["mask"],
@@ -130,10 +130,11 @@ def actor_train_loss(model, batch, rng=None, *, clip_eps=0.2, entropy_coef=0.0):
 
 
 def critic_train_loss(model, batch, rng=None, *, clip=0.2):
-  """``(loss_sum, tokens, metric_sums)`` for a ``ValueModel`` critic; the batch holds ``tokens``,
+  """``(loss_sum, tokens, metric_sums)`` for a ``ValueModel`` critic (its outputs merged into one value
+  per token, as ``ValueModel.values`` reads a reward model); the batch holds ``tokens``,
   ``mask`` (every row's actions), ``old_values`` and ``returns``, all ``[B,T]``."""
   del rng
-  values = model(batch["tokens"], positions=batch.get("positions"))[..., 0]
+  values = model.values(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
   loss, metrics = critic_loss(values, batch["old_values"], batch["returns"], batch["mask"], clip=clip)
   tokens = jnp.sum(batch["mask"].astype(jnp.float32))
   return loss * tokens, tokens, {k: v * tokens for k, v in metrics.items()}
