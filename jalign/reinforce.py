@@ -114,6 +114,7 @@ class Rollouts:
 
   def prepare(self, batch: dict, stats: dict, step: int) -> dict:
     """What the algorithm trains on from a scored rollout; adds its statistics to ``stats``."""
+    rewards, group_ids, is_end = batch["rewards"], batch["group_ids"], batch["is_end"]
     if self.top_n:
       keep = top_per_group(rewards, group_ids, self.top_n)
       batch = {key: value[keep] for key, value in batch.items()}

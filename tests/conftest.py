@@ -20,3 +20,25 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 def smollm2_file():
   from jalign.models.pretrained import smollm2_path
   return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def reward_run(tmp_path_factory):
+  """A tiny reward model run (two steps: any fixed scorer will do), for the algorithms that need one."""
+  from jalign.train import run
+  from tests.test_preference_training import load, quiet
+  folder = tmp_path_factory.mktemp("rm") / "rm"
+  run(load("rm_tiny", folder, **{"train.max_steps": 2, "train.val_check_interval": 0, "train.save_interval": 0}),
+      log=quiet)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+  """A briefly fine-tuned tiny policy: it ends most replies with the chat format's turn start."""
+  from jalign.train import run
+  from tests.test_preference_training import load, quiet
+  folder = tmp_path_factory.mktemp("sft") / "sft"
+  run(load("sft_tiny", folder, **{"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0}),
+      log=quiet)
+  return folder

@@ -15,24 +15,6 @@ from tests.algos.test_ppo import np_rloo
 from tests.test_preference_training import load, quiet
 
 
-@pytest.fixture(scope="module")
-def reward_run(tmp_path_factory):
-  """A tiny reward model run (two steps: any fixed scorer will do)."""
-  folder = tmp_path_factory.mktemp("rm") / "rm"
-  run(load("rm_tiny", folder, **{"train.max_steps": 2, "train.val_check_interval": 0, "train.save_interval": 0}),
-      log=quiet)
-  return folder
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-  """A briefly fine-tuned tiny policy: it ends most replies with the chat format's turn start."""
-  folder = tmp_path_factory.mktemp("sft") / "sft"
-  run(load("sft_tiny", folder, **{"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0}),
-      log=quiet)
-  return folder
-
-
 def reinforce_config(tmp_path, reward_run, sft_run, **overrides):
   return load("reinforce_tiny", tmp_path / "rf", **{
       "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}", "reinforce.num_rollout_samples": 8,

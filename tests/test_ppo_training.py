@@ -1,0 +1,119 @@
+"""PPO with a critic: a rollout's values, KL rewards, GAE and whitened advantages against plain numpy,
+the critic trained on its returns, and actor and critic checkpoints that resume together."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jalign import config as config_lib
+from jalign import ppo, trainer
+from jalign.data.sft import Example
+from jalign.score import RewardModel
+from jalign.train import load_trained, run
+from tests.test_preference_training import load, quiet
+
+N = 16  # rollout samples; two actor and two critic optimizer steps of 8 per rollout
+
+
+def ppo_config(tmp_path, reward_run, sft_run, **overrides):
+  return load("ppo_tiny", tmp_path / "ppo", **{
+      "model.init": f"run:{sft_run}", "critic.init": f"run:{reward_run}", "critic.reward_model": f"run:{reward_run}",
+      "ppo.num_rollout_samples": N, "ppo.rollout_micro_batch_size": N, "ppo.max_new_tokens": 12,
+      "ppo.kl_coef": 0.5, "train.global_batch_size": 8, "train.micro_batch_size": 1,
+      "critic.global_batch_size": 8, "critic.micro_batch_size": 1, "train.max_steps": 4, "train.save_interval": 2,
+      "train.val_check_interval": 2, **overrides})
+
+
+def np_gae(rewards, values, mask, gamma, lam):
+  """GAE by a plain backward loop over each row, values and rewards masked."""
+  rewards, values = rewards * mask, values * mask
+  advantages = np.zeros_like(rewards)
+  for i in range(rewards.shape[0]):
+    running = 0.0
+    for t in reversed(range(rewards.shape[1])):
+      following = values[i, t + 1] if t + 1 < rewards.shape[1] else 0.0
+      running = rewards[i, t] + gamma * following - values[i, t] + gamma * lam * running
+      advantages[i, t] = running
+  return advantages, advantages + values
+
+
+def test_first_rollout_matches_numpy_and_trains_the_critic(tmp_path, reward_run, sft_run):
+  c = ppo_config(tmp_path, reward_run, sft_run, **{"ppo.gamma": 0.9})
+  loop, rollouts = ppo.build(c, log=quiet)
+  batches = rollouts.rollout()
+  assert len(batches) == 2 and all(len(b["tokens"]) == 8 for b in batches)
+  assert sorted(batches[0]) == sorted(ppo.ACTOR_FIELDS)
+  every = rollouts.last  # the whole rollout, in sampling order
+  tokens, mask, ended = every["tokens"], every["loss_mask"], every["is_end"]
+  lengths = (every["segment_ids"] > 0).sum(1)
+  # Scores and values from a reward model loaded afresh: the critic starts as its copy.
+  reward_model = RewardModel.load(reward_run)
+  examples = [Example(tokens[i, :n], np.zeros(n, bool)) for i, n in enumerate(lengths)]
+  scores = reward_model.rewards(examples)
+  np.testing.assert_allclose(every["rewards"], scores, rtol=1e-5, atol=1e-6)
+  values = np.asarray(reward_model.model.values(tokens, positions=every["positions"],
+                                                segment_ids=every["segment_ids"]))
+  # pi_old: the SFT policy's log-probs of the sampled tokens, by log_softmax of its logits.
+  policy, _, _ = load_trained(sft_run)
+  logits = np.asarray(policy(tokens, positions=every["positions"], segment_ids=every["segment_ids"]), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, every["targets"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(every["old_logprobs"][mask > 0], picked[mask > 0], rtol=1e-4, atol=1e-4)
+  # Step 0: the policy is the initial one, so the KL is 0 and the only reward is the score at the last
+  # response token (index length - 2 in the log-prob layout).
+  rewards = np.zeros(mask.shape)
+  rewards[np.arange(N), lengths - 2] = scores
+  advantages, returns = np_gae(rewards, values, mask, gamma=0.9, lam=c.ppo.lam)
+  on = mask > 0
+  whitened = (advantages - advantages[on].mean()) / np.sqrt(advantages[on].var() + 1e-8)
+  np.testing.assert_allclose(every["advantages"][on], whitened[on], rtol=2e-4, atol=2e-4)
+  # The actor trains on the responses that ended; the critic saw every response.
+  np.testing.assert_array_equal(every["mask"], mask * ended[:, None])
+  assert ended.sum() >= 4  # the fine-tuned policy ends most replies
+  stats = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+  rollout_row = next(r for r in stats if r["split"] == "rollout")
+  assert rollout_row["init_policy_kl"] == 0.0
+  assert rollout_row["returns_mean"] == pytest.approx(returns[on].mean(), rel=1e-3, abs=1e-4)
+  assert rollout_row["values_mean"] == pytest.approx(values[on].mean(), rel=1e-3, abs=1e-4)
+  # One critic epoch: N / critic.global_batch_size optimizer steps moved the critic's values.
+  critic_row = next(r for r in stats if r["split"] == "critic")
+  assert int(jax.device_get(rollouts.critic.state.step)) == critic_row["optimizer_steps"] == 2
+  assert np.isfinite(critic_row["critic_loss"])
+  assert np.abs(rollouts.critic.values(every)[on] - values[on]).max() > 1e-4
+
+
+def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, sft_run):
+  summary = run(ppo_config(tmp_path, reward_run, sft_run), log=quiet)
+  assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))
+  folder = tmp_path / "ppo"
+  rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+  assert [r["step"] for r in rows if r["split"] == "rollout"] == [0, 2]
+  assert [r["optimizer_steps"] for r in rows if r["split"] == "critic"] == [2, 4]
+  rollout_rows = [r for r in rows if r["split"] == "rollout"]
+  assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[1]["init_policy_kl"] > 0.0
+  val_rows = [r for r in rows if r["split"] == "val"]
+  assert [r["step"] for r in val_rows] == [2, 4] and all(np.isfinite(r["val_reward"]) for r in val_rows)
+  actor_steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir())
+  assert sorted(int(p.name) for p in (folder / "critic" / "checkpoints").iterdir()) == actor_steps
+  # A rerun resumes both: the critic continues from its 4 optimizer steps, not a fresh copy of the RM.
+  summary = run(ppo_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6}), log=quiet)
+  assert summary["steps"] == 6 and sorted(summary["losses"]) == [5, 6]
+  rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+  assert [r["optimizer_steps"] for r in rows if r["split"] == "critic"] == [2, 4, 6]
+  # Without its critic checkpoint a run does not resume on a fresh critic.
+  shutil.rmtree(folder / "critic" / "checkpoints" / "6")
+  with pytest.raises(trainer.TrainingError, match="no critic checkpoint at step 6"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 8}), log=quiet)
+
+
+def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
+  with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: 'random'; PPO training needs"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"critic.reward_model": "random"}), log=quiet)
+  with pytest.raises(config_lib.ConfigError, match="config.ppo.num_rollout_samples: 12 samples do not split"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"ppo.num_rollout_samples": 12}), log=quiet)
+  with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
