@@ -5,7 +5,7 @@ inside a node, FSDP across nodes; 512 rollouts per step, 64 per optimizer step (
 
 python -m jalign.plan --config=configs/ppo_70b.py   # memory, FLOPs and step times, no GPU needed
 
-PPO training runs are not available yet (``python -m jalign.train`` says so); the planner compiles
+PPO training runs in one process for now (configs/ppo_tiny.py); for this size the planner compiles
 every step the two jobs run.
 """
 

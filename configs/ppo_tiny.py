@@ -36,7 +36,7 @@ def get_config():
   c.train.micro_batch_size = 8
   c.train.max_steps = 200
   c.train.save_interval = 50
-  c.train.val_check_interval = 20  # the reward of one reply to each validation prompt
+  c.train.val_check_interval = 25  # the reward of one reply to each validation prompt
   c.optimizer.lr = 3e-4
   c.optimizer.min_lr = 3e-5
   c.optimizer.warmup_steps = 4

@@ -81,3 +81,14 @@ def test_saved_configs_without_newer_keys_read_with_their_defaults(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(ConfigError, match="config.json: not a readable jalign config"):
     read_saved(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_validates(path):
+  """On the devices its mesh names (one for -1 axes), data and model files aside."""
+  import math
+  from jalign import config as config_lib
+  from jalign.train import load_config_file
+  c = load_config_file(path)
+  devices = math.prod(max(1, size) for size in dict(c.mesh).values())
+  config_lib.validate(c, process_count=1, device_count=devices, check_files=False)
