@@ -3,7 +3,8 @@
   python bench/gpu_train_smoke.py [--out gpu_train_smoke.json] [--runs runs_gpu] [--steps-scale 1.0]
 
 A chain of short runs, each from the one before as the real recipes go: SFT, a reward model, DPO
-from the SFT model, REINFORCE from the SFT model scored by the reward model, and SPIN (one iteration).
+from the SFT model, REINFORCE from the SFT model scored by the reward model, PPO with a critic started
+from the reward model, and SPIN (one iteration).
 Each run goes through ``jalign.train.run`` exactly as ``python -m jalign.train`` does, so on a GPU
 it takes cuDNN attention, the Pallas decode kernel in the rollouts and the chunked log-prob. Prints,
 and writes to a JSON file, each run's steps, wall time (compilation included), median step time
@@ -48,6 +49,8 @@ def chain(runs: Path, scale: float):
       ("dpo", "dpo_tiny", {"model.init": sft, "train.max_steps": steps(50)}),
       ("reinforce", "reinforce_tiny", {"model.init": sft, "reinforce.reward_model": rm,
                                        "train.max_steps": steps(16)}),
+      ("ppo", "ppo_tiny", {"model.init": sft, "critic.init": rm, "critic.reward_model": rm,
+                           "train.max_steps": steps(16)}),
       ("spin", "spin_tiny", {"model.init": sft, "spin.iterations": 1}),
   ]
 
