@@ -200,12 +200,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
                                    f"than the policy's tokenizer's {tok.vocab_size}; it reads the policy's tokens")
   prompts = reinforce.load_prompts(c, tok, log)
   val_prompts = reinforce.load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
-  validating = bool(val_prompts) and t.val_check_interval > 0
-  options = trainer.TrainerOptions(max_steps=t.max_steps, val_check_interval=t.val_check_interval if validating else 0,
-                                   save_interval=t.save_interval, keep_last=t.keep_last,
-                                   keep_best=t.keep_best if validating else 0, monitor="val_reward",
-                                   monitor_higher_is_better=True, max_time_s=t.max_time_s, log_every=t.log_every,
-                                   resume=t.resume)
+  options = reinforce.trainer_options(c, bool(val_prompts))
   actor_steps_per_rollout = p.num_rollout_samples // t.global_batch_size
   rollouts_total = -(-t.max_steps // actor_steps_per_rollout)
   critic = Critic(c, value_model, total_steps=rollouts_total * (p.num_rollout_samples // cc.global_batch_size),
@@ -224,20 +219,10 @@ def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
   rollouts = PPORollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log,
                          val_prompts=val_prompts, critic=critic)
   loss_fn = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
-  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, loss_fn, tx, schedule,
-                                                                         micro_batches=micro_batches),
-                         eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
-                         validator=rollouts.validate if validating else None,
-                         run_dir=run_dir, options=options, mesh=mesh, rules=rules,
-                         wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
-                         companion=critic)
-  rollouts.loop = loop
+  loop = reinforce.rollout_trainer(c, rollouts, graphdef, state, loss_fn, tx, schedule, options,
+                                   micro_batches=micro_batches, mesh=mesh, rules=rules, companion=critic)
   return loop, rollouts
 
 
 def run(c, log=print) -> dict:
-  loop, _ = build(c, log)
-  summary = loop.run()
-  summary["losses"] = loop.losses
-  log(f"{summary['stopped']} after {summary['steps']} steps; run folder: {Path(c.run_dir).absolute()}")
-  return summary
+  return reinforce.run(c, log, build=build)

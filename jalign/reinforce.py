@@ -246,23 +246,39 @@ def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
   val_prompts = load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
   rollouts = Rollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log,
                       val_prompts=val_prompts)
-  validating = bool(val_prompts) and t.val_check_interval > 0
-  options = trainer.TrainerOptions(max_steps=t.max_steps, val_check_interval=t.val_check_interval if validating else 0,
-                                   save_interval=t.save_interval, keep_last=t.keep_last,
-                                   keep_best=t.keep_best if validating else 0, monitor="val_reward",
-                                   monitor_higher_is_better=True, max_time_s=t.max_time_s, log_every=t.log_every,
-                                   resume=t.resume)
-  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, loss_fn, tx, schedule,
-                                                                         micro_batches=micro_batches),
-                         eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
-                         validator=rollouts.validate if validating else None,
-                         run_dir=run_dir, options=options, mesh=mesh, rules=rules,
-                         wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef)
-  rollouts.loop = loop
+  options = trainer_options(c, bool(val_prompts))
+  loop = rollout_trainer(c, rollouts, graphdef, state, loss_fn, tx, schedule, options, micro_batches=micro_batches,
+                         mesh=mesh, rules=rules)
   return loop, rollouts
 
 
-def run(c, log=print) -> dict:
+def trainer_options(c, has_val_prompts: bool) -> trainer.TrainerOptions:
+  """The loop's options for training on rollouts: validation by the reward of generated replies,
+  checkpoints kept by the highest."""
+  t = c.train
+  validating = has_val_prompts and t.val_check_interval > 0
+  return trainer.TrainerOptions(max_steps=t.max_steps, val_check_interval=t.val_check_interval if validating else 0,
+                                save_interval=t.save_interval, keep_last=t.keep_last,
+                                keep_best=t.keep_best if validating else 0, monitor="val_reward",
+                                monitor_higher_is_better=True, max_time_s=t.max_time_s, log_every=t.log_every,
+                                resume=t.resume)
+
+
+def rollout_trainer(c, rollouts: Rollouts, graphdef, state, loss_fn, tx, schedule, options, *, micro_batches, mesh,
+                    rules, companion=None) -> trainer.Trainer:
+  """The shared Trainer fed by ``rollouts`` (which get it as their ``loop``)."""
+  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, loss_fn, tx, schedule,
+                                                                         micro_batches=micro_batches),
+                         eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
+                         validator=rollouts.validate if options.val_check_interval else None,
+                         run_dir=Path(c.run_dir), options=options, mesh=mesh, rules=rules,
+                         wandb_project=c.train.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
+                         companion=companion)
+  rollouts.loop = loop
+  return loop
+
+
+def run(c, log=print, *, build=build) -> dict:
   loop, _ = build(c, log)
   summary = loop.run()
   summary["losses"] = loop.losses
