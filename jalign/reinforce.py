@@ -21,6 +21,8 @@ starts a fresh rollout.
 Online rejection sampling (``algorithm = "rs"``, NeMo's ``gpt_rs_actor.yaml``) samples and scores the
 same way, keeps each prompt's ``rs.top_n_rollouts`` highest-reward samples and trains on them with the
 SFT loss over their responses; it needs no KL and no initial policy.
+
+PPO (``jalign.ppo``) samples from these rollouts too, one response per prompt, with its own ``prepare``.
 """
 
 from __future__ import annotations
@@ -194,15 +196,15 @@ def load_prompts(c, tok, log, spec: str | None = None) -> list[list[int]]:
   the responses."""
   path = config_lib.data_path(spec or c.data.train)
   records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
-  r = sampling_config(c)
-  keep = c.data.max_seq_length - (r.max_new_tokens or c.data.max_seq_length // 2)
+  sampling = sampling_config(c)
+  keep = c.data.max_seq_length - (sampling.max_new_tokens or c.data.max_seq_length // 2)
   prompts = [tok.encode(r["text"], add_special_tokens=c.data.add_bos)[-keep:] for r in records]
   log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, "
       f"{sum(len(tok.encode(r['text'])) > keep for r in records)} cut to {keep} tokens")
-  if spec is None and len(prompts) < r.num_rollout_samples:
+  if spec is None and len(prompts) < sampling.num_rollout_samples:
     block = "ppo" if c.algorithm == "ppo" else "reinforce"
     raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.{block}.num_rollout_samples "
-                            f"{r.num_rollout_samples}")
+                            f"{sampling.num_rollout_samples}")
   return prompts
 
 
