@@ -178,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.critic.weight_decay = 0.1
   c.critic.loss_clip = 0.2         # loss_clip_val
   c.critic.offload_adam_states = True  # while serving values and rewards
+  # Where the critic job runs: "" in the actor's process; "host:port" the HTTP address of a critic server
+  # started by python -m jalign.serve (NeMo's remote_critic_rm.critic.{ip,port}).
+  c.critic.server = ""
+  c.critic.serve_address = "127.0.0.1:5556"  # what python -m jalign.serve binds (0.0.0.0:<port> for other hosts)
 
   # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
   c.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})

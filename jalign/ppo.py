@@ -31,109 +31,26 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from flax import nnx
 
 from jalign import config as config_lib
-from jalign import optim, reinforce, train, trainer
+from jalign import critic as critic_lib
+from jalign import reinforce, train, trainer
 from jalign.algos import ppo, rloo
-from jalign.models.heads import ValueModel
-from jalign.models import LlamaConfig
 from jalign.parallel import mesh as pmesh
-from jalign.score import RewardModel
 
 ACTOR_FIELDS = ("tokens", "targets", "positions", "segment_ids", "mask", "old_logprobs", "advantages")
-
-
-def _values_of(model, batch):
-  return {"values": model.values(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])}
-
-
-def _parts(batch: dict, size: int):
-  for start in range(0, len(batch["tokens"]), size):
-    yield {key: value[start:start + size] for key, value in batch.items()}
-
-
-class Critic:
-  """The critic job: a ``ValueModel`` on ``critic.mesh`` that gives values and trains on returns, with
-  checkpoints of its own; the actor's ``Trainer`` saves and restores it as its companion."""
-
-  def __init__(self, c, model: ValueModel, *, total_steps: int, options: trainer.TrainerOptions, rules):
-    cc, o = c.critic, c.optimizer
-    self.mesh, self.rules = pmesh.make_mesh(dict(cc.mesh)), rules
-    self.batch_size = cc.global_batch_size
-    schedule = optim.nemo_schedule(cc.lr, max_steps=total_steps, warmup_steps=o.warmup_steps,
-                                   constant_steps=o.constant_steps, min_lr=cc.min_lr)
-    tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=cc.weight_decay,
-                     grad_clip=o.grad_clip or None)
-    graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1)
-    self.state_sharding = pmesh.tree_shardings(state, self.mesh, rules)
-    self.state = jax.device_put(state, self.state_sharding)
-    micro = cc.global_batch_size // (cc.micro_batch_size * pmesh.data_parallel_size(self.mesh, rules))
-    self._step_fn = trainer.make_train_step(graphdef, functools.partial(ppo.critic_train_loss, clip=cc.loss_clip),
-                                            tx, schedule, micro_batches=micro)
-    self._step = None
-    self._values = jax.jit(functools.partial(trainer.reference_pass, graphdef, _values_of, micro_batches=micro),
-                           out_shardings=pmesh.batch_sharding(self.mesh, rules))
-    self.directory = Path(c.run_dir) / "critic" / "checkpoints"
-    self.checkpoints = trainer.checkpoint_manager(self.directory, options)
-
-  def values(self, batch: dict) -> np.ndarray:
-    """``[N,T]`` values of a rollout's rows, ``critic.global_batch_size`` rows at a time."""
-    out = []
-    with pmesh.use(self.mesh, self.rules):
-      for part in _parts({k: batch[k] for k in ("tokens", "positions", "segment_ids")}, self.batch_size):
-        part = pmesh.put_batch(part, self.mesh, self.rules)
-        out.append(np.asarray(self._values(self.state.params, self.state.rest, part)["values"]))
-    return np.concatenate(out)
-
-  def train(self, batch: dict) -> dict:
-    """One epoch over ``batch`` (tokens, positions, segment_ids, mask, old_values, returns): the mean of
-    each optimizer step's metrics."""
-    totals: dict[str, float] = {}
-    steps = 0
-    with pmesh.use(self.mesh, self.rules):
-      for part in _parts(batch, self.batch_size):
-        part = pmesh.put_batch(part, self.mesh, self.rules)
-        if self._step is None:
-          self._step = jax.jit(self._step_fn, donate_argnums=0,
-                               in_shardings=(self.state_sharding, pmesh.batch_shardings(part, self.mesh, self.rules)),
-                               out_shardings=(self.state_sharding, None))
-        self.state, metrics = self._step(self.state, part)
-        for key, value in jax.device_get(metrics).items():
-          totals[key] = totals.get(key, 0.0) + float(value)
-        steps += 1
-    out = {key: value / steps for key, value in totals.items() if key != "weight"}
-    out["optimizer_steps"] = int(jax.device_get(self.state.step))
-    return out
-
-  def save(self, step: int, metrics: dict | None = None):
-    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state.replace(rest=None))),
-                          metrics=metrics, force=True)
-
-  def restore(self, step: int):
-    if step not in self.checkpoints.all_steps():
-      raise trainer.TrainingError(f"{self.directory}: no critic checkpoint at step {step}, the actor's latest "
-                                  f"(critic steps: {sorted(self.checkpoints.all_steps())})")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
-    restored = self.checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    self.state = restored.state.replace(rest=self.state.rest)
-
-  def wait(self):
-    self.checkpoints.wait_until_finished()
 
 
 class PPORollouts(reinforce.Rollouts):
   """The REINFORCE rollouts (one sample per prompt), scored by the reward model on the critic's mesh,
   with values, KL rewards, GAE and whitened advantages, the critic trained on each."""
 
-  def __init__(self, *args, critic: Critic, **kwargs):
+  def __init__(self, *args, critic, **kwargs):
     super().__init__(*args, **kwargs)
-    self.critic = critic
+    self.critic = critic  # critic.Critic, or the client of a served one (jalign.serve.critic.RemoteCritic)
 
   def score(self, examples) -> np.ndarray:
-    with pmesh.use(self.critic.mesh, self.rules):
-      return super().score(examples)
+    return self.critic.rewards(examples)
 
   def prepare(self, batch: dict, stats: dict, step: int) -> dict:
     p = self.c.ppo
@@ -161,17 +78,6 @@ class PPORollouts(reinforce.Rollouts):
     return {key: batch[key] for key in ACTOR_FIELDS}
 
 
-def critic_model(c, reward: RewardModel, reward_dir: str) -> ValueModel:
-  """The critic ``critic.init`` names: a copy of a reward model run's (NeMo's start), or a random one."""
-  cc = c.critic
-  if cc.init == "random":
-    config = LlamaConfig.preset(cc.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-    return ValueModel(config, 1, rngs=nnx.Rngs(c.seed + 2))
-  if Path(cc.init[4:]).absolute() == Path(reward_dir).absolute():
-    return reward.critic()
-  return RewardModel.load(cc.init[4:]).critic()
-
-
 def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
   """The actor's trainer of a PPO config, fed by rollouts that also train its critic."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
@@ -179,13 +85,6 @@ def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
   if jax.process_count() > 1:
     raise config_lib.ConfigError("config.algorithm: ppo training runs in one process (its rollouts are not "
                                  "spread over processes yet); python -m jalign.plan sizes multi-host PPO")
-  if not cc.reward_model.startswith("run:"):
-    raise config_lib.ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
-                                 "model run, run:<folder>")
-  reward = RewardModel.load(cc.reward_model[4:])
-  if reward.config.data.max_seq_length < c.data.max_seq_length:
-    raise config_lib.ConfigError(f"config.critic.reward_model: it scores up to {reward.config.data.max_seq_length} "
-                                 f"tokens, fewer than data.max_seq_length {c.data.max_seq_length}")
   rules = tuple(tuple(r) for r in c.sharding_rules)
   mesh = pmesh.make_mesh(dict(c.mesh))
   run_dir = Path(c.run_dir)
@@ -193,21 +92,14 @@ def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
   (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
   model, own = train.build_model(c)
   tok = train.build_tokenizer(c, own)
-  value_model = critic_model(c, reward, cc.reward_model[4:])
-  for key, other in (("reward_model", reward.model), ("init", value_model)):
-    if other.config.vocab_size < tok.vocab_size:
-      raise config_lib.ConfigError(f"config.critic.{key}: a vocabulary of {other.config.vocab_size} tokens, fewer "
-                                   f"than the policy's tokenizer's {tok.vocab_size}; it reads the policy's tokens")
   prompts = reinforce.load_prompts(c, tok, log)
   val_prompts = reinforce.load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
   options = reinforce.trainer_options(c, bool(val_prompts))
-  actor_steps_per_rollout = p.num_rollout_samples // t.global_batch_size
-  rollouts_total = -(-t.max_steps // actor_steps_per_rollout)
-  critic = Critic(c, value_model, total_steps=rollouts_total * (p.num_rollout_samples // cc.global_batch_size),
-                  options=options, rules=rules)
-  # The reward model scores on the critic's mesh, as NeMo serves it beside the critic.
-  graphdef, weights = nnx.split(reward.model)
-  reward.model = nnx.merge(graphdef, jax.device_put(weights, pmesh.tree_shardings(weights, critic.mesh, rules)))
+  if cc.server:  # a critic server started by python -m jalign.serve
+    from jalign.serve.critic import RemoteCritic
+    critic = RemoteCritic(cc.server)
+  else:
+    critic = critic_lib.build(c, options, vocab_size=tok.vocab_size)
 
   micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
   schedule, tx = train.build_optimizer(c)
@@ -216,7 +108,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
                                   offload=c.reference.offload, micro_batches=micro_batches)
   current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
                                       micro_batches=micro_batches))
-  rollouts = PPORollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log,
+  rollouts = PPORollouts(c, tok, prompts, None, initial, current, mesh=mesh, rules=rules, log=log,
                          val_prompts=val_prompts, critic=critic)
   loss_fn = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
   loop = reinforce.rollout_trainer(c, rollouts, graphdef, state, loss_fn, tx, schedule, options,

@@ -1,0 +1,180 @@
+"""The critic server (NeMo-Aligner's ``serve_ppo_critic.py``, critic and reward model combined) and its
+client, ``RemoteCritic``, which PPO's actor uses in place of the in-process ``jalign.critic.Critic``.
+
+Endpoints (reference/nemo_aligner.md §3.1), HTTP, int64 tokens, float32 numbers:
+  ``critic_infer``   tokens [B,S], sequence_lengths [B,1] -> values [B,S] (per token), rewards [B,1]
+  ``reward_model``   tokens [B,S], sequence_lengths [B,1] -> rewards [B,1]
+  ``critic_train``   tokens [N,S], returns, prev_values, mask [N,S-1] -> loss_mean [1]; one epoch, rows
+                     padded to a multiple of critic.global_batch_size with mask 0
+  ``critic_save``    dummy_var [1] (jalign sends the actor's step there), monitor [1] optional -> status
+  ``critic_restore`` step [1] -> status (jalign's: the actor resumes, and the critic with it)
+Values and returns are in the log-prob layout (column t: after tokens[:t+1]); the server pads each
+request to ``data.max_seq_length`` columns so that one compiled shape serves every request, and calls
+are served one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from jalign import config as config_lib
+from jalign.data.sft import Example
+
+MODELS = ("critic_infer", "reward_model", "critic_train", "critic_save", "critic_restore")
+
+
+def _each_request(fn):
+  """An infer function of a model without batching: ``fn(**inputs)`` for each request as it came."""
+  def infer(requests):
+    return [fn(**dict(request.items())) for request in requests]
+  return infer
+
+
+def _rows(tokens: np.ndarray, lengths: np.ndarray, width: int, multiple: int) -> dict:
+  """Rows of ``width`` columns for the critic, padded up to a multiple of ``multiple`` rows."""
+  b, s = tokens.shape
+  if s > width:
+    raise ValueError(f"requests of {s} tokens; this critic reads up to data.max_seq_length {width}")
+  padded = -(-b // multiple) * multiple
+  rows = np.zeros((padded, width), np.int32)
+  rows[:b, :s] = tokens
+  full_lengths = np.ones(padded, np.int64)
+  full_lengths[:b] = lengths
+  positions = np.broadcast_to(np.arange(width, dtype=np.int32), (padded, width)).copy()
+  return {"tokens": rows, "positions": positions, "segment_ids": (positions < full_lengths[:, None]).astype(np.int32)}
+
+
+def _examples(tokens, lengths) -> list[Example]:
+  return [Example(np.asarray(t[:n]), np.zeros(int(n), bool)) for t, n in zip(tokens, lengths)]
+
+
+def bind(triton, job, c):
+  """Binds the critic endpoints of ``job`` (a ``jalign.critic.Critic``) to a started ``Triton``."""
+  from pytriton.decorators import batch
+  from pytriton.model_config import ModelConfig, Tensor
+
+  width, size, monitor = c.data.max_seq_length, c.critic.global_batch_size, "val_reward"
+  lock = threading.Lock()  # one call at a time, as NeMo's server serialises them
+
+  @batch
+  def infer(tokens, sequence_lengths):
+    lengths = sequence_lengths[:, 0]
+    with lock:
+      values = job.values(_rows(tokens, lengths, width, size))[:len(tokens), :tokens.shape[1]]
+      rewards = job.rewards(_examples(tokens, lengths))
+    return {"values": values.astype(np.float32), "rewards": rewards.astype(np.float32)[:, None]}
+
+  @batch
+  def reward_model(tokens, sequence_lengths):
+    with lock:
+      rewards = job.rewards(_examples(tokens, sequence_lengths[:, 0]))
+    return {"rewards": rewards.astype(np.float32)[:, None]}
+
+  @_each_request
+  def train(tokens, returns, prev_values, mask):
+    n, s = tokens.shape
+    # The mask covers response tokens t in [p-1, L-2]: a row's length is its last masked column + 2.
+    last = np.where(mask.any(axis=1), s - 1 - np.argmax(mask[:, ::-1] > 0, axis=1), s - 2)
+    rows = _rows(tokens, np.minimum(last + 2, s), width, size)
+    for key, value in (("returns", returns), ("old_values", prev_values), ("mask", mask)):
+      rows[key] = np.zeros(rows["tokens"].shape, np.float32)
+      rows[key][:n, :s - 1] = value
+    with lock:
+      metrics = job.train(rows)
+    return {"loss_mean": np.asarray([metrics["critic_loss"]], np.float32)}
+
+  @_each_request
+  def save(dummy_var, monitor_value=None):
+    step = int(dummy_var.reshape(-1)[0])
+    value = None if monitor_value is None else float(monitor_value.reshape(-1)[0])
+    with lock:
+      job.save(step, {monitor: value} if value is not None and np.isfinite(value) else None)
+      job.wait()
+    return {"status": np.asarray([step], np.int64)}
+
+  @_each_request
+  def restore(step):
+    step = int(step.reshape(-1)[0])
+    with lock:
+      job.restore(step)
+    return {"status": np.asarray([step], np.int64)}
+
+  dynamic = ModelConfig(max_batch_size=1 << 20)
+  whole = ModelConfig(batching=False)
+  lengths_in = [Tensor(name="tokens", dtype=np.int64, shape=(-1,)),
+                Tensor(name="sequence_lengths", dtype=np.int64, shape=(1,))]
+  rewards_out = Tensor(name="rewards", dtype=np.float32, shape=(1,))
+  triton.bind(model_name="critic_infer", infer_func=infer, inputs=lengths_in,
+              outputs=[Tensor(name="values", dtype=np.float32, shape=(-1,)), rewards_out], config=dynamic)
+  triton.bind(model_name="reward_model", infer_func=reward_model, inputs=lengths_in, outputs=[rewards_out],
+              config=dynamic)
+  matrix = lambda name, dtype: Tensor(name=name, dtype=dtype, shape=(-1, -1))
+  triton.bind(model_name="critic_train", infer_func=train,
+              inputs=[matrix("tokens", np.int64), matrix("returns", np.float32), matrix("prev_values", np.float32),
+                      matrix("mask", np.float32)],
+              outputs=[Tensor(name="loss_mean", dtype=np.float32, shape=(1,))], config=whole)
+  triton.bind(model_name="critic_save", infer_func=save,
+              inputs=[Tensor(name="dummy_var", dtype=np.int64, shape=(1,)),
+                      Tensor(name="monitor_value", dtype=np.float32, shape=(1,), optional=True)],
+              outputs=[Tensor(name="status", dtype=np.int64, shape=(1,))], config=whole)
+  triton.bind(model_name="critic_restore", infer_func=restore, inputs=[Tensor(name="step", dtype=np.int64, shape=(1,))],
+              outputs=[Tensor(name="status", dtype=np.int64, shape=(1,))], config=whole)
+
+
+class RemoteCritic:
+  """The client of a critic server at ``address`` (``host:port``), with ``jalign.critic.Critic``'s
+  interface; waits up to ``init_timeout_s`` for the server's models to be ready."""
+
+  def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
+    self.url = address if "://" in address else f"http://{address}"
+    self.timeout_s = timeout_s
+    from pytriton.client import ModelClient
+    self._client = ModelClient
+    try:
+      for name in MODELS:
+        with ModelClient(self.url, name, init_timeout_s=init_timeout_s) as client:
+          client.wait_for_model(init_timeout_s)
+    except Exception as e:  # unreachable, or not a critic server
+      raise config_lib.ConfigError(f"config.critic.server: no critic server answers at {self.url} "
+                                   f"({type(e).__name__}: {e}); start one with python -m jalign.serve "
+                                   "--config=<the same config>") from e
+
+  def _call(self, name: str, batched: bool, **inputs) -> dict:
+    with self._client(self.url, name, init_timeout_s=self.timeout_s, inference_timeout_s=self.timeout_s) as client:
+      return client.infer_batch(**inputs) if batched else client.infer_sample(**inputs)
+
+  def values(self, batch: dict) -> np.ndarray:
+    tokens = np.asarray(batch["tokens"], np.int64)
+    lengths = (np.asarray(batch["segment_ids"]) > 0).sum(axis=1)
+    return self._call("critic_infer", True, tokens=tokens, sequence_lengths=lengths[:, None].astype(np.int64))["values"]
+
+  def rewards(self, examples) -> np.ndarray:
+    width = max(len(ex) for ex in examples)
+    tokens = np.zeros((len(examples), width), np.int64)
+    for i, ex in enumerate(examples):
+      tokens[i, :len(ex)] = ex.tokens
+    lengths = np.asarray([[len(ex)] for ex in examples], np.int64)
+    return self._call("reward_model", True, tokens=tokens, sequence_lengths=lengths)["rewards"][:, 0]
+
+  def train(self, batch: dict) -> dict:
+    cut = lambda key: np.ascontiguousarray(np.asarray(batch[key], np.float32)[:, :-1])
+    out = self._call("critic_train", False, tokens=np.asarray(batch["tokens"], np.int64), returns=cut("returns"),
+                     prev_values=cut("old_values"), mask=cut("mask"))
+    return {"critic_loss": float(out["loss_mean"][0])}
+
+  def save(self, step: int, metrics: dict | None = None):
+    value = next(iter(metrics.values())) if metrics else float("nan")
+    self._call("critic_save", False, dummy_var=np.asarray([step], np.int64),
+               monitor_value=np.asarray([value], np.float32))
+
+  def restore(self, step: int):
+    from jalign.trainer import TrainingError
+    try:
+      self._call("critic_restore", False, step=np.asarray([step], np.int64))
+    except Exception as e:  # the server's error, e.g. no checkpoint at that step
+      raise TrainingError(f"critic server {self.url}: could not restore step {step}: {e}") from e
+
+  def wait(self):
+    pass  # the server finishes each save before it answers

@@ -1,0 +1,141 @@
+"""The critic server: ``python -m jalign.serve`` in a process of its own on loopback, against the
+in-process critic job it serves, and PPO trained through it with checkpoints and resume."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from jalign import config as config_lib
+from jalign import critic as critic_lib
+from jalign import reinforce, trainer
+from jalign.data.packing import build_row
+from jalign.data.sft import Example
+from jalign.serve.critic import RemoteCritic
+from jalign.train import load_config_file, run
+from tests.conftest import ROOT
+from tests.test_preference_training import quiet
+
+
+def free_port_block(n=3) -> int:
+  """A port p with p .. p+n-1 free on loopback (Triton takes HTTP, gRPC and metrics ports)."""
+  for _ in range(50):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    if port + n < 65536 and all(_free(port + i) for i in range(n)):
+      return port
+  raise RuntimeError("no free block of ports")
+
+
+def _free(port) -> bool:
+  with socket.socket() as s:
+    try:
+      s.bind(("127.0.0.1", port))
+      return True
+    except OSError:
+      return False
+
+
+def overrides(run_dir, reward_run, sft_run, address):
+  return {"run_dir": str(run_dir), "model.init": f"run:{sft_run}", "critic.init": f"run:{reward_run}",
+          "critic.reward_model": f"run:{reward_run}", "critic.serve_address": address,
+          "ppo.num_rollout_samples": 16, "ppo.rollout_micro_batch_size": 16, "ppo.max_new_tokens": 12,
+          "train.global_batch_size": 8, "train.micro_batch_size": 1, "critic.global_batch_size": 8,
+          "critic.micro_batch_size": 1, "train.max_steps": 4, "train.save_interval": 2,
+          "train.val_check_interval": 2, "train.log_every": 1000}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, reward_run, sft_run):
+  """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
+  address = f"127.0.0.1:{free_port_block()}"
+  values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
+  command = [sys.executable, "-m", "jalign.serve", f"--config={ROOT / 'configs' / 'ppo_tiny.py'}"]
+  command += [f"--config.{key}={value}" for key, value in values.items()]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines, ready = [], threading.Event()
+
+  def read():
+    for line in process.stdout:
+      lines.append(line)
+      if line.startswith("serving "):
+        ready.set()
+  threading.Thread(target=read, daemon=True).start()
+  try:
+    deadline = time.monotonic() + 180
+    while not ready.is_set() and process.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert ready.is_set(), "".join(lines[-40:])
+    yield address, values
+  finally:
+    process.send_signal(signal.SIGTERM)
+    try:
+      process.wait(60)
+    except subprocess.TimeoutExpired:
+      process.kill()
+  assert process.returncode == 0, "".join(lines[-40:])
+
+
+def rows(tokens_list, width):
+  examples = [Example(np.asarray(t, np.int32), np.r_[np.zeros(3, bool), np.ones(len(t) - 3, bool)])
+              for t in tokens_list]
+  built = [build_row([ex], width, 0) for ex in examples]
+  return examples, {key: np.stack([b[key] for b in built]) for key in built[0]}
+
+
+def test_served_critic_computes_what_the_in_process_one_does(server):
+  address, values = server
+  c = load_config_file(ROOT / "configs" / "ppo_tiny.py", {**values, "run_dir": values["run_dir"] + "_local"})
+  local = critic_lib.build(c, reinforce.trainer_options(c, True))
+  remote = RemoteCritic(address)
+  rng = np.random.default_rng(0)
+  examples, batch = rows([rng.integers(3, 200, n) for n in rng.integers(8, 60, 8)], c.data.max_seq_length)
+  mask = batch["loss_mask"]
+  np.testing.assert_allclose(remote.values(batch) * mask, local.values(batch) * mask, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(remote.rewards(examples), local.rewards(examples), rtol=1e-5, atol=1e-5)
+  train_batch = {**{k: batch[k] for k in ("tokens", "positions", "segment_ids")}, "mask": mask,
+                 "old_values": local.values(batch), "returns": rng.normal(size=mask.shape).astype(np.float32)}
+  assert remote.train(train_batch)["critic_loss"] == pytest.approx(local.train(train_batch)["critic_loss"], rel=1e-4)
+  # Both took the same optimizer step: their values agree still.
+  np.testing.assert_allclose(remote.values(batch) * mask, local.values(batch) * mask, rtol=1e-4, atol=1e-4)
+
+
+def test_ppo_trains_through_the_server_and_resumes_with_it(server):
+  address, values = server
+  config = lambda **more: load_config_file(ROOT / "configs" / "ppo_tiny.py",
+                                           {**values, "critic.server": address, **more})
+  summary = run(config(), log=quiet)
+  assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))
+  folder = values["run_dir"]
+  logged = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+  assert [r["step"] for r in logged if r["split"] == "critic"] == [0, 2]
+  assert all(np.isfinite(r["critic_loss"]) for r in logged if r["split"] == "critic")
+  # The server saved the critic at the actor's steps, in the run folder.
+  actor = sorted(os.listdir(os.path.join(folder, "checkpoints")))
+  assert sorted(os.listdir(os.path.join(folder, "critic", "checkpoints"))) == actor == ["2", "4"]
+  summary = run(config(**{"train.max_steps": 6}), log=quiet)
+  assert summary["steps"] == 6 and sorted(summary["losses"]) == [5, 6]
+  # Resuming where the server has no critic checkpoint fails with the server's reason.
+  shutil.rmtree(os.path.join(folder, "critic", "checkpoints", "6"))
+  with pytest.raises(trainer.TrainingError, match="no critic checkpoint at step 6"):
+    run(config(**{"train.max_steps": 8}), log=quiet)
+
+
+def test_an_unreachable_server_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError, match=r"config.critic.server: no critic server answers at http://127"):
+    RemoteCritic(f"127.0.0.1:{free_port_block()}", init_timeout_s=2)
+
+
+def test_serve_names_what_it_cannot_serve(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "jalign.serve", f"--config={ROOT / 'configs' / 'dpo_tiny.py'}",
+                        f"--config.run_dir={tmp_path / 'dpo'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "config.algorithm: a dpo config names no server" in out.stderr
