@@ -20,8 +20,9 @@ restored at the actor's steps. Rollout statistics go to ``metrics.jsonl`` under 
 critic's under ``critic``. Validation answers each validation prompt once with a fixed seed and reports
 ``val_reward`` (the checkpoint monitor, higher is better). A resumed run starts a fresh rollout.
 
-Where NeMo runs the critic and reward model as a PyTriton server in a second job, here they are objects
-in the actor's process on a mesh of their own; the numbers each computes are the same.
+The critic and reward model are ``jalign.critic``'s job in the actor's process, on a mesh of their own,
+unless ``critic.server`` names a critic server (``python -m jalign.serve``, NeMo's second job), which
+``jalign.serve.critic.RemoteCritic`` reaches with the same interface.
 """
 
 from __future__ import annotations
