@@ -182,6 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   # started by python -m jalign.serve (NeMo's remote_critic_rm.critic.{ip,port}).
   c.critic.server = ""
   c.critic.serve_address = "127.0.0.1:5556"  # what python -m jalign.serve binds (0.0.0.0:<port> for other hosts)
+  c.critic.overlap_train = True  # with a server: the critic trains while the actor does (NeMo does not await it)
 
   # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
   c.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})

@@ -72,7 +72,11 @@ class PPORollouts(reinforce.Rollouts):
                  values_mean=float(values[on].mean()), values_std=float(values[on].std()))
     critic_batch = {key: batch[key] for key in ("tokens", "positions", "segment_ids")}
     critic_batch.update(mask=mask, old_values=values.astype(np.float32), returns=returns)
-    self.loop.metrics.write(step, self.critic.train(critic_batch), prefix="critic")
+    report = functools.partial(self.loop.metrics.write, step, prefix="critic")
+    if self.c.critic.server and self.c.critic.overlap_train:  # the served critic trains beside the actor
+      self.critic.train_async(critic_batch, report)
+    else:
+      report(self.critic.train(critic_batch))
     # A response cut off by the length limit trains the critic only (NeMo's is_end mask).
     batch.update(mask=mask * batch["is_end"][:, None], old_logprobs=old.astype(np.float32),
                  advantages=np.asarray(advantages, np.float32))

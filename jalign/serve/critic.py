@@ -15,7 +15,9 @@ are served one at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+import warnings
 
 import numpy as np
 
@@ -125,17 +127,26 @@ def bind(triton, job, c):
 
 class RemoteCritic:
   """The client of a critic server at ``address`` (``host:port``), with ``jalign.critic.Critic``'s
-  interface; waits up to ``init_timeout_s`` for the server's models to be ready."""
+  interface; waits up to ``init_timeout_s`` for the server's models to be ready.
+
+  ``train_async`` sends an epoch of critic training and returns at once, as NeMo's actor does not
+  await ``critic_train``: the critic trains while the actor does. Every other call first waits for it
+  and hands its metrics to the ``report`` it was given, on the caller's thread.
+  """
 
   def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
     self.url = address if "://" in address else f"http://{address}"
     self.timeout_s = timeout_s
+    self._pending = None  # (future, report) of a critic epoch in flight
+    self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic_train")
     from pytriton.client import ModelClient
     self._client = ModelClient
     try:
-      for name in MODELS:
-        with ModelClient(self.url, name, init_timeout_s=init_timeout_s) as client:
-          client.wait_for_model(init_timeout_s)
+      with warnings.catch_warnings():  # a short init timeout is meant here
+        warnings.filterwarnings("ignore", message="Client network and/or connection timeout")
+        for name in MODELS:
+          with ModelClient(self.url, name, init_timeout_s=init_timeout_s) as client:
+            client.wait_for_model(init_timeout_s)
     except Exception as e:  # unreachable, or not a critic server
       raise config_lib.ConfigError(f"config.critic.server: no critic server answers at {self.url} "
                                    f"({type(e).__name__}: {e}); start one with python -m jalign.serve "
@@ -145,12 +156,20 @@ class RemoteCritic:
     with self._client(self.url, name, init_timeout_s=self.timeout_s, inference_timeout_s=self.timeout_s) as client:
       return client.infer_batch(**inputs) if batched else client.infer_sample(**inputs)
 
+  def _settle(self):
+    if self._pending is not None:
+      future, report = self._pending
+      self._pending = None
+      report(future.result())
+
   def values(self, batch: dict) -> np.ndarray:
+    self._settle()
     tokens = np.asarray(batch["tokens"], np.int64)
     lengths = (np.asarray(batch["segment_ids"]) > 0).sum(axis=1)
     return self._call("critic_infer", True, tokens=tokens, sequence_lengths=lengths[:, None].astype(np.int64))["values"]
 
   def rewards(self, examples) -> np.ndarray:
+    self._settle()
     width = max(len(ex) for ex in examples)
     tokens = np.zeros((len(examples), width), np.int64)
     for i, ex in enumerate(examples):
@@ -159,22 +178,33 @@ class RemoteCritic:
     return self._call("reward_model", True, tokens=tokens, sequence_lengths=lengths)["rewards"][:, 0]
 
   def train(self, batch: dict) -> dict:
+    self._settle()
+    return self._train(batch)
+
+  def _train(self, batch: dict) -> dict:
     cut = lambda key: np.ascontiguousarray(np.asarray(batch[key], np.float32)[:, :-1])
     out = self._call("critic_train", False, tokens=np.asarray(batch["tokens"], np.int64), returns=cut("returns"),
                      prev_values=cut("old_values"), mask=cut("mask"))
     return {"critic_loss": float(out["loss_mean"][0])}
 
+  def train_async(self, batch: dict, report):
+    """``train(batch)`` in the background; ``report(metrics)`` is called by the next call that waits."""
+    self._settle()
+    self._pending = (self._background.submit(self._train, batch), report)
+
   def save(self, step: int, metrics: dict | None = None):
+    self._settle()
     value = next(iter(metrics.values())) if metrics else float("nan")
     self._call("critic_save", False, dummy_var=np.asarray([step], np.int64),
                monitor_value=np.asarray([value], np.float32))
 
   def restore(self, step: int):
     from jalign.trainer import TrainingError
+    self._settle()
     try:
       self._call("critic_restore", False, step=np.asarray([step], np.int64))
     except Exception as e:  # the server's error, e.g. no checkpoint at that step
       raise TrainingError(f"critic server {self.url}: could not restore step {step}: {e}") from e
 
   def wait(self):
-    pass  # the server finishes each save before it answers
+    self._settle()  # the server finishes each save before it answers

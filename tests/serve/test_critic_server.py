@@ -107,6 +107,12 @@ def test_served_critic_computes_what_the_in_process_one_does(server):
   assert remote.train(train_batch)["critic_loss"] == pytest.approx(local.train(train_batch)["critic_loss"], rel=1e-4)
   # Both took the same optimizer step: their values agree still.
   np.testing.assert_allclose(remote.values(batch) * mask, local.values(batch) * mask, rtol=1e-4, atol=1e-4)
+  # In the background (NeMo's unawaited critic_train): the next call waits for it and reports it first.
+  reports = []
+  remote.train_async(train_batch, reports.append)
+  local_loss = local.train(train_batch)["critic_loss"]
+  np.testing.assert_allclose(remote.values(batch) * mask, local.values(batch) * mask, rtol=1e-4, atol=1e-4)
+  assert len(reports) == 1 and reports[0]["critic_loss"] == pytest.approx(local_loss, rel=1e-4)
 
 
 def test_ppo_trains_through_the_server_and_resumes_with_it(server):
