@@ -124,8 +124,6 @@ def critic_model(c, reward: RewardModel, reward_dir: str) -> ValueModel:
   return RewardModel.load(cc.init[4:]).critic()
 
 
-
-
 def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) -> Critic:
   """The critic job a PPO config names: its reward model (``critic.reward_model``, a ``run:`` folder),
   its start (``critic.init``) and an optimizer scheduled over the run's rollouts. ``vocab_size``: the
