@@ -22,23 +22,33 @@ def smollm2_file():
   return smollm2_path()
 
 
+def _shared_run(tmp_path_factory, worker_id, name, config, overrides):
+  """A training run made once per test session: under pytest-xdist the workers share it (made by the
+  first that needs it, under a file lock), so that each does not train its own copy."""
+  from filelock import FileLock
+
+  from jalign.train import run
+  from tests.test_preference_training import load, quiet
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if worker_id != "master" else base  # the session's folder, above the workers'
+  folder = root / "shared_runs" / name
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with FileLock(str(folder) + ".lock"):
+    if not (folder / "done").exists():
+      run(load(config, folder, **overrides), log=quiet)
+      (folder / "done").touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
-def reward_run(tmp_path_factory):
+def reward_run(tmp_path_factory, worker_id):
   """A tiny reward model run (two steps: any fixed scorer will do), for the algorithms that need one."""
-  from jalign.train import run
-  from tests.test_preference_training import load, quiet
-  folder = tmp_path_factory.mktemp("rm") / "rm"
-  run(load("rm_tiny", folder, **{"train.max_steps": 2, "train.val_check_interval": 0, "train.save_interval": 0}),
-      log=quiet)
-  return folder
+  return _shared_run(tmp_path_factory, worker_id, "rm", "rm_tiny",
+                     {"train.max_steps": 2, "train.val_check_interval": 0, "train.save_interval": 0})
 
 
 @pytest.fixture(scope="session")
-def sft_run(tmp_path_factory):
+def sft_run(tmp_path_factory, worker_id):
   """A briefly fine-tuned tiny policy: it ends most replies with the chat format's turn start."""
-  from jalign.train import run
-  from tests.test_preference_training import load, quiet
-  folder = tmp_path_factory.mktemp("sft") / "sft"
-  run(load("sft_tiny", folder, **{"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0}),
-      log=quiet)
-  return folder
+  return _shared_run(tmp_path_factory, worker_id, "sft", "sft_tiny",
+                     {"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0})

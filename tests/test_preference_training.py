@@ -96,6 +96,7 @@ def test_lora_dpo_trains_few_parameters_from_the_base_as_reference_and_saves_onl
 
 def test_dpo_smollm2_config_trains_the_real_model(tmp_path, smollm2_file):
   c = load("dpo_smollm2", tmp_path / "smollm2", **{"train.global_batch_size": 8, "train.max_steps": 3, "data.pack": False,
+                                                   "data.max_seq_length": 64,
                                                    "train.val_check_interval": 0, "train.save_interval": 0,
                                                    "optimizer.warmup_steps": 1})
   losses = run(c, log=quiet)["losses"]

@@ -25,11 +25,13 @@ def serve(c, log=print):
                                  "and reward model do)")
   config_lib.validate(c)
   host, port = triton.parse_address(c.critic.serve_address, "critic.serve_address")
-  # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
-  job = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
   with triton.server(host, port) as server:
-    critic_server.bind(server, job, c)
+    # Triton's process starts (a fork) before JAX starts its threads: forking a multithreaded JAX
+    # process can deadlock. The models are bound to the running server afterwards.
     server.run()
+    # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
+    job = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
+    critic_server.bind(server, job, c)
     log(f"serving {', '.join(critic_server.MODELS)} at http://{host}:{port} "
         f"(critic checkpoints: {job.directory})", flush=True)
     server.serve()
