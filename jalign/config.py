@@ -337,9 +337,9 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     _require(p.temperature > 0, "ppo.temperature", "must be positive")
     _require(0 <= p.min_new_tokens <= p.max_new_tokens, "ppo.min_new_tokens",
              f"{p.min_new_tokens} is not within 0..ppo.max_new_tokens {p.max_new_tokens}")
-    _require(c.ppo.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
-    _require(c.ppo.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",
-             f"{c.ppo.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
+    _require(p.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
+    _require(p.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",
+             f"{p.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
     for key in ("init", "reward_model"):
       value = c.critic[key]
       _require(value == "random" or value.startswith("run:"), f"critic.{key}",

@@ -28,16 +28,12 @@ unless ``critic.server`` names a critic server (``python -m jalign.serve``, NeMo
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
-import jax
 import numpy as np
 
-from jalign import config as config_lib
 from jalign import critic as critic_lib
-from jalign import reinforce, train, trainer
-from jalign.algos import ppo, rloo
-from jalign.parallel import mesh as pmesh
+from jalign import reinforce, trainer
+from jalign.algos import ppo
 
 ACTOR_FIELDS = ("tokens", "targets", "positions", "segment_ids", "mask", "old_logprobs", "advantages")
 
@@ -85,39 +81,17 @@ class PPORollouts(reinforce.Rollouts):
 
 def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
   """The actor's trainer of a PPO config, fed by rollouts that also train its critic."""
-  config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
-  p, cc, t = c.ppo, c.critic, c.train
-  if jax.process_count() > 1:
-    raise config_lib.ConfigError("config.algorithm: ppo training runs in one process (its rollouts are not "
-                                 "spread over processes yet); python -m jalign.plan sizes multi-host PPO")
-  rules = tuple(tuple(r) for r in c.sharding_rules)
-  mesh = pmesh.make_mesh(dict(c.mesh))
-  run_dir = Path(c.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
-  model, own = train.build_model(c)
-  tok = train.build_tokenizer(c, own)
-  prompts = reinforce.load_prompts(c, tok, log)
-  val_prompts = reinforce.load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
-  options = reinforce.trainer_options(c, bool(val_prompts))
-  if cc.server:  # a critic server started by python -m jalign.serve
+  policy = reinforce.build_policy(c, log, with_kl=True)
+  options = reinforce.trainer_options(c, bool(policy.val_prompts))
+  if c.critic.server:  # a critic server started by python -m jalign.serve
     from jalign.serve.critic import RemoteCritic
-    critic = RemoteCritic(cc.server)
+    critic = RemoteCritic(c.critic.server)
   else:
-    critic = critic_lib.build(c, options, vocab_size=tok.vocab_size)
-
-  micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
-  schedule, tx = train.build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=train.trainable_filter(c))
-  initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
-                                  offload=c.reference.offload, micro_batches=micro_batches)
-  current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
-                                      micro_batches=micro_batches))
-  rollouts = PPORollouts(c, tok, prompts, None, initial, current, mesh=mesh, rules=rules, log=log,
-                         val_prompts=val_prompts, critic=critic)
-  loss_fn = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
-  loop = reinforce.rollout_trainer(c, rollouts, graphdef, state, loss_fn, tx, schedule, options,
-                                   micro_batches=micro_batches, mesh=mesh, rules=rules, companion=critic)
+    critic = critic_lib.build(c, options, vocab_size=policy.tok.vocab_size)
+  rollouts = PPORollouts(c, policy.tok, policy.prompts, None, policy.initial, policy.current, mesh=policy.mesh,
+                         rules=policy.rules, log=log, val_prompts=policy.val_prompts, critic=critic)
+  loss_fn = functools.partial(ppo.actor_train_loss, clip_eps=c.ppo.clip_eps, entropy_coef=c.ppo.entropy_coef)
+  loop = reinforce.rollout_trainer(c, rollouts, policy, loss_fn, options=options, companion=critic)
   return loop, rollouts
 
 

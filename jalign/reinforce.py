@@ -27,6 +27,7 @@ PPO (``jalign.ppo``) samples from these rollouts too, one response per prompt, w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -208,49 +209,69 @@ def load_prompts(c, tok, log, spec: str | None = None) -> list[list[int]]:
   return prompts
 
 
-def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
-  """The trainer of a REINFORCE (or rejection sampling) config, fed by its rollouts."""
+@dataclasses.dataclass
+class Policy:
+  """The policy a rollout algorithm trains, and what its rollouts and trainer need from it."""
+  tok: object
+  prompts: list
+  val_prompts: list | None
+  graphdef: object
+  state: trainer.TrainState
+  tx: object
+  schedule: object
+  micro_batches: int
+  mesh: object
+  rules: tuple
+  initial: trainer.ReferencePass | None  # the starting policy's log-probs, frozen (for the KL)
+  current: object                        # the current policy's log-probs (pi_old)
+
+
+def build_policy(c, log, *, with_kl: bool) -> Policy:
+  """The run folder, the policy of ``config.model``, its prompts and optimizer state; with ``with_kl``
+  the log-prob passes of the initial and current policy."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   if jax.process_count() > 1:
     raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} runs in one process (its rollouts are not "
                                  "spread over processes yet)")
-  reward = RewardModel.load(c.reinforce.reward_model[4:])
-  if reward.config.data.max_seq_length < c.data.max_seq_length:
-    raise config_lib.ConfigError(f"config.reinforce.reward_model: it scores up to "
-                                 f"{reward.config.data.max_seq_length} tokens, fewer than data.max_seq_length "
-                                 f"{c.data.max_seq_length}")
   mesh = pmesh.make_mesh(dict(c.mesh))
   rules = tuple(tuple(r) for r in c.sharding_rules)
-  # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
-  graphdef, weights = nnx.split(reward.model)
-  reward.model = nnx.merge(graphdef, jax.device_put(weights, pmesh.tree_shardings(weights, mesh, rules)))
   run_dir = Path(c.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
   model, own = train.build_model(c)
   tok = train.build_tokenizer(c, own)
-  if reward.tokenizer.vocab_size != tok.vocab_size:
-    raise config_lib.ConfigError(f"config.reinforce.reward_model: its tokenizer ({reward.tokenizer.vocab_size} "
-                                 f"tokens) is not the policy's ({tok.vocab_size}); it scores the policy's tokens")
   prompts = load_prompts(c, tok, log)
+  val_prompts = load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
   t = c.train
   micro_batches = t.global_batch_size // (t.micro_batch_size * pmesh.data_parallel_size(mesh, rules))
   schedule, tx = train.build_optimizer(c)
   graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=train.trainable_filter(c))
   initial = current = None
-  loss_fn = sft.loss
-  if c.algorithm == "reinforce":  # the KL needs the initial policy's log-probs and the current one's
+  if with_kl:
     initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
                                     offload=c.reference.offload, micro_batches=micro_batches)
     current = jax.jit(functools.partial(trainer.reference_pass, graphdef, rloo.token_logprobs_of,
                                         micro_batches=micro_batches))
-    loss_fn = rloo.train_loss
-  val_prompts = load_prompts(c, tok, log, c.data.validation) if c.data.validation else None
-  rollouts = Rollouts(c, tok, prompts, reward, initial, current, mesh=mesh, rules=rules, log=log,
-                      val_prompts=val_prompts)
-  options = trainer_options(c, bool(val_prompts))
-  loop = rollout_trainer(c, rollouts, graphdef, state, loss_fn, tx, schedule, options, micro_batches=micro_batches,
-                         mesh=mesh, rules=rules)
+  return Policy(tok, prompts, val_prompts, graphdef, state, tx, schedule, micro_batches, mesh, rules, initial, current)
+
+
+def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
+  """The trainer of a REINFORCE (or rejection sampling) config, fed by its rollouts."""
+  policy = build_policy(c, log, with_kl=c.algorithm == "reinforce")  # the KL needs both policies' log-probs
+  reward = RewardModel.load(c.reinforce.reward_model[4:])
+  if reward.config.data.max_seq_length < c.data.max_seq_length:
+    raise config_lib.ConfigError(f"config.reinforce.reward_model: it scores up to "
+                                 f"{reward.config.data.max_seq_length} tokens, fewer than data.max_seq_length "
+                                 f"{c.data.max_seq_length}")
+  if reward.tokenizer.vocab_size != policy.tok.vocab_size:
+    raise config_lib.ConfigError(f"config.reinforce.reward_model: its tokenizer ({reward.tokenizer.vocab_size} "
+                                 f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")
+  # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
+  graphdef, weights = nnx.split(reward.model)
+  reward.model = nnx.merge(graphdef, jax.device_put(weights, pmesh.tree_shardings(weights, policy.mesh, policy.rules)))
+  rollouts = Rollouts(c, policy.tok, policy.prompts, reward, policy.initial, policy.current, mesh=policy.mesh,
+                      rules=policy.rules, log=log, val_prompts=policy.val_prompts)
+  loop = rollout_trainer(c, rollouts, policy, rloo.train_loss if c.algorithm == "reinforce" else sft.loss)
   return loop, rollouts
 
 
@@ -266,14 +287,17 @@ def trainer_options(c, has_val_prompts: bool) -> trainer.TrainerOptions:
                                 resume=t.resume)
 
 
-def rollout_trainer(c, rollouts: Rollouts, graphdef, state, loss_fn, tx, schedule, options, *, micro_batches, mesh,
-                    rules, companion=None) -> trainer.Trainer:
-  """The shared Trainer fed by ``rollouts`` (which get it as their ``loop``)."""
-  loop = trainer.Trainer(state=state, train_step=trainer.make_train_step(graphdef, loss_fn, tx, schedule,
-                                                                         micro_batches=micro_batches),
+def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=None,
+                    companion=None) -> trainer.Trainer:
+  """The shared Trainer of ``policy`` fed by ``rollouts`` (which get it as their ``loop``)."""
+  options = options or trainer_options(c, bool(policy.val_prompts))
+  graphdef = policy.graphdef
+  loop = trainer.Trainer(state=policy.state,
+                         train_step=trainer.make_train_step(graphdef, loss_fn, policy.tx, policy.schedule,
+                                                            micro_batches=policy.micro_batches),
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
                          validator=rollouts.validate if options.val_check_interval else None,
-                         run_dir=Path(c.run_dir), options=options, mesh=mesh, rules=rules,
+                         run_dir=Path(c.run_dir), options=options, mesh=policy.mesh, rules=policy.rules,
                          wandb_project=c.train.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
                          companion=companion)
   rollouts.loop = loop

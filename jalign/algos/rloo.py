@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jalign.kernels import token_logprobs
+from jalign.algos import sft
 
 
 def baseline(rewards, group_ids, is_end) -> jax.Array:
@@ -48,8 +48,7 @@ def loss(logprobs, rewards, baselines, mask):
 def token_logprobs_of(model, batch):
   """``{"token_logprobs": [B,T]}``: the model's log-probs of ``batch["targets"]`` (a reference pass's
   output, for the old and the initial policy)."""
-  hidden = model.hidden_states(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-  return {"token_logprobs": token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])}
+  return {"token_logprobs": sft.target_logprobs(model, batch)}
 
 
 def train_loss(model, batch, rng=None):

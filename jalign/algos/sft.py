@@ -12,11 +12,16 @@ import jax.numpy as jnp
 from jalign.kernels import token_logprobs
 
 
-def token_nll(model, batch):
-  """Per-token NLL ``[B,T]`` of ``batch["targets"]`` (log-probs without materialising the logits)."""
+def target_logprobs(model, batch):
+  """Per-token log-probs ``[B,T]`` of ``batch["targets"]`` (without materialising the logits)."""
   hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"),
                                segment_ids=batch.get("segment_ids"))
-  return -token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
+  return token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
+
+
+def token_nll(model, batch):
+  """Per-token NLL ``[B,T]`` of ``batch["targets"]``."""
+  return -target_logprobs(model, batch)
 
 
 def loss(model, batch, rng=None):
