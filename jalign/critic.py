@@ -132,10 +132,7 @@ def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) 
   if not cc.reward_model.startswith("run:"):
     raise config_lib.ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
                                  "model run, run:<folder>")
-  reward = RewardModel.load(cc.reward_model[4:])
-  if reward.config.data.max_seq_length < c.data.max_seq_length:
-    raise config_lib.ConfigError(f"config.critic.reward_model: it scores up to {reward.config.data.max_seq_length} "
-                                 f"tokens, fewer than data.max_seq_length {c.data.max_seq_length}")
+  reward = RewardModel.load_to_score(c, "critic.reward_model")
   value_model = critic_model(c, reward, cc.reward_model[4:])
   for key, other in (("reward_model", reward.model), ("init", value_model)):
     if vocab_size is not None and other.config.vocab_size < vocab_size:

@@ -258,11 +258,7 @@ def build_policy(c, log, *, with_kl: bool) -> Policy:
 def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
   """The trainer of a REINFORCE (or rejection sampling) config, fed by its rollouts."""
   policy = build_policy(c, log, with_kl=c.algorithm == "reinforce")  # the KL needs both policies' log-probs
-  reward = RewardModel.load(c.reinforce.reward_model[4:])
-  if reward.config.data.max_seq_length < c.data.max_seq_length:
-    raise config_lib.ConfigError(f"config.reinforce.reward_model: it scores up to "
-                                 f"{reward.config.data.max_seq_length} tokens, fewer than data.max_seq_length "
-                                 f"{c.data.max_seq_length}")
+  reward = RewardModel.load_to_score(c, "reinforce.reward_model")
   if reward.tokenizer.vocab_size != policy.tok.vocab_size:
     raise config_lib.ConfigError(f"config.reinforce.reward_model: its tokenizer ({reward.tokenizer.vocab_size} "
                                  f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")

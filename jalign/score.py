@@ -110,6 +110,17 @@ class RewardModel:
     mean, std = read_standardization(run_dir)
     return cls(model, tok, c, mean, std, None if attribute_weights is None else tuple(attribute_weights))
 
+  @classmethod
+  def load_to_score(cls, c, key: str) -> "RewardModel":
+    """The reward model run that config ``c``'s ``key`` names (``run:<folder>``), checked to score
+    sequences of the config's ``data.max_seq_length``."""
+    spec = c[key.split(".")[0]][key.split(".")[1]]
+    reward = cls.load(spec[4:])
+    if reward.config.data.max_seq_length < c.data.max_seq_length:
+      raise config_lib.ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "
+                                   f"fewer than data.max_seq_length {c.data.max_seq_length}")
+    return reward
+
   def encode(self, prompt, response: str) -> Example | None:
     """A prompt and response as the reward model's training pairs were encoded (None: does not fit)."""
     d = self.config.data
