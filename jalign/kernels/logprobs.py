@@ -37,8 +37,8 @@ def _chunk_stats(h, w, targets, with_entropy):
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   if not with_entropy:  # saves a pass over the [rows, V] block
     return picked - logz, jnp.zeros_like(logz), logz
-  probs = jnp.exp(logits - logz[:, None])
-  return picked - logz, logz - jnp.sum(probs * logits, axis=-1), logz
+  logp = logits - logz[:, None]  # not logz - E[logits]: that difference of large numbers loses digits
+  return picked - logz, -jnp.sum(jnp.exp(logp) * logp, axis=-1), logz
 
 
 def _chunks(x, chunk):
@@ -67,19 +67,20 @@ def _chunked_bwd(chunk, vocab_chunk, with_entropy, residuals, grads):
   vocab = lm_head.shape[1]
   width = min(vocab_chunk or VOCAB_CHUNK, vocab)
   full_blocks, tail = divmod(vocab, width)
-  expectation = (logz - ent)[:, None]
   # The logits' cotangent meets the matmuls in the inputs' dtype (bf16 inputs: bf16 operands, float32
   # accumulation), as in plain autodiff of a bf16 matmul; float32 matmuls run at a fraction of the speed.
   operand_dtype = jnp.promote_types(hidden.dtype, lm_head.dtype)
 
   def block(w, start):
     """This block's share of the hidden-state gradient, and its columns of the LM-head gradient."""
-    logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
-    p = jnp.exp(logits - logz[:, None])
+    # log p - log p's expectation = (logits - logz) + entropy; working from the normalised log-probs
+    # keeps the large logz out of the float32 differences.
+    logp = jnp.dot(hidden, w, preferred_element_type=jnp.float32) - logz[:, None]
+    p = jnp.exp(logp)
     is_target = (start + jnp.arange(w.shape[1]))[None, :] == targets[:, None]
     dx = jnp.where(is_target, g_lp[:, None], 0.0) + (g_logz - g_lp)[:, None] * p
     if with_entropy:
-      dx = dx - g_ent[:, None] * p * (logits - expectation)
+      dx = dx - g_ent[:, None] * p * (logp + ent[:, None])
     dx = dx.astype(operand_dtype)
     dh = jax.lax.dot_general(dx, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     dw = jax.lax.dot_general(hidden, dx, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
