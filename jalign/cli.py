@@ -1,10 +1,10 @@
 """The ``jalign`` console script: ``jalign train --config=...`` is ``python -m jalign.train --config=...``,
-and likewise ``jalign plan``, ``jalign distill``, ``jalign steerlm`` and ``jalign score``; ``jalign demo`` runs the demo."""
+and likewise ``jalign plan``, ``jalign distill``, ``jalign steerlm``, ``jalign score`` and ``jalign export``; ``jalign demo`` runs the demo."""
 
 import sys
 
 COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "distill": "jalign.distill", "steerlm": "jalign.steerlm",
-            "score": "jalign.score", "demo": "jalign.demo"}
+            "score": "jalign.score", "export": "jalign.export", "demo": "jalign.demo"}
 
 
 def main():
@@ -19,6 +19,9 @@ def main():
   elif command == "steerlm":
     from jalign.steerlm import main as steerlm
     steerlm(sys.argv[1:])
+  elif command == "export":
+    from jalign.export import main as export
+    export(sys.argv[1:])
   elif command == "score":
     from jalign.score import main as score
     score(sys.argv[1:])

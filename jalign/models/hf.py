@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jalign.models.llama import LlamaConfig, RopeScaling, Transformer
-from jalign.models.safetensors_io import CheckpointError, SafetensorsReader, write_file_lazy
+from jalign.models.safetensors_io import CheckpointError, SafetensorsReader, new_folder, write_file_lazy
 from jalign.parallel.logical import variable_spec
 
 ARCHITECTURES = {
@@ -329,8 +326,6 @@ def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT
   alongside when given. The folder appears only once complete.
   """
   path = Path(path)
-  if path.exists() and any(path.iterdir()) and not overwrite:
-    raise FileExistsError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
   cfg = model.config
   arrays = _param_arrays(model)
   out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
@@ -355,9 +350,7 @@ def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT
     size += nbytes
   shards.append(current)
 
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  try:
+  with new_folder(path, overwrite=overwrite) as tmp:
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
       fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -374,14 +367,4 @@ def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer is not None:
       tokenizer.save(tmp)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if path.exists():  # keep the old folder until the new one is in place
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-    os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, path)
   return path

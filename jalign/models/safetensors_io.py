@@ -8,9 +8,12 @@ then the raw bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,3 +135,27 @@ def write_file_lazy(path, entries, metadata=None) -> None:
       if tuple(array.shape) != tuple(shape):
         raise ValueError(f"{path}: tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
       f.write(array.tobytes())
+
+
+@contextlib.contextmanager
+def new_folder(path, *, overwrite: bool = False):
+  """A temporary folder beside ``path`` to write a checkpoint into; it becomes ``path`` when the block
+  ends, and is removed if the block fails. A non-empty ``path`` is replaced only with ``overwrite``,
+  and kept until the new folder is complete."""
+  path = Path(path)
+  if path.exists() and any(path.iterdir()) and not overwrite:
+    raise FileExistsError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if path.exists():
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, path)
