@@ -43,7 +43,7 @@ class Critic:
     cc, o = c.critic, c.optimizer
     self.mesh, self.rules = pmesh.make_mesh(dict(cc.mesh)), rules
     graphdef, weights = nnx.split(reward.model)
-    reward.model = nnx.merge(graphdef, jax.device_put(weights, pmesh.tree_shardings(weights, self.mesh, rules)))
+    reward.model = nnx.merge(graphdef, pmesh.place(weights, pmesh.tree_shardings(weights, self.mesh, rules)))
     self.reward = reward
     self.batch_size = cc.global_batch_size
     schedule = optim.nemo_schedule(cc.lr, max_steps=total_steps, warmup_steps=o.warmup_steps,
@@ -52,7 +52,7 @@ class Critic:
                      grad_clip=o.grad_clip or None)
     graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1)
     self.state_sharding = pmesh.tree_shardings(state, self.mesh, rules)
-    self.state = jax.device_put(state, self.state_sharding)
+    self.state = pmesh.place(state, self.state_sharding)
     micro = cc.global_batch_size // (cc.micro_batch_size * pmesh.data_parallel_size(self.mesh, rules))
     self._step_fn = trainer.make_train_step(graphdef, functools.partial(ppo.critic_train_loss, clip=cc.loss_clip),
                                             tx, schedule, micro_batches=micro)
@@ -67,8 +67,8 @@ class Critic:
     out = []
     with pmesh.use(self.mesh, self.rules):
       for part in _parts({k: batch[k] for k in ("tokens", "positions", "segment_ids")}, self.batch_size):
-        part = pmesh.put_batch(part, self.mesh, self.rules)
-        out.append(np.asarray(self._values(self.state.params, self.state.rest, part)["values"]))
+        part = pmesh.put_global_batch(part, self.mesh, self.rules)
+        out.append(pmesh.fetch(self._values(self.state.params, self.state.rest, part)["values"]))
     return np.concatenate(out)
 
   def rewards(self, examples) -> np.ndarray:
@@ -83,7 +83,7 @@ class Critic:
     steps = 0
     with pmesh.use(self.mesh, self.rules):
       for part in _parts(batch, self.batch_size):
-        part = pmesh.put_batch(part, self.mesh, self.rules)
+        part = pmesh.put_global_batch(part, self.mesh, self.rules)
         if self._step is None:
           self._step = jax.jit(self._step_fn, donate_argnums=0,
                                in_shardings=(self.state_sharding, pmesh.batch_shardings(part, self.mesh, self.rules)),

@@ -1,4 +1,4 @@
-"""PPO with a critic (NeMo-Aligner's ``gpt_ppo_actor.yaml`` with its critic server), in one process.
+"""PPO with a critic (NeMo-Aligner's ``gpt_ppo_actor.yaml`` with its critic server).
 
 Each PPO step (reference/nemo_aligner.md §3.2) takes the next ``ppo.num_rollout_samples`` prompts and:
   1. samples one response to each from the current policy (the JAX decode loop of ``jalign.reinforce``'s

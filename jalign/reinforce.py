@@ -23,6 +23,9 @@ same way, keeps each prompt's ``rs.top_n_rollouts`` highest-reward samples and t
 SFT loss over their responses; it needs no KL and no initial policy.
 
 PPO (``jalign.ppo``) samples from these rollouts too, one response per prompt, with its own ``prepare``.
+
+Over several processes every process computes the whole rollout (one SPMD program over the job's
+devices; each data-parallel group decodes its own rows) and hands the trainer its own rows of each batch.
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ class Rollouts:
   def __next__(self) -> dict:
     if not self._queue:
       self._queue = self.rollout()
-    return self._queue.pop(0)
+    # Every process computes the whole rollout (one SPMD program over the job's devices) and feeds the
+    # trainer its own rows of each batch.
+    return pmesh.process_rows(self._queue.pop(0))
 
   def _prompt_indices(self, index: int) -> np.ndarray:
     """Rollout ``index``'s prompts: consecutive slices of one shuffled order per pass over the data."""
@@ -154,14 +159,17 @@ class Rollouts:
     size = self.generate_batch
     responses, ended = [], []
     stops = self.stop_ids
+    # Each data-parallel group decodes its own rows of a batch (all of them when they do not divide).
+    split = self.mesh is not None and size % pmesh.data_parallel_size(self.mesh, self.rules) == 0
+    rows = pmesh.batch_sharding(self.mesh, self.rules) if split else None
     for start in range(0, len(prompts), size):
       chunk = prompts[start:start + size]
       out = generate(model, chunk + [chunk[0]] * (size - len(chunk)), max_new_tokens=self.max_new,
                      min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature, top_k=self.r.top_k,
                      top_p=self.r.top_p, stop_ids=stops, pad_id=self.pad, seed=seed + start,
-                     prompt_width=self.width)
+                     prompt_width=self.width, batch_sharding=rows)
       responses += out.responses()[:len(chunk)]
-      ended += np.asarray(out.is_end)[:len(chunk)].tolist()
+      ended += pmesh.fetch(out.is_end)[:len(chunk)].tolist()
     return responses, np.asarray(ended, bool)
 
   def _logprobs(self, batch):
@@ -172,9 +180,9 @@ class Rollouts:
     state = self.loop.state
     for start in range(0, len(batch["tokens"]), size):
       part = {key: value[start:start + size] for key, value in batch.items()}
-      part = pmesh.put_batch(part, self.mesh, self.rules) if self.mesh is not None else part
-      old.append(np.asarray(self.current(state.params, state.rest, part)["token_logprobs"]))
-      init.append(np.asarray(self.initial(part, state)["token_logprobs"]))
+      part = pmesh.put_global_batch(part, self.mesh, self.rules) if self.mesh is not None else part
+      old.append(pmesh.fetch(self.current(state.params, state.rest, part)["token_logprobs"]))
+      init.append(pmesh.fetch(self.initial(part, state)["token_logprobs"]))
     return np.concatenate(old), np.concatenate(init)
 
 
@@ -230,9 +238,6 @@ def build_policy(c, log, *, with_kl: bool) -> Policy:
   """The run folder, the policy of ``config.model``, its prompts and optimizer state; with ``with_kl``
   the log-prob passes of the initial and current policy."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
-  if jax.process_count() > 1:
-    raise config_lib.ConfigError(f"config.algorithm: {c.algorithm} runs in one process (its rollouts are not "
-                                 "spread over processes yet)")
   mesh = pmesh.make_mesh(dict(c.mesh))
   rules = tuple(tuple(r) for r in c.sharding_rules)
   run_dir = Path(c.run_dir)
@@ -264,7 +269,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
                                  f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")
   # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
   graphdef, weights = nnx.split(reward.model)
-  reward.model = nnx.merge(graphdef, jax.device_put(weights, pmesh.tree_shardings(weights, policy.mesh, policy.rules)))
+  reward.model = nnx.merge(graphdef, pmesh.place(weights, pmesh.tree_shardings(weights, policy.mesh, policy.rules)))
   rollouts = Rollouts(c, policy.tok, policy.prompts, reward, policy.initial, policy.current, mesh=policy.mesh,
                       rules=policy.rules, log=log, val_prompts=policy.val_prompts)
   loop = rollout_trainer(c, rollouts, policy, rloo.train_loss if c.algorithm == "reinforce" else sft.loss)

@@ -39,6 +39,7 @@ from jalign.data import formats, preference
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
 from jalign.models.heads import ValueModel, merge_attributes
+from jalign.parallel.mesh import fetch
 
 STANDARDIZATION_FILE = "reward_standardization.json"
 
@@ -85,7 +86,7 @@ def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_le
     rows = [{**build_row([ex], max_length, pad), "length": np.int32(len(ex))} for ex in chunk]
     rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
     batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    out.append(np.asarray(score(state, batch))[:len(chunk)])
+    out.append(fetch(score(state, batch))[:len(chunk)])
   return np.concatenate(out) if out else np.zeros((0, model.head.kernel.shape[-1]), np.float32)
 
 

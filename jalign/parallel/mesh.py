@@ -119,3 +119,44 @@ def put_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
   """Global arrays from each process's share of the batch (rows in process order)."""
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
                       batch, batch_shardings(batch, mesh, rules))
+
+
+def place(tree, shardings):
+  """``jax.device_put(tree, shardings)`` that also works across processes: arrays already spread over
+  processes are resharded by a compiled copy, host or single-device values placed from each process's
+  own (equal) copy; a shardings prefix tree (one per ``nnx.Variable``) is allowed."""
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(lambda v: v, out_shardings=sharding)(x)
+    if sharding.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub), shardings, tree)
+
+
+def put_global_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
+  """Global arrays from a whole batch that every process holds alike (rollouts, which each process
+  computes in full): each process places the rows of its own devices."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, batch, batch_shardings(batch, mesh, rules))
+
+
+def process_rows(batch):
+  """This process's share of a whole batch (equal consecutive slices in process order), as ``put_batch``
+  expects it."""
+  n = jax.process_count()
+  if n == 1:
+    return batch
+  i = jax.process_index()
+  return jax.tree.map(lambda x: x[i * (len(x) // n):(i + 1) * (len(x) // n)], batch)
+
+
+def fetch(x) -> np.ndarray:
+  """The whole value of an array on this host, also when its shards live on other processes' devices."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

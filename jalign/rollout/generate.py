@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jalign.parallel.mesh import fetch
 
 _NEG_INF = -1e30
 
@@ -29,7 +32,7 @@ class Rollout:
   logprobs: jax.Array        # [B,T] sampling log-prob of generated tokens, 0 elsewhere
 
   def responses(self) -> list[list[int]]:
-    tokens, start, end = (np.asarray(x) for x in (self.tokens, self.prompt_lengths, self.lengths))
+    tokens, start, end = (fetch(x) for x in (self.tokens, self.prompt_lengths, self.lengths))
     return [tokens[b, start[b]:end[b]].tolist() for b in range(tokens.shape[0])]
 
 
@@ -107,13 +110,21 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
   return tokens, prompt_lengths + count, is_end, logprobs
 
 
+def _place(x: np.ndarray, sharding) -> jax.Array:
+  """A global array of ``x``, which every process holds alike."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=(), pad_id: int = 0,
-             seed: int = 0, prompt_width: int = 0) -> Rollout:
+             seed: int = 0, prompt_width: int = 0, batch_sharding=None) -> Rollout:
   """Generate up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
 
   Prompts are right-padded to the longest of them, or to ``prompt_width`` when that is more: callers
   that generate batch after batch pass one width so that every batch runs one compiled loop.
+  ``batch_sharding`` (a sharding of ``[B]`` arrays, e.g. ``jalign.parallel.mesh.batch_sharding``)
+  splits the rows over devices, so that each data-parallel group decodes its own rows instead of all of
+  them; every process passes the same prompts. Samples do not depend on it.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
@@ -128,8 +139,14 @@ def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, te
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p
   graphdef, state = nnx.split(model)
+  if batch_sharding is not None:
+    rows = batch_sharding.spec[0] if batch_sharding.spec else None
+    prompt_tokens = _place(padded, NamedSharding(batch_sharding.mesh, PartitionSpec(rows, None)))
+    prompt_lengths = _place(lengths, batch_sharding)
+  else:
+    prompt_tokens, prompt_lengths = jnp.asarray(padded), jnp.asarray(lengths)
   tokens, out_lengths, is_end, logprobs = generate_arrays(
-      state, jnp.asarray(padded), jnp.asarray(lengths), jax.random.key(seed), graphdef=graphdef,
+      state, prompt_tokens, prompt_lengths, jax.random.key(seed), graphdef=graphdef,
       max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
       stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))

@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices with jax.distributed: same losses as one process with 8 devices,
-a checkpoint saved by both, restored by one process onto another mesh."""
+a checkpoint saved by both, restored by one process onto another mesh; PPO's rollouts, scores, critic
+and actor the same over two processes as in one."""
 
 import json
 import os
@@ -21,7 +22,7 @@ COMMON = [f"--config.train.max_steps={STEPS}", "--config.train.val_check_interva
           "--config.train.global_batch_size=8", "--config.train.micro_batch_size=1", "--config.data.validation="]
 
 
-def _launch(run_dir, processes, devices_each):
+def _launch(run_dir, processes, devices_each, config="sft_tiny", common=COMMON):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   port = portpicker.pick_unused_port()
   procs = []
@@ -30,8 +31,8 @@ def _launch(run_dir, processes, devices_each):
     if processes > 1:
       flags += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={pid}"]
-    procs.append(subprocess.Popen([sys.executable, "-m", "jalign.train", "--config=configs/sft_tiny.py",
-                                   *COMMON, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen([sys.executable, "-m", "jalign.train", f"--config=configs/{config}.py",
+                                   *common, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
@@ -39,9 +40,13 @@ def _launch(run_dir, processes, devices_each):
   return outs
 
 
-def _losses(run_dir):
+def _metrics(run_dir, split, key):
   rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-  return [r["loss"] for r in rows if r["split"] == "train"]
+  return [r[key] for r in rows if r["split"] == split and key in r]
+
+
+def _losses(run_dir):
+  return _metrics(run_dir, "train", "loss")
 
 
 def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
@@ -67,3 +72,24 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     params.append([np.asarray(v.get_value()) for _, v in nnx.to_flat_state(loop.state.params)])
   for a, b in zip(*params):
     np.testing.assert_array_equal(a, b)
+
+
+def test_ppo_over_two_processes_matches_one(tmp_path, reward_run):
+  """Every process computes the whole rollout (generation, reward, values, log-probs) as one program
+  over the job's devices and trains on its rows of each batch: the numbers are one process's."""
+  common = ["--config.model.init=random", f"--config.critic.init=run:{reward_run}",
+            f"--config.critic.reward_model=run:{reward_run}", "--config.ppo.num_rollout_samples=8",
+            "--config.ppo.rollout_micro_batch_size=8", "--config.ppo.max_new_tokens=8",
+            "--config.train.global_batch_size=8", "--config.train.micro_batch_size=1",
+            "--config.critic.global_batch_size=8", "--config.critic.micro_batch_size=1", "--config.train.max_steps=2",
+            "--config.train.save_interval=2", "--config.train.val_check_interval=0"]
+  _launch(tmp_path / "one", 1, 8, "ppo_tiny", common)
+  _launch(tmp_path / "two", 2, 4, "ppo_tiny", common)
+  for split, key in (("train", "loss"), ("rollout", "reward"), ("rollout", "response_length"),
+                     ("rollout", "values_mean"), ("critic", "loss")):
+    single, multi = _metrics(tmp_path / "one", split, key), _metrics(tmp_path / "two", split, key)
+    assert len(single) == len(multi) == 2, (split, key)
+    np.testing.assert_allclose(multi, single, rtol=1e-4, atol=1e-6, err_msg=f"{split} {key}")
+  assert _metrics(tmp_path / "two", "train", "loss")[1] != 0  # the second step trains on a real surrogate
+  for job in ("", "critic/"):  # actor and critic checkpoints, saved by both processes together
+    assert sorted(p.name for p in (tmp_path / "two" / job / "checkpoints").iterdir()) == ["2"]

@@ -81,3 +81,16 @@ def test_bad_arguments_are_refused(pair):
     generate(model, [[1], []], max_new_tokens=3)
   with pytest.raises(ValueError, match="min_new_tokens"):
     generate(model, [[1]], max_new_tokens=3, min_new_tokens=4)
+
+
+def test_rows_split_over_devices_generate_what_one_device_does(pair):
+  model, _ = pair
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  prompts = [PROMPTS[i % 3][: 1 + i % 4] for i in range(16)]
+  for kwargs in (dict(greedy=True), dict(temperature=0.8, top_p=0.9, seed=4)):
+    whole = generate(model, prompts, max_new_tokens=5, **kwargs)
+    split = generate(model, prompts, max_new_tokens=5, batch_sharding=rows, **kwargs)
+    assert split.tokens.sharding.spec[0] == "data"  # each device decoded its own two rows
+    np.testing.assert_array_equal(split.tokens, whole.tokens)
+    np.testing.assert_allclose(split.logprobs, whole.logprobs, atol=1e-5)
