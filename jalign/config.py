@@ -184,6 +184,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.critic.serve_address = "127.0.0.1:5556"  # what python -m jalign.serve binds (0.0.0.0:<port> for other hosts)
   c.critic.overlap_train = True  # with a server: the critic trains while the actor does (NeMo does not await it)
 
+  # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
+  # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
+  c.generation = ml_collections.ConfigDict()
+  c.generation.serve = False
+  c.generation.serve_address = "127.0.0.1:5557"
+
   # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
   c.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = DEFAULT_RULES

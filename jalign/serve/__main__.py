@@ -1,13 +1,16 @@
 """python -m jalign.serve --config=configs/<name>.py [--config.<key>=<value> ...]
 
-Starts the PyTriton servers the config names and serves until stopped (Ctrl-C or SIGTERM). For a ``ppo``
+Starts the PyTriton server the config names and serves until stopped (Ctrl-C or SIGTERM). For a ``ppo``
 config: the critic and reward model at ``config.critic.serve_address``; run the actor with
-``--config.critic.server=<that address>``.
+``--config.critic.server=<that address>``. With ``config.generation.serve``: the config's policy for
+generation (``jalign.serve.generation``), on the same server for a ``ppo`` config, else at
+``config.generation.serve_address``.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
 from absl import app, logging
 from ml_collections import config_flags
@@ -16,24 +19,35 @@ from jalign import config as config_lib
 from jalign import critic as critic_lib
 from jalign import reinforce
 from jalign.serve import critic as critic_server
+from jalign.serve import generation as generation_server
 from jalign.serve import triton
 
 
 def serve(c, log=print):
-  if c.algorithm != "ppo":
+  critic = c.algorithm == "ppo"
+  if not critic and not c.generation.serve:
     raise config_lib.ConfigError(f"config.algorithm: a {c.algorithm} config names no server (ppo's critic "
-                                 "and reward model do)")
+                                 "and reward model do; config.generation.serve=True serves the policy)")
   config_lib.validate(c)
-  host, port = triton.parse_address(c.critic.serve_address, "critic.serve_address")
+  key = "critic.serve_address" if critic else "generation.serve_address"
+  host, port = triton.parse_address(c.critic.serve_address if critic else c.generation.serve_address, key)
   with triton.server(host, port) as server:
     # Triton's process starts (a fork) before JAX starts its threads: forking a multithreaded JAX
     # process can deadlock. The models are bound to the running server afterwards.
     server.run()
-    # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
-    job = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
-    critic_server.bind(server, job, c)
-    log(f"serving {', '.join(critic_server.MODELS)} at http://{host}:{port} "
-        f"(critic checkpoints: {job.directory})", flush=True)
+    lock = threading.Lock()  # one call at a time over all the models, as NeMo's servers serialise them
+    models, notes = [], []
+    if critic:
+      # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
+      job = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
+      critic_server.bind(server, job, c, lock)
+      models += critic_server.MODELS
+      notes.append(f"critic checkpoints: {job.directory}")
+    if c.generation.serve:
+      generation_server.bind(server, generation_server.GenerationJob(c), lock)
+      models += generation_server.MODELS
+      notes.append(f"policy: {c.model.init}")
+    log(f"serving {', '.join(models)} at http://{host}:{port} ({'; '.join(notes)})", flush=True)
     server.serve()
 
 

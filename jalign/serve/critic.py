@@ -52,13 +52,14 @@ def _examples(tokens, lengths) -> list[Example]:
   return [Example(np.asarray(t[:n]), np.zeros(int(n), bool)) for t, n in zip(tokens, lengths)]
 
 
-def bind(triton, job, c):
-  """Binds the critic endpoints of ``job`` (a ``jalign.critic.Critic``) to a started ``Triton``."""
+def bind(triton, job, c, lock: threading.Lock | None = None):
+  """Binds the critic endpoints of ``job`` (a ``jalign.critic.Critic``) to a started ``Triton``; ``lock``
+  serialises calls with other models on the same server."""
   from pytriton.decorators import batch
   from pytriton.model_config import ModelConfig, Tensor
 
   width, size, monitor = c.data.max_seq_length, c.critic.global_batch_size, "val_reward"
-  lock = threading.Lock()  # one call at a time, as NeMo's server serialises them
+  lock = lock or threading.Lock()  # one call at a time, as NeMo's server serialises them
 
   @batch
   def infer(tokens, sequence_lengths):

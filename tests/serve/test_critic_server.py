@@ -1,5 +1,6 @@
 """The critic server: ``python -m jalign.serve`` in a process of its own on loopback, against the
-in-process critic job it serves, and PPO trained through it with checkpoints and resume."""
+in-process critic job it serves, and PPO trained through it with checkpoints and resume; the policy served
+for generation on the same server, against in-process generation."""
 
 import json
 import os
@@ -19,8 +20,10 @@ from jalign import critic as critic_lib
 from jalign import reinforce, trainer
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
+from jalign.rollout import generate
 from jalign.serve.critic import RemoteCritic
-from jalign.train import load_config_file, run
+from jalign.serve.generation import RemoteGenerator
+from jalign.train import build_model, build_tokenizer, load_config_file, run
 from tests.conftest import ROOT
 from tests.test_preference_training import quiet
 
@@ -51,7 +54,7 @@ def overrides(run_dir, reward_run, sft_run, address):
           "ppo.num_rollout_samples": 16, "ppo.rollout_micro_batch_size": 16, "ppo.max_new_tokens": 12,
           "train.global_batch_size": 8, "train.micro_batch_size": 1, "critic.global_batch_size": 8,
           "critic.micro_batch_size": 1, "train.max_steps": 4, "train.save_interval": 2,
-          "train.val_check_interval": 2, "train.log_every": 1000}
+          "train.val_check_interval": 2, "train.log_every": 1000, "generation.serve": True}
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +137,28 @@ def test_ppo_trains_through_the_server_and_resumes_with_it(server):
   shutil.rmtree(os.path.join(folder, "critic", "checkpoints", "6"))
   with pytest.raises(trainer.TrainingError, match="no critic checkpoint at step 6"):
     run(config(**{"train.max_steps": 8}), log=quiet)
+
+
+def test_served_policy_generates_what_it_does_in_process(server):
+  address, values = server
+  c = load_config_file(ROOT / "configs" / "ppo_tiny.py", values)
+  model, own = build_model(c)
+  tok = build_tokenizer(c, own)
+  remote = RemoteGenerator(address)
+  texts = ["What is the capital of France?", "Name a colour.", "Hi", "Count to three."]
+  prompts = [tok.encode(t, add_special_tokens=c.data.add_bos) for t in texts]  # as the server encodes texts
+  for settings in (dict(greedy=True), dict(temperature=0.9, top_k=20, seed=3), dict(top_p=0.8, min_new_tokens=4, seed=5)):
+    served = remote.generate(prompts, max_new_tokens=10, **settings)
+    local = generate(model, prompts, max_new_tokens=10, stop_ids=(tok.eos_id,), pad_id=tok.pad_id, **settings)
+    assert served.responses() == local.responses(), settings
+    assert sum(len(r) for r in served.responses()) > len(prompts)  # replies of several tokens
+    np.testing.assert_array_equal(served.is_end, np.asarray(local.is_end))
+    for b, p in enumerate(prompts):  # the server pads prompts wider: compare each response's log-probs
+      n = int(served.lengths[b])
+      np.testing.assert_allclose(served.logprobs[b, len(p):n], np.asarray(local.logprobs)[b, len(p):n], atol=1e-4)
+  replies = remote.generate_text(texts, max_new_tokens=10, greedy=True, stop_ids=[tok.eos_id])
+  local = generate(model, prompts, max_new_tokens=10, greedy=True, stop_ids=(tok.eos_id,), pad_id=tok.pad_id)
+  assert replies == [tok.decode(r) for r in local.responses()]
 
 
 def test_an_unreachable_server_is_a_config_error():

@@ -1,0 +1,192 @@
+"""The generation server: a config's policy (``config.model`` with its tokenizer) behind PyTriton, and its
+client ``RemoteGenerator``, whose ``generate`` is ``jalign.rollout.generate`` without the model.
+
+Endpoints (HTTP; one request at a time, each a whole batch; sampling settings optional, defaults as in
+``jalign.rollout.generate``; stop ids default to the tokenizer's end of sequence):
+  ``generate``       tokens [B,P] int64 right-padded, sequence_lengths [B,1], max_new_tokens [1];
+                     min_new_tokens, top_k, seed [1] int64; temperature, top_p [1] float32; greedy [1] bool;
+                     stop_ids [K] int64 -> tokens [B,T], lengths [B,1], is_end [B,1] bool, logprobs [B,T]
+                     (the ``Rollout`` fields)
+  ``generate_text``  sentences [B] bytes (UTF-8 prompts, encoded as the config's prompts are) and the same
+                     settings -> sentences [B] bytes (the responses, decoded without special tokens)
+Prompts are padded to a multiple of ``PROMPT_WIDTH_MULTIPLE`` tokens so that requests of similar lengths
+share a compiled loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+
+from jalign import config as config_lib
+from jalign.rollout.generate import Rollout
+
+MODELS = ("generate", "generate_text")
+PROMPT_WIDTH_MULTIPLE = 32
+_INT_SETTINGS = ("min_new_tokens", "top_k", "seed")
+_FLOAT_SETTINGS = ("temperature", "top_p")
+
+
+class GenerationJob:
+  """The policy of a config, placed on its mesh, generating with each data-parallel group decoding its
+  own rows when the batch divides over them."""
+
+  def __init__(self, c):
+    from flax import nnx
+
+    from jalign import train
+    from jalign.parallel import mesh as pmesh
+
+    model, own = train.build_model(c)
+    self.tokenizer = train.build_tokenizer(c, own)
+    self.add_bos = c.data.add_bos
+    self.mesh, self.rules = pmesh.make_mesh(dict(c.mesh)), tuple(tuple(r) for r in c.sharding_rules)
+    graphdef, state = nnx.split(model)
+    self.model = nnx.merge(graphdef, pmesh.place(state, pmesh.tree_shardings(state, self.mesh, self.rules)))
+    self.data_parallel = pmesh.data_parallel_size(self.mesh, self.rules)
+    self._rows = pmesh.batch_sharding(self.mesh, self.rules)
+    self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+
+  def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids=None, **settings) -> Rollout:
+    from jalign.rollout import generate
+
+    if not prompts:
+      raise ValueError("no prompts")
+    longest = max(len(p) for p in prompts)
+    width = -(-longest // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+    stops = tuple(stop_ids) if stop_ids is not None else tuple(
+        i for i in (self.tokenizer.eos_id,) if i is not None)
+    rows = self._rows if len(prompts) % self.data_parallel == 0 else None
+    return generate(self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad,
+                    prompt_width=width, batch_sharding=rows, **settings)
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=self.add_bos)
+
+  def decode(self, tokens: list[int]) -> str:
+    return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _settings(inputs: dict) -> dict:
+  """Sampling settings of a request: the optional scalar inputs it carries."""
+  out = {}
+  for name in _INT_SETTINGS:
+    if inputs.get(name) is not None:
+      out[name] = int(inputs[name].reshape(-1)[0])
+  for name in _FLOAT_SETTINGS:
+    if inputs.get(name) is not None:
+      out[name] = float(inputs[name].reshape(-1)[0])
+  if inputs.get("greedy") is not None:
+    out["greedy"] = bool(inputs["greedy"].reshape(-1)[0])
+  if inputs.get("stop_ids") is not None:
+    out["stop_ids"] = [int(i) for i in inputs["stop_ids"].reshape(-1)]
+  return out
+
+
+def bind(triton, job: GenerationJob, lock: threading.Lock | None = None):
+  """Binds the generation endpoints of ``job`` to a started ``Triton``; ``lock`` serialises calls with
+  other models on the same server."""
+  from pytriton.model_config import ModelConfig, Tensor
+
+  from jalign.parallel.mesh import fetch
+
+  lock = lock or threading.Lock()
+
+  def each_request(fn):
+    def infer(requests):
+      return [fn(dict(request.items())) for request in requests]
+    return infer
+
+  @each_request
+  def generate_tokens(inputs):
+    tokens, lengths = inputs.pop("tokens"), inputs.pop("sequence_lengths").reshape(-1)
+    max_new = int(inputs.pop("max_new_tokens").reshape(-1)[0])
+    prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
+    with lock:
+      out = job.generate(prompts, max_new_tokens=max_new, **_settings(inputs))
+    return {"tokens": fetch(out.tokens).astype(np.int64), "lengths": fetch(out.lengths).astype(np.int64)[:, None],
+            "is_end": fetch(out.is_end)[:, None], "logprobs": fetch(out.logprobs).astype(np.float32)}
+
+  @each_request
+  def generate_text(inputs):
+    texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in inputs.pop("sentences").reshape(-1)]
+    max_new = int(inputs.pop("max_new_tokens").reshape(-1)[0])
+    with lock:
+      out = job.generate([job.encode(t) for t in texts], max_new_tokens=max_new, **_settings(inputs))
+      replies = [job.decode(r) for r in out.responses()]
+    return {"sentences": np.asarray([r.encode("utf-8") for r in replies], dtype=np.bytes_)}
+
+  scalar = lambda name, dtype: Tensor(name=name, dtype=dtype, shape=(1,), optional=True)  # noqa: E731
+  settings = [scalar("min_new_tokens", np.int64), scalar("top_k", np.int64), scalar("seed", np.int64),
+              scalar("temperature", np.float32), scalar("top_p", np.float32), scalar("greedy", np.bool_),
+              Tensor(name="stop_ids", dtype=np.int64, shape=(-1,), optional=True),
+              Tensor(name="max_new_tokens", dtype=np.int64, shape=(1,))]
+  whole = ModelConfig(batching=False)
+  matrix = lambda name, dtype: Tensor(name=name, dtype=dtype, shape=(-1, -1))  # noqa: E731
+  triton.bind(model_name="generate", infer_func=generate_tokens,
+              inputs=[matrix("tokens", np.int64), matrix("sequence_lengths", np.int64), *settings],
+              outputs=[matrix("tokens", np.int64), matrix("lengths", np.int64), matrix("is_end", np.bool_),
+                       matrix("logprobs", np.float32)], config=whole)
+  triton.bind(model_name="generate_text", infer_func=generate_text,
+              inputs=[Tensor(name="sentences", dtype=np.bytes_, shape=(-1,)), *settings],
+              outputs=[Tensor(name="sentences", dtype=np.bytes_, shape=(-1,))], config=whole)
+
+
+class RemoteGenerator:
+  """The client of a generation server at ``address`` (``host:port``)."""
+
+  def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
+    self.url = address if "://" in address else f"http://{address}"
+    self.timeout_s = timeout_s
+    from pytriton.client import ModelClient
+    self._client = ModelClient
+    try:
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Client network and/or connection timeout")
+        for name in MODELS:
+          with ModelClient(self.url, name, init_timeout_s=init_timeout_s) as client:
+            client.wait_for_model(init_timeout_s)
+    except Exception as e:
+      raise config_lib.ConfigError(f"no generation server answers at {self.url} ({type(e).__name__}: {e}); "
+                                   "start one with python -m jalign.serve --config=<config> "
+                                   "--config.generation.serve=True") from e
+
+  def _call(self, name: str, **inputs) -> dict:
+    with self._client(self.url, name, init_timeout_s=self.timeout_s, inference_timeout_s=self.timeout_s) as client:
+      return client.infer_sample(**inputs)
+
+  @staticmethod
+  def _inputs(max_new_tokens, min_new_tokens, temperature, top_k, top_p, greedy, stop_ids, seed) -> dict:
+    out = {"max_new_tokens": np.asarray([max_new_tokens], np.int64),
+           "min_new_tokens": np.asarray([min_new_tokens], np.int64), "top_k": np.asarray([top_k], np.int64),
+           "seed": np.asarray([seed], np.int64), "temperature": np.asarray([temperature], np.float32),
+           "top_p": np.asarray([top_p], np.float32), "greedy": np.asarray([greedy], np.bool_)}
+    if stop_ids is not None:
+      out["stop_ids"] = np.asarray(list(stop_ids), np.int64)
+    return out
+
+  def generate(self, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=None, seed: int = 0) -> Rollout:
+    """As ``jalign.rollout.generate`` on the served model (``stop_ids`` None: the server's end of
+    sequence); the ``Rollout`` holds numpy arrays."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    lengths = np.asarray([[len(p)] for p in prompts], np.int64)
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int64)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    out = self._call("generate", tokens=tokens, sequence_lengths=lengths,
+                     **self._inputs(max_new_tokens, min_new_tokens, temperature, top_k, top_p, greedy, stop_ids, seed))
+    return Rollout(tokens=out["tokens"], prompt_lengths=lengths[:, 0], lengths=out["lengths"][:, 0],
+                   is_end=out["is_end"][:, 0], logprobs=out["logprobs"])
+
+  def generate_text(self, texts: list[str], *, max_new_tokens: int, min_new_tokens: int = 0,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                    stop_ids=None, seed: int = 0) -> list[str]:
+    """The served model's replies to prompt texts."""
+    sentences = np.asarray([t.encode("utf-8") for t in texts], dtype=np.bytes_)
+    out = self._call("generate_text", sentences=sentences,
+                     **self._inputs(max_new_tokens, min_new_tokens, temperature, top_k, top_p, greedy, stop_ids, seed))
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in out["sentences"].reshape(-1)]
