@@ -346,9 +346,6 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     _require(p.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
     _require(p.max_new_tokens < d.max_seq_length, "ppo.max_new_tokens",
              f"{p.max_new_tokens} leaves no room for a prompt in data.max_seq_length {d.max_seq_length}")
-    _require(not (c.critic.server and process_count > 1), "critic.server",
-             f"an actor of {process_count} processes would reach the critic server from each of them; serve "
-             "the critic to a one-process actor, or leave critic.server empty to run it in the actor's processes")
     for key in ("init", "reward_model"):
       value = c.critic[key]
       _require(value == "random" or value.startswith("run:"), f"critic.{key}",

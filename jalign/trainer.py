@@ -160,7 +160,7 @@ class ReferencePass:
     if offload:
       self.params = jax.device_get(params)
     else:  # its own buffers: the train step donates the state's
-      placed = params if self.sharding is None else jax.device_put(params, self.sharding)
+      placed = params if self.sharding is None else pmesh.place(params, self.sharding)
       self.params = jax.tree.map(jnp.copy, placed)
     # Outputs are per-row ([B, ...]) and sharded by rows like the batch they join.
     out = None if mesh is None else pmesh.batch_sharding(mesh, rules)
@@ -288,7 +288,7 @@ class Trainer:
     self.state_sharding = None
     if mesh is not None:
       self.state_sharding = pmesh.tree_shardings(state, mesh, rules)
-      state = jax.device_put(state, self.state_sharding)
+      state = pmesh.place(state, self.state_sharding)
     self.state = state
     self.options = options
     self.run_dir = Path(run_dir)

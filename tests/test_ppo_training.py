@@ -117,6 +117,3 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"ppo.num_rollout_samples": 12}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
-  c = ppo_config(tmp_path, reward_run, sft_run, **{"critic.server": "127.0.0.1:5556"})
-  with pytest.raises(config_lib.ConfigError, match="config.critic.server: an actor of 2 processes"):
-    config_lib.validate(c, process_count=2, device_count=8, check_files=False)

@@ -37,3 +37,72 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.distributed.initialize(initialization_timeout=timeout_s)
     return True
   return False
+
+
+def broadcast_object(obj=None):
+  """Process 0's ``obj`` (any picklable value; the others pass nothing) on every process of the job.
+  Between processes of one job only: the bytes are unpickled as they come."""
+  if jax.process_count() == 1:
+    return obj
+  import pickle
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  leader = jax.process_index() == 0
+  data = pickle.dumps(obj) if leader else b""
+  size = multihost_utils.broadcast_one_to_all(np.asarray([len(data)], np.int64))
+  buffer = np.frombuffer(data, np.uint8) if leader else np.zeros(int(size[0]), np.uint8)
+  return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
+
+
+STOP = "__stop__"
+
+
+class LeaderCalls:
+  """A job spread over the job's processes, driven by process 0 alone: each call of one of ``methods``
+  is sent to every other process, which makes it too (``follow``, where ``key`` names the job), so that
+  all run it as one program (NeMo-Aligner's server signal loop). Other attributes are process 0's own."""
+
+  def __init__(self, job, methods, key: str):
+    self._job, self._methods, self._key = job, frozenset(methods), key
+
+  def __getattr__(self, name):
+    value = getattr(self._job, name)
+    if name not in self._methods or jax.process_count() == 1:
+      return value
+
+    def call(*args, **kwargs):
+      broadcast_object((self._key, name, args, kwargs))
+      return value(*args, **kwargs)
+    return call
+
+
+def stop_followers():
+  """Releases the other processes from ``follow``."""
+  if jax.process_count() > 1:
+    broadcast_object((STOP, None, (), {}))
+
+
+def follow(jobs: dict):
+  """On a process other than 0: make process 0's calls of ``jobs[key]`` (see ``LeaderCalls``) until it
+  stops them. A call that fails fails on process 0 too, which answers for it; the loop goes on."""
+  while True:
+    key, name, args, kwargs = broadcast_object()
+    if key == STOP:
+      return
+    try:
+      getattr(jobs[key], name)(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - process 0 reports it to the caller
+      pass
+
+
+def launch_rank(process_id: int = -1) -> int:
+  """This process's rank before ``initialize`` (``process_id`` when given, else the cluster's), so that
+  process 0 can start what must precede JAX's threads (PyTriton's fork)."""
+  if process_id >= 0:
+    return process_id
+  for variable in ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+    if variable in os.environ:
+      return int(os.environ[variable])
+  return 0

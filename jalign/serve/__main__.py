@@ -4,7 +4,8 @@ Starts the PyTriton server the config names and serves until stopped (Ctrl-C or 
 config: the critic and reward model at ``config.critic.serve_address``; run the actor with
 ``--config.critic.server=<that address>``. With ``config.generation.serve``: the config's policy for
 generation (``jalign.serve.generation``), on the same server for a ``ppo`` config, else at
-``config.generation.serve_address``.
+``config.generation.serve_address``. Run as a job of several processes (``config.distributed.*`` or the
+cluster's environment, as for training), process 0 serves and every process computes each call.
 """
 
 from __future__ import annotations
@@ -12,18 +13,40 @@ from __future__ import annotations
 import sys
 import threading
 
+import jax
+
 from absl import app, logging
 from ml_collections import config_flags
 
 from jalign import config as config_lib
 from jalign import critic as critic_lib
 from jalign import reinforce
+from jalign.parallel import distributed
 from jalign.serve import critic as critic_server
 from jalign.serve import generation as generation_server
 from jalign.serve import triton
 
 
+# What a server's calls make each job do, which every process of a server job repeats.
+CRITIC_CALLS = ("values", "rewards", "train", "save", "wait", "restore")
+GENERATION_CALLS = ("generate",)
+
+
+def _jobs(c) -> dict:
+  """The jobs a config serves, built alike on every process of the server job."""
+  jobs = {}
+  if c.algorithm == "ppo":
+    # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
+    jobs["critic"] = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
+  if c.generation.serve:
+    jobs["generation"] = generation_server.GenerationJob(c)
+  return jobs
+
+
 def serve(c, log=print):
+  """Serves what ``c`` names. A server job of several processes (``config.distributed``) spreads its
+  models over all their devices: process 0 runs Triton and sends each call to the others, which make
+  it too."""
   critic = c.algorithm == "ppo"
   if not critic and not c.generation.serve:
     raise config_lib.ConfigError(f"config.algorithm: a {c.algorithm} config names no server (ppo's critic "
@@ -31,24 +54,38 @@ def serve(c, log=print):
   config_lib.validate(c)
   key = "critic.serve_address" if critic else "generation.serve_address"
   host, port = triton.parse_address(c.critic.serve_address if critic else c.generation.serve_address, key)
+  dist = c.distributed
+  start_jax = lambda: distributed.initialize(dist.coordinator_address, dist.num_processes,  # noqa: E731
+                                             dist.process_id, dist.local_device_count)
+  if distributed.launch_rank(dist.process_id if dist.coordinator_address else -1) != 0:
+    start_jax()
+    distributed.follow(_jobs(c))
+    return
   with triton.server(host, port) as server:
     # Triton's process starts (a fork) before JAX starts its threads: forking a multithreaded JAX
     # process can deadlock. The models are bound to the running server afterwards.
     server.run()
+    start_jax()
+    triton.stop_on_sigterm()
+    jobs = _jobs(c)
     lock = threading.Lock()  # one call at a time over all the models, as NeMo's servers serialise them
     models, notes = [], []
-    if critic:
-      # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
-      job = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
-      critic_server.bind(server, job, c, lock)
-      models += critic_server.MODELS
-      notes.append(f"critic checkpoints: {job.directory}")
-    if c.generation.serve:
-      generation_server.bind(server, generation_server.GenerationJob(c), lock)
-      models += generation_server.MODELS
-      notes.append(f"policy: {c.model.init}")
-    log(f"serving {', '.join(models)} at http://{host}:{port} ({'; '.join(notes)})", flush=True)
-    server.serve()
+    try:
+      if "critic" in jobs:
+        critic_server.bind(server, distributed.LeaderCalls(jobs["critic"], CRITIC_CALLS, "critic"), c, lock)
+        models += critic_server.MODELS
+        notes.append(f"critic checkpoints: {jobs['critic'].directory}")
+      if "generation" in jobs:
+        job = distributed.LeaderCalls(jobs["generation"], GENERATION_CALLS, "generation")
+        generation_server.bind(server, job, lock)
+        models += generation_server.MODELS
+        notes.append(f"policy: {c.model.init}")
+      processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+      log(f"serving {', '.join(models)} at http://{host}:{port} ({'; '.join(notes)}{processes})", flush=True)
+      server.serve()
+    finally:
+      with lock:
+        distributed.stop_followers()
 
 
 def main(argv, config_flag):

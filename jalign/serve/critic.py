@@ -133,6 +133,9 @@ class RemoteCritic:
   ``train_async`` sends an epoch of critic training and returns at once, as NeMo's actor does not
   await ``critic_train``: the critic trains while the actor does. Every other call first waits for it
   and hands its metrics to the ``report`` it was given, on the caller's thread.
+
+  In an actor of several processes, process 0 alone talks to the server and every process gets its
+  answers (or its error), so that each call reaches the server once.
   """
 
   def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
@@ -142,11 +145,14 @@ class RemoteCritic:
     self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic_train")
     from pytriton.client import ModelClient
     self._client = ModelClient
+    _on_leader(lambda: self._connect(init_timeout_s))
+
+  def _connect(self, init_timeout_s: float):
     try:
       with warnings.catch_warnings():  # a short init timeout is meant here
         warnings.filterwarnings("ignore", message="Client network and/or connection timeout")
         for name in MODELS:
-          with ModelClient(self.url, name, init_timeout_s=init_timeout_s) as client:
+          with self._client(self.url, name, init_timeout_s=init_timeout_s) as client:
             client.wait_for_model(init_timeout_s)
     except Exception as e:  # unreachable, or not a critic server
       raise config_lib.ConfigError(f"config.critic.server: no critic server answers at {self.url} "
@@ -164,12 +170,18 @@ class RemoteCritic:
       report(future.result())
 
   def values(self, batch: dict) -> np.ndarray:
+    return _on_leader(lambda: self._values(batch))
+
+  def _values(self, batch: dict) -> np.ndarray:
     self._settle()
     tokens = np.asarray(batch["tokens"], np.int64)
     lengths = (np.asarray(batch["segment_ids"]) > 0).sum(axis=1)
     return self._call("critic_infer", True, tokens=tokens, sequence_lengths=lengths[:, None].astype(np.int64))["values"]
 
   def rewards(self, examples) -> np.ndarray:
+    return _on_leader(lambda: self._rewards(examples))
+
+  def _rewards(self, examples) -> np.ndarray:
     self._settle()
     width = max(len(ex) for ex in examples)
     tokens = np.zeros((len(examples), width), np.int64)
@@ -179,8 +191,10 @@ class RemoteCritic:
     return self._call("reward_model", True, tokens=tokens, sequence_lengths=lengths)["rewards"][:, 0]
 
   def train(self, batch: dict) -> dict:
-    self._settle()
-    return self._train(batch)
+    def call():
+      self._settle()
+      return self._train(batch)
+    return _on_leader(call)
 
   def _train(self, batch: dict) -> dict:
     cut = lambda key: np.ascontiguousarray(np.asarray(batch[key], np.float32)[:, :-1])
@@ -190,22 +204,55 @@ class RemoteCritic:
 
   def train_async(self, batch: dict, report):
     """``train(batch)`` in the background; ``report(metrics)`` is called by the next call that waits."""
-    self._settle()
-    self._pending = (self._background.submit(self._train, batch), report)
+    if _leader():
+      self._settle()
+      self._pending = (self._background.submit(self._train, batch), report)
 
   def save(self, step: int, metrics: dict | None = None):
-    self._settle()
-    value = next(iter(metrics.values())) if metrics else float("nan")
-    self._call("critic_save", False, dummy_var=np.asarray([step], np.int64),
-               monitor_value=np.asarray([value], np.float32))
+    def call():
+      self._settle()
+      value = next(iter(metrics.values())) if metrics else float("nan")
+      self._call("critic_save", False, dummy_var=np.asarray([step], np.int64),
+                 monitor_value=np.asarray([value], np.float32))
+    _on_leader(call)
 
   def restore(self, step: int):
     from jalign.trainer import TrainingError
-    self._settle()
-    try:
-      self._call("critic_restore", False, step=np.asarray([step], np.int64))
-    except Exception as e:  # the server's error, e.g. no checkpoint at that step
-      raise TrainingError(f"critic server {self.url}: could not restore step {step}: {e}") from e
+
+    def call():
+      self._settle()
+      try:
+        self._call("critic_restore", False, step=np.asarray([step], np.int64))
+      except Exception as e:  # the server's error, e.g. no checkpoint at that step
+        raise TrainingError(f"critic server {self.url}: could not restore step {step}: {e}") from e
+    _on_leader(call)
 
   def wait(self):
-    self._settle()  # the server finishes each save before it answers
+    _on_leader(self._settle)  # the server finishes each save before it answers
+
+
+def _leader() -> bool:
+  import jax
+  return jax.process_index() == 0
+
+
+def _on_leader(fn):
+  """``fn()`` on process 0 of the job; its result, or its error, on every process."""
+  import jax
+
+  from jalign.parallel import distributed
+  from jalign.trainer import TrainingError
+  if jax.process_count() == 1:
+    return fn()
+  outcome = None
+  if _leader():
+    try:
+      outcome = (True, fn())
+    except (config_lib.ConfigError, TrainingError) as e:
+      outcome = (False, e)
+    except Exception as e:  # noqa: BLE001 - sent to the other processes as a plain error
+      outcome = (False, RuntimeError(f"{type(e).__name__}: {e}"))
+  ok, value = distributed.broadcast_object(outcome)
+  if not ok:
+    raise value
+  return value

@@ -50,6 +50,8 @@ class GenerationJob:
     self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
 
   def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids=None, **settings) -> Rollout:
+    """A ``Rollout`` of host (numpy) arrays: every process of a server job gathers the whole of it."""
+    from jalign.parallel.mesh import fetch
     from jalign.rollout import generate
 
     if not prompts:
@@ -59,8 +61,9 @@ class GenerationJob:
     stops = tuple(stop_ids) if stop_ids is not None else tuple(
         i for i in (self.tokenizer.eos_id,) if i is not None)
     rows = self._rows if len(prompts) % self.data_parallel == 0 else None
-    return generate(self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad,
-                    prompt_width=width, batch_sharding=rows, **settings)
+    out = generate(self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad,
+                   prompt_width=width, batch_sharding=rows, **settings)
+    return Rollout(*(fetch(x) for x in (out.tokens, out.prompt_lengths, out.lengths, out.is_end, out.logprobs)))
 
   def encode(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=self.add_bos)
@@ -90,8 +93,6 @@ def bind(triton, job: GenerationJob, lock: threading.Lock | None = None):
   other models on the same server."""
   from pytriton.model_config import ModelConfig, Tensor
 
-  from jalign.parallel.mesh import fetch
-
   lock = lock or threading.Lock()
 
   def each_request(fn):
@@ -106,8 +107,8 @@ def bind(triton, job: GenerationJob, lock: threading.Lock | None = None):
     prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
     with lock:
       out = job.generate(prompts, max_new_tokens=max_new, **_settings(inputs))
-    return {"tokens": fetch(out.tokens).astype(np.int64), "lengths": fetch(out.lengths).astype(np.int64)[:, None],
-            "is_end": fetch(out.is_end)[:, None], "logprobs": fetch(out.logprobs).astype(np.float32)}
+    return {"tokens": out.tokens.astype(np.int64), "lengths": out.lengths.astype(np.int64)[:, None],
+            "is_end": out.is_end[:, None], "logprobs": out.logprobs.astype(np.float32)}
 
   @each_request
   def generate_text(inputs):

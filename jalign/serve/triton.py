@@ -48,6 +48,15 @@ def _prepare_environment():
   os.environ["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
+def stop_on_sigterm():
+  """SIGTERM stops the server again (``jax.distributed.initialize`` installs a handler of its own)."""
+  signal.signal(signal.SIGTERM, _interrupt)
+
+
 @contextlib.contextmanager
 def server(host: str, port: int):
   """A started ``pytriton.triton.Triton`` serving HTTP on ``port`` (gRPC on port + 1, metrics on
@@ -58,10 +67,7 @@ def server(host: str, port: int):
   config = TritonConfig(http_address=host, http_port=port, grpc_address=host, grpc_port=port + 1,
                         metrics_address=host, metrics_port=port + 2, allow_gpu_metrics=False, exit_on_error=True)
 
-  def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-  previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+  previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     with Triton(config=config) as triton:
       yield triton

@@ -1,6 +1,7 @@
-"""The critic server: ``python -m jalign.serve`` in a process of its own on loopback, against the
-in-process critic job it serves, and PPO trained through it with checkpoints and resume; the policy served
-for generation on the same server, against in-process generation."""
+"""The critic server: ``python -m jalign.serve`` as a job of two processes (2 x 4 CPU devices) on
+loopback, against the in-process critic job it serves, and PPO trained through it with checkpoints and
+resume, from one actor process and from two; the policy served for generation on the same server,
+against in-process generation."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 
 import numpy as np
+import portpicker
 import pytest
 
 from jalign import config as config_lib
@@ -57,14 +59,26 @@ def overrides(run_dir, reward_run, sft_run, address):
           "train.val_check_interval": 2, "train.log_every": 1000, "generation.serve": True}
 
 
+def launch(module, values, processes, devices_each, **popen):
+  """``python -m <module>`` on ppo_tiny with ``values``, as a job of ``processes`` local processes."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  command = [sys.executable, "-m", module, f"--config={ROOT / 'configs' / 'ppo_tiny.py'}"]
+  command += [f"--config.{key}={value}" for key, value in values.items()]
+  coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  return [subprocess.Popen(command + [f"--config.distributed.local_device_count={devices_each}",
+                                      f"--config.distributed.coordinator_address={coordinator}",
+                                      f"--config.distributed.num_processes={processes}",
+                                      f"--config.distributed.process_id={i}"], cwd=ROOT, env=env, **popen)
+          for i in range(processes)]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, reward_run, sft_run):
-  """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
+  """A critic server of two processes for a PPO run folder; yields (address, that run's config overrides)."""
   address = f"127.0.0.1:{free_port_block()}"
   values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
-  command = [sys.executable, "-m", "jalign.serve", f"--config={ROOT / 'configs' / 'ppo_tiny.py'}"]
-  command += [f"--config.{key}={value}" for key, value in values.items()]
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  process, follower = launch("jalign.serve", values, 2, 4, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
   lines, ready = [], threading.Event()
 
   def read():
@@ -80,12 +94,13 @@ def server(tmp_path_factory, reward_run, sft_run):
     assert ready.is_set(), "".join(lines[-40:])
     yield address, values
   finally:
-    process.send_signal(signal.SIGTERM)
-    try:
-      process.wait(60)
-    except subprocess.TimeoutExpired:
-      process.kill()
-  assert process.returncode == 0, "".join(lines[-40:])
+    process.send_signal(signal.SIGTERM)  # process 0 releases the other before it stops
+    for p in (process, follower):
+      try:
+        p.wait(60)
+      except subprocess.TimeoutExpired:
+        p.kill()
+  assert process.returncode == 0 and follower.returncode == 0, "".join(lines[-40:]) + str(follower.communicate())
 
 
 def rows(tokens_list, width):
@@ -137,6 +152,24 @@ def test_ppo_trains_through_the_server_and_resumes_with_it(server):
   shutil.rmtree(os.path.join(folder, "critic", "checkpoints", "6"))
   with pytest.raises(trainer.TrainingError, match="no critic checkpoint at step 6"):
     run(config(**{"train.max_steps": 8}), log=quiet)
+
+
+def test_an_actor_of_two_processes_trains_through_the_server(server, tmp_path):
+  """Process 0 of the actor alone calls the server and shares its answers, so the critic trains once per
+  rollout and both processes train the actor on the same rollout."""
+  address, values = server
+  run_dir = tmp_path / "two"
+  actor = {**values, "run_dir": run_dir, "critic.server": address, "train.max_steps": 2, "train.save_interval": 0,
+           "train.val_check_interval": 0, "train.resume": False}
+  procs = launch("jalign.train", actor, 2, 4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2]
+  assert [r["step"] for r in logged if r["split"] == "critic"] == [0]  # one rollout of 16 = two steps of 8
+  assert all(np.isfinite(r["loss"]) for r in logged if r["split"] == "train")
+  assert np.isfinite([r["critic_loss"] for r in logged if r["split"] == "critic"]).all()
 
 
 def test_served_policy_generates_what_it_does_in_process(server):
