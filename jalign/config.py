@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.reinforce.reward_model = ""    # run:<folder> of a jalign reward model (algorithm rm); scores tokens
   c.reinforce.num_rollout_samples = 512  # prompts per rollout
   c.reinforce.num_rollouts_per_prompt = 4
-  c.reinforce.rollout_batch_size = 32    # rollout_micro_batch_size: sequences generated at once
+  c.reinforce.rollout_batch_size = 32    # rollout_micro_batch_size: sequences generated at once per data-parallel rank
   c.reinforce.max_new_tokens = 0   # length_params.max_length; 0: data.max_seq_length // 2
   c.reinforce.min_new_tokens = 1   # length_params.min_length
   c.reinforce.temperature = 1.0

@@ -37,8 +37,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jalign import config as config_lib
-from jalign import optim, train, trainer
-from jalign.algos import ppo
+from jalign import optim, reinforce, train, trainer
+from jalign.algos import ppo, rloo, sft
 from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
@@ -258,12 +258,16 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
                  optimizer_bytes=per_device_bytes(state.opt_state), steps=job.steps)
 
 
-def _rollout_rows(p, data_parallel: int) -> tuple[int, int]:
-  """Rows of one pass over rollouts (``rollout_micro_batch_size`` per data-parallel rank, fewer when
-  the step's samples do not fill them) and how many passes cover ``num_rollout_samples``."""
-  per_rank = min(p.rollout_micro_batch_size, math.ceil(p.num_rollout_samples / data_parallel))
-  rows = per_rank * data_parallel
-  return rows, math.ceil(p.num_rollout_samples / rows)
+def _rollout_samples(c) -> int:
+  p = reinforce.sampling_config(c)
+  return p.num_rollout_samples * (1 if c.algorithm == "ppo" else p.num_rollouts_per_prompt)
+
+
+def _rollout_rows(c, data_parallel: int) -> tuple[int, int]:
+  """Rows of one pass over a rollout (the rollout micro-batch on each data-parallel rank, fewer when the
+  rollout's samples do not fill them, as training generates them) and how many passes cover it."""
+  rows = reinforce.generation_rows(c, data_parallel)
+  return rows, math.ceil(_rollout_samples(c) / rows)
 
 
 def _logprob_pass(graphdef, weights, batch):
@@ -277,30 +281,35 @@ def _value_pass(graphdef, weights, batch):
 
 
 def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
-  """PPO's actor: generation, the policy's and the initial policy's log-probs, the PPO train step."""
+  """The actor of a rollout algorithm: generation; the policy's and the initial policy's log-probs (PPO,
+  REINFORCE: the KL); the train step (PPO's clipped surrogate, REINFORCE's RLOO loss, rejection
+  sampling's SFT loss on the kept samples)."""
   rules = tuple(tuple(r) for r in c.sharding_rules)
   mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
   cfg = model_config(c)
-  p, t, length = c.ppo, c.train, c.data.max_seq_length
+  p, t, length = reinforce.sampling_config(c), c.train, c.data.max_seq_length
+  is_ppo = c.algorithm == "ppo"
+  with_kl = c.algorithm != "rs"
   tx = _optimizer(c.optimizer, t.max_steps)
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = job.state(model, tx)
     params, optimizer = per_device_bytes(state.params), per_device_bytes(state.opt_state)
-    initial = 0 if c.reference.offload else params  # the initial policy, frozen
-    optimizer_resident = 0 if p.offload_adam_states else optimizer
+    initial = 0 if c.reference.offload or not with_kl else params  # the initial policy, frozen
+    optimizer_resident = 0 if is_ppo and c.ppo.offload_adam_states else optimizer
 
     # Generation: a copy of the weights in the compute dtype, laid out by ppo.generation_rules
     # (default: sharded over tensor only), refitted from the trained ones.
-    gen_rules = tuple(tuple(r) for r in p.generation_rules) or inference_rules(rules)
+    gen_rules = (tuple(tuple(r) for r in c.ppo.generation_rules) if is_ppo else ()) or inference_rules(rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)
-    rows, rounds = _rollout_rows(p, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per PPO step
-    prompt_length = length - p.max_new_tokens
+    max_new = p.max_new_tokens or length // 2
+    rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout
+    prompt_length = length - max_new
     prompts = job.batch({"tokens": jnp.zeros((prompt_length,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
                         rows, gen_rules)
-    generate = functools.partial(generate_arrays, graphdef=gen_graphdef, max_new_tokens=p.max_new_tokens,
+    generate = functools.partial(generate_arrays, graphdef=gen_graphdef, max_new_tokens=max_new,
                                  min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                  top_p=p.top_p, greedy=False, stop_ids=(0,), pad_id=0)
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -314,24 +323,40 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
       job.add("rollout", lambda w, b, k: generate(w, b["tokens"], b["lengths"], k), (gen_weights, prompts, key),
               resident=params + initial + optimizer_resident,
               flops=_flops(cfg, rows * length, length, backward=False),
-              seconds=p.max_new_tokens * decode_read / hbm_bytes_per_s, repeats=rounds)
-    rows, rounds = _rollout_rows(p, pmesh.data_parallel_size(mesh, rules))
+              seconds=max_new * decode_read / hbm_bytes_per_s, repeats=rounds)
+    rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, rules))
 
-    # pi_old and pi_init on the rollouts, one micro-batch of rows at a time.
-    batch = job.batch({k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets")}, rows)
-    job.add("policy log-probs", functools.partial(_logprob_pass, graphdef), (state.params, batch),
-            resident=engine + initial + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
-            repeats=2 * rounds)
+    if not is_ppo:  # REINFORCE and rejection sampling score in the actor's job (PPO: the critic's)
+      rm_cfg = run_model_config(c.reinforce.reward_model[4:]).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+      rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
+                                            dtype=jnp.dtype(c.model.dtype))
+      job.add("rewards", functools.partial(_value_pass, rm_graphdef),
+              (rm_weights, job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)),
+              resident=params + initial + engine + optimizer_resident,
+              flops=_flops(rm_cfg, rows * length, length, backward=False), repeats=rounds)
 
-    engine_resident = 0 if p.unload_engine_train else engine
-    row = {"tokens": jnp.zeros((length,), jnp.int32), "targets": jnp.zeros((length,), jnp.int32)}
-    row.update({k: jnp.zeros((length,), jnp.float32) for k in ("mask", "old_logprobs", "advantages")})
-    loss = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
+    if with_kl:  # pi_old and pi_init on the rollouts, one micro-batch of rows at a time
+      batch = job.batch({k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets")}, rows)
+      job.add("policy log-probs", functools.partial(_logprob_pass, graphdef), (state.params, batch),
+              resident=engine + initial + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
+              repeats=2 * rounds)
+
+    engine_resident = 0 if is_ppo and c.ppo.unload_engine_train else engine
+    row = {k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+    if is_ppo:
+      row.update({k: jnp.zeros((length,), jnp.float32) for k in ("mask", "old_logprobs", "advantages")})
+      loss = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
+    else:
+      row["loss_mask"] = jnp.zeros((length,), jnp.float32)
+      if c.algorithm == "reinforce":
+        row["advantages"] = jnp.zeros((), jnp.float32)
+      loss = rloo.train_loss if c.algorithm == "reinforce" else sft.loss
+    trained = p.num_rollout_samples * c.rs.top_n_rollouts if c.algorithm == "rs" else _rollout_samples(c)
     job.train_step("actor train", graphdef, state, loss, tx, job.batch(row, t.global_batch_size),
                    _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules),
                    resident=initial + engine_resident,
                    flops=_flops(cfg, t.global_batch_size * length, length, backward=True),
-                   repeats=math.ceil(p.num_rollout_samples / t.global_batch_size))
+                   repeats=math.ceil(trained / t.global_batch_size))
   return JobPlan(name=f"{c.run_dir} actor", mesh=dict(mesh.shape), num_params=cfg.num_params, params_bytes=params,
                  optimizer_bytes=optimizer, steps=job.steps)
 
@@ -353,7 +378,7 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                           dtype=jnp.dtype(c.model.dtype))
     rm_bytes = per_device_bytes(rm_weights)
-    rows, rounds = _rollout_rows(p, pmesh.data_parallel_size(mesh, rules))
+    rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, rules))
     batch = job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)
     job.add("values", functools.partial(_value_pass, graphdef), (state.params, batch),
             resident=rm_bytes + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
@@ -389,13 +414,12 @@ def plan(c, *, peak_flops: float, hbm_bytes_per_s: float = 3.35e12) -> list[JobP
   """Compile the steps of config ``c``'s jobs, each for its mesh over the first devices visible."""
   actor_devices = _mesh_devices(c.mesh)
   config_lib.validate(c, device_count=actor_devices, check_files=False)
-  if c.algorithm in ("reinforce", "rs"):
-    raise config_lib.ConfigError(f"config.algorithm: the planner does not size {c.algorithm} runs yet (their "
-                                 "steps are a PPO actor job's without the critic: see configs/ppo_70b.py)")
   if c.algorithm == "spin":  # its training steps are DPO's (its generation is not planned yet)
     from jalign import spin
     c = spin.as_dpo(c)
   kwargs = dict(peak_flops=peak_flops, hbm_bytes_per_s=hbm_bytes_per_s)
+  if c.algorithm in ("reinforce", "rs"):  # the reward model runs in the actor's job
+    return [actor_job(c, jax.devices()[:actor_devices], **kwargs)]
   if c.algorithm != "ppo":
     return [train_job(c, jax.devices()[:actor_devices], **kwargs)]
   return [actor_job(c, jax.devices()[:actor_devices], **kwargs),

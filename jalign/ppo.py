@@ -2,7 +2,7 @@
 
 Each PPO step (reference/nemo_aligner.md §3.2) takes the next ``ppo.num_rollout_samples`` prompts and:
   1. samples one response to each from the current policy (the JAX decode loop of ``jalign.reinforce``'s
-     rollouts, ``ppo.rollout_micro_batch_size`` prompts at a time);
+     rollouts, ``ppo.rollout_micro_batch_size`` prompts at a time on each data-parallel rank);
   2. scores each prompt + response with the reward model (a jalign ``rm`` run, standardised as in
      ``jalign.score``) and reads the critic's value at every token; both run on ``critic.mesh``;
   3. takes the current (pi_old) and initial policy's log-probs, puts ``-kl_coef * |log pi_old - log

@@ -62,9 +62,9 @@ class Rollouts:
     self.pad = tok.pad_id if tok.pad_id is not None else 0
     self.max_new = self.r.max_new_tokens or c.data.max_seq_length // 2
     self.width = max(len(p) for p in prompts + (val_prompts or []))
-    # PPO (jalign.ppo) samples once per prompt, NeMo's rollout_micro_batch_size prompts at a time.
+    # PPO (jalign.ppo) samples once per prompt.
     self.per_prompt = 1 if c.algorithm == "ppo" else self.r.num_rollouts_per_prompt
-    self.generate_batch = self.r.rollout_micro_batch_size if c.algorithm == "ppo" else self.r.rollout_batch_size
+    self.generate_batch = generation_rows(c, pmesh.data_parallel_size(mesh, rules) if mesh is not None else 1)
     self.top_n = c.rs.top_n_rollouts if c.algorithm == "rs" else 0  # rejection sampling keeps these
     kept = self.top_n or self.per_prompt
     self.steps_per_rollout = self.r.num_rollout_samples * kept // c.train.global_batch_size
@@ -189,6 +189,16 @@ class Rollouts:
 def sampling_config(c):
   """The config block that sets the rollouts' sampling: ``ppo`` for PPO, else ``reinforce``."""
   return c.ppo if c.algorithm == "ppo" else c.reinforce
+
+
+def generation_rows(c, data_parallel: int) -> int:
+  """Rows of one generation call: NeMo's rollout micro-batch (``ppo.rollout_micro_batch_size``,
+  ``reinforce.rollout_batch_size``) on each of ``data_parallel`` ranks, fewer when a rollout's samples
+  do not fill them."""
+  r = sampling_config(c)
+  per_rank = r.rollout_micro_batch_size if c.algorithm == "ppo" else r.rollout_batch_size
+  samples = r.num_rollout_samples * (1 if c.algorithm == "ppo" else r.num_rollouts_per_prompt)
+  return min(per_rank, -(-samples // data_parallel)) * data_parallel
 
 
 def top_per_group(rewards, group_ids, n: int) -> np.ndarray:

@@ -80,6 +80,27 @@ def test_ppo_plan_has_actor_and_critic_jobs(offload_adam):
   assert actor.seconds == pytest.approx(sum(s.repeats * s.seconds for s in actor.steps))
 
 
+@pytest.mark.parametrize("algorithm", ["reinforce", "rs"])
+def test_reinforce_and_rejection_sampling_plans_score_in_the_actor_job(algorithm, reward_run):
+  c = load_config_file(ROOT / "configs" / f"{algorithm}_tiny.py", {
+      "reinforce.reward_model": f"run:{reward_run}", "reinforce.num_rollout_samples": 16,
+      "reinforce.num_rollouts_per_prompt": 4, "reinforce.rollout_batch_size": 4, "rs.top_n_rollouts": 1,
+      "train.global_batch_size": 16, "train.micro_batch_size": 2})
+  c.mesh.update({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
+  (actor,) = plan(c, peak_flops=1e12)
+  kl = algorithm == "reinforce"
+  assert [s.name for s in actor.steps] == ["rollout", "rewards"] + ["policy log-probs"] * kl + ["actor train"]
+  # 64 samples, 4 per data-parallel rank of 4 at a time: 4 rounds of generation and scoring; the KL's two
+  # log-prob passes per round; REINFORCE trains on all 64 samples in steps of 16, rejection sampling on
+  # each prompt's best one (16: one step).
+  assert actor.step("rollout").repeats == actor.step("rewards").repeats == 4
+  assert actor.step("actor train").repeats == (4 if kl else 1)
+  if kl:
+    assert actor.step("policy log-probs").repeats == 8
+  # Beside generation: the trained weights and optimizer state, and the frozen initial policy for the KL.
+  assert actor.step("rollout").resident_bytes == (1 + kl) * actor.params_bytes + actor.optimizer_bytes
+
+
 def _peaks(stdout: str) -> list[float]:
   return [float(x) for x in re.findall(r"peak ([0-9.]+) GiB", stdout)]
 
