@@ -42,9 +42,7 @@ class Critic:
                options: trainer.TrainerOptions, rules):
     cc, o = c.critic, c.optimizer
     self.mesh, self.rules = pmesh.make_mesh(dict(cc.mesh)), rules
-    graphdef, weights = nnx.split(reward.model)
-    reward.model = nnx.merge(graphdef, pmesh.place(weights, pmesh.tree_shardings(weights, self.mesh, rules)))
-    self.reward = reward
+    self.reward = reward.place(self.mesh, rules)
     self.batch_size = cc.global_batch_size
     schedule = optim.nemo_schedule(cc.lr, max_steps=total_steps, warmup_steps=o.warmup_steps,
                                    constant_steps=o.constant_steps, min_lr=cc.min_lr)

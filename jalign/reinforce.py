@@ -36,7 +36,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jalign import config as config_lib
 from jalign import train, trainer
@@ -278,8 +277,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, Rollouts]:
     raise config_lib.ConfigError(f"config.reinforce.reward_model: its tokenizer ({reward.tokenizer.vocab_size} "
                                  f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")
   # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
-  graphdef, weights = nnx.split(reward.model)
-  reward.model = nnx.merge(graphdef, pmesh.place(weights, pmesh.tree_shardings(weights, policy.mesh, policy.rules)))
+  reward.place(policy.mesh, policy.rules)
   rollouts = Rollouts(c, policy.tok, policy.prompts, reward, policy.initial, policy.current, mesh=policy.mesh,
                       rules=policy.rules, log=log, val_prompts=policy.val_prompts)
   loop = rollout_trainer(c, rollouts, policy, rloo.train_loss if c.algorithm == "reinforce" else sft.loss)

@@ -39,7 +39,7 @@ from jalign.data import formats, preference
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
 from jalign.models.heads import ValueModel, merge_attributes
-from jalign.parallel.mesh import fetch
+from jalign.parallel import mesh as pmesh
 
 STANDARDIZATION_FILE = "reward_standardization.json"
 
@@ -68,9 +68,11 @@ def write_standardization(run_dir: Path, mean: float, std: float, **info) -> Pat
 
 
 def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_length: int,
-                      batch_size: int = 8) -> np.ndarray:
+                      batch_size: int = 8, mesh=None, rules=pmesh.DEFAULT_RULES) -> np.ndarray:
   """``[N, A]``: a value model's outputs at each example's last token, ``batch_size`` rows of
-  ``max_length`` at a time (one compiled shape)."""
+  ``max_length`` at a time (one compiled shape). With the ``mesh`` the model is placed on, each
+  data-parallel group scores its own rows when ``batch_size`` divides over them."""
+  split = mesh is not None and batch_size % pmesh.data_parallel_size(mesh, rules) == 0
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -85,8 +87,9 @@ def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_le
     chunk = examples[start:start + batch_size]
     rows = [{**build_row([ex], max_length, pad), "length": np.int32(len(ex))} for ex in chunk]
     rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    out.append(fetch(score(state, batch))[:len(chunk)])
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch = pmesh.put_global_batch(batch, mesh, rules) if split else jax.tree.map(jnp.asarray, batch)
+    out.append(pmesh.fetch(score(state, batch))[:len(chunk)])
   return np.concatenate(out) if out else np.zeros((0, model.head.kernel.shape[-1]), np.float32)
 
 
@@ -98,6 +101,16 @@ class RewardModel:
   mean: float = 0.0
   std: float = 1.0
   attribute_weights: tuple | None = None
+  mesh: object = None  # where the weights are placed (see ``place``)
+  rules: tuple = pmesh.DEFAULT_RULES
+
+  def place(self, mesh, rules) -> "RewardModel":
+    """Puts the weights on ``mesh`` by ``rules`` (also across processes); scoring then splits its rows
+    over the mesh's data-parallel groups."""
+    graphdef, weights = nnx.split(self.model)
+    self.model = nnx.merge(graphdef, pmesh.place(weights, pmesh.tree_shardings(weights, mesh, rules)))
+    self.mesh, self.rules = mesh, rules
+    return self
 
   @classmethod
   def load(cls, run_dir, *, attribute_weights=None) -> "RewardModel":
@@ -133,7 +146,7 @@ class RewardModel:
   def raw_scores(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:
     """``[N]`` merged rewards before standardisation, read at each sequence's last token."""
     values = last_token_values(self.model, self.tokenizer, examples, max_length=self.config.data.max_seq_length,
-                               batch_size=batch_size)
+                               batch_size=batch_size, mesh=self.mesh, rules=self.rules)
     return np.asarray(merge_attributes(values, self.attribute_weights))
 
   def rewards(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:

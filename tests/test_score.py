@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jalign.config import ConfigError, data_path
+from jalign.parallel import mesh as pmesh
 from jalign.score import STANDARDIZATION_FILE, RewardModel
 from jalign.train import run
 
@@ -35,6 +36,19 @@ def test_rewards_are_the_models_last_token_values_standardised(rm_run):
   np.testing.assert_allclose(raw, direct, rtol=1e-5, atol=1e-5)
   reward_model.mean, reward_model.std = 0.5, 2.0
   np.testing.assert_allclose(reward_model.rewards(examples), (raw - 0.5) / 2.0, rtol=1e-6)
+
+
+def test_rows_split_over_a_mesh_score_what_one_device_does(rm_run):
+  reward_model = RewardModel.load(rm_run)
+  records = [json.loads(line) for line in data_path("bundled:pref_val.jsonl").read_text().splitlines()[:6]]
+  examples = [reward_model.encode(r["prompt"], r["chosen_response"]) for r in records]
+  whole = reward_model.raw_scores(examples, batch_size=8)
+  mesh = pmesh.make_mesh({"data": 4, "fsdp": 2, "pipeline": 1, "tensor": 1})
+  placed = reward_model.place(mesh, pmesh.DEFAULT_RULES)
+  assert placed.model.head.kernel.get_value().sharding.mesh == mesh
+  # 8 rows over the 8 data-parallel devices; 6 over them would not divide and go whole.
+  for batch_size in (8, 6):
+    np.testing.assert_allclose(placed.raw_scores(examples, batch_size=batch_size), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_critic_starts_from_the_reward_model_with_its_own_weights(rm_run):
