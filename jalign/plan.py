@@ -219,8 +219,9 @@ def _micro_batches(rows: int, micro_batch_size: int, mesh, rules) -> int:
   return max(rows // (micro_batch_size * pmesh.data_parallel_size(mesh, rules)), 1)
 
 
-def train_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
-  """The train step of an sft/rm/dpo/kto/kd config, and the reference pass where it has one."""
+def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
+  """The train step of an sft/rm/dpo/kto/kd config, and the reference pass where it has one; with
+  ``spin`` (the SPIN config whose DPO steps ``c`` holds), a call of its generation first."""
   rules = tuple(tuple(r) for r in c.sharding_rules)
   mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
   cfg = model_config(c)
@@ -237,6 +238,12 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     model = nnx.eval_shape(build)
     graphdef, state = job.state(model, tx, trainable=train.trainable_filter(c))
     make_row, length = train.row_maker(c)
+    if spin is not None:  # the iteration's replies, from the model as the last iteration left it
+      s, max_seq = spin.spin, spin.data.max_seq_length
+      gen_graphdef, weights = job.weights(model, dtype=jnp.dtype(cfg.param_dtype))
+      _add_generation(job, "generation", model, gen_graphdef, weights, rules, s, cfg, rows=s.rollout_batch_size,
+                      length=max_seq, max_new=s.max_new_tokens or max_seq // 2, resident=0, repeats=1,
+                      hbm_bytes_per_s=hbm_bytes_per_s, greedy=s.greedy)
     batch = job.batch(make_row([], length, 0), t.global_batch_size)
     tokens = t.global_batch_size * length
     reference_bytes = 0
@@ -268,6 +275,29 @@ def _rollout_rows(c, data_parallel: int) -> tuple[int, int]:
   rollout's samples do not fill them, as training generates them) and how many passes cover it."""
   rows = reinforce.generation_rows(c, data_parallel)
   return rows, math.ceil(_rollout_samples(c) / rows)
+
+
+def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *, rows, length, max_new, resident,
+                    repeats, hbm_bytes_per_s, greedy=False):
+  """A generation call of ``rows`` prompts of ``length - max_new`` tokens: the decode loop compiled for
+  the job's mesh with ``weights`` laid out by ``rules``, timed at the memory bandwidth (weights and KV
+  cache read once per new token)."""
+  mesh = job.mesh
+  prompts = job.batch({"tokens": jnp.zeros((length - max_new,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
+                      rows, rules)
+  generate = functools.partial(generate_arrays, graphdef=graphdef, max_new_tokens=max_new,
+                               min_new_tokens=getattr(sampling, "min_new_tokens", 0), temperature=sampling.temperature,
+                               top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy, stop_ids=(0,), pad_id=0)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  with pmesh.use(mesh, rules):
+    cache = jax.eval_shape(lambda: model.init_cache(rows, length))
+  cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), rules), cache.k.shape, mesh)
+  decode_read = per_device_bytes(weights) + per_device_bytes(cache, [jax.sharding.NamedSharding(mesh, cache_spec)] * 2)
+  with pmesh.use(mesh, rules):
+    job.add(name, lambda w, b, k: generate(w, b["tokens"], b["lengths"], k), (weights, prompts, key),
+            resident=resident, flops=_flops(cfg, rows * length, length, backward=False),
+            seconds=max_new * decode_read / hbm_bytes_per_s, repeats=repeats)
 
 
 def _logprob_pass(graphdef, weights, batch):
@@ -304,26 +334,10 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     gen_rules = (tuple(tuple(r) for r in c.ppo.generation_rules) if is_ppo else ()) or inference_rules(rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)
-    max_new = p.max_new_tokens or length // 2
     rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout
-    prompt_length = length - max_new
-    prompts = job.batch({"tokens": jnp.zeros((prompt_length,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
-                        rows, gen_rules)
-    generate = functools.partial(generate_arrays, graphdef=gen_graphdef, max_new_tokens=max_new,
-                                 min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                                 top_p=p.top_p, greedy=False, stop_ids=(0,), pad_id=0)
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
-    with pmesh.use(mesh, gen_rules):
-      cache = jax.eval_shape(lambda: model.init_cache(rows, length))
-    cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), gen_rules),
-                          cache.k.shape, mesh)
-    decode_read = engine + per_device_bytes(cache, [jax.sharding.NamedSharding(mesh, cache_spec)] * 2)
-    with pmesh.use(mesh, gen_rules):
-      job.add("rollout", lambda w, b, k: generate(w, b["tokens"], b["lengths"], k), (gen_weights, prompts, key),
-              resident=params + initial + optimizer_resident,
-              flops=_flops(cfg, rows * length, length, backward=False),
-              seconds=max_new * decode_read / hbm_bytes_per_s, repeats=rounds)
+    _add_generation(job, "rollout", model, gen_graphdef, gen_weights, gen_rules, p, cfg, rows=rows, length=length,
+                    max_new=p.max_new_tokens or length // 2, resident=params + initial + optimizer_resident,
+                    repeats=rounds, hbm_bytes_per_s=hbm_bytes_per_s)
     rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, rules))
 
     if not is_ppo:  # REINFORCE and rejection sampling score in the actor's job (PPO: the critic's)
@@ -414,10 +428,10 @@ def plan(c, *, peak_flops: float, hbm_bytes_per_s: float = 3.35e12) -> list[JobP
   """Compile the steps of config ``c``'s jobs, each for its mesh over the first devices visible."""
   actor_devices = _mesh_devices(c.mesh)
   config_lib.validate(c, device_count=actor_devices, check_files=False)
-  if c.algorithm == "spin":  # its training steps are DPO's (its generation is not planned yet)
-    from jalign import spin
-    c = spin.as_dpo(c)
   kwargs = dict(peak_flops=peak_flops, hbm_bytes_per_s=hbm_bytes_per_s)
+  if c.algorithm == "spin":  # a generation call, then DPO's steps
+    from jalign import spin
+    return [train_job(spin.as_dpo(c), jax.devices()[:actor_devices], spin=c, **kwargs)]
   if c.algorithm in ("reinforce", "rs"):  # the reward model runs in the actor's job
     return [actor_job(c, jax.devices()[:actor_devices], **kwargs)]
   if c.algorithm != "ppo":

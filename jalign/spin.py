@@ -186,6 +186,7 @@ def run(c, log=print) -> dict:
                     "val": result["val"]})
     summary_path.write_text(json.dumps({"iterations": results}, indent=2))
     previous = folder
+    del loop  # its optimizer state need not stay on the devices while the next iteration generates
   log(f"SPIN {stopped}: {len(results)} of {c.spin.iterations} iterations; run folder: {run_dir.absolute()}")
   return {"iterations": results, "steps": steps, "stopped": stopped, "run_dir": str(run_dir)}
 

@@ -101,6 +101,19 @@ def test_reinforce_and_rejection_sampling_plans_score_in_the_actor_job(algorithm
   assert actor.step("rollout").resident_bytes == (1 + kl) * actor.params_bytes + actor.optimizer_bytes
 
 
+def test_spin_plan_generates_then_trains_as_dpo():
+  c = load_config_file(ROOT / "configs" / "spin_tiny.py", {
+      "data.max_seq_length": 128, "spin.max_new_tokens": 32, "spin.rollout_batch_size": 8,
+      "train.global_batch_size": 8, "train.micro_batch_size": 1})
+  c.mesh.update({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
+  (job,) = plan(c, peak_flops=1e12, hbm_bytes_per_s=1e12)
+  assert [s.name for s in job.steps] == ["generation", "reference log-probs", "train"]
+  generation = job.step("generation")
+  # The trained weights (float32 here, sharded like training's) are read once for each of 32 new tokens.
+  assert generation.resident_bytes == 0 and generation.argument_bytes >= job.params_bytes
+  assert generation.seconds >= 32 * job.params_bytes / 1e12
+
+
 def _peaks(stdout: str) -> list[float]:
   return [float(x) for x in re.findall(r"peak ([0-9.]+) GiB", stdout)]
 
