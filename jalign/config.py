@@ -160,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ppo.gamma = 1.0                # discount_factor
   c.ppo.lam = 0.95                 # gae_lambda
   c.ppo.normalize_advantages = True
-  c.ppo.offload_adam_states = True  # optimizer state in host memory while generating
+  c.ppo.offload_adam_states = True  # the actor's optimizer state in pinned host memory while rollouts generate and score
   c.ppo.unload_engine_train = False  # free the generation copy of the weights while training
   # Logical-axis rules of the generation copy of the weights and of generation's activations; empty:
   # the training rules with parameters sharded over tensor only (replicated over data and fsdp).

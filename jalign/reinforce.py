@@ -30,6 +30,7 @@ devices; each data-parallel group decodes its own rows) and hands the trainer it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -96,7 +97,27 @@ class Rollouts:
       out.append(orders[epoch][pos % total])
     return np.asarray(out)
 
+  @contextlib.contextmanager
+  def optimizer_in_host_memory(self):
+    """With ``ppo.offload_adam_states``: the optimizer state waits in pinned host memory while the
+    rollout generates and scores (NeMo's offload of the Adam states), back on the devices for training."""
+    loop = self.loop
+    if not (self.c.algorithm == "ppo" and self.c.ppo.offload_adam_states and loop.state_sharding is not None):
+      yield
+      return
+    on_devices = loop.state_sharding.opt_state
+    in_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_devices)
+    loop.state = loop.state.replace(opt_state=jax.device_put(loop.state.opt_state, in_host))
+    try:
+      yield
+    finally:
+      loop.state = loop.state.replace(opt_state=jax.device_put(loop.state.opt_state, on_devices))
+
   def rollout(self) -> list[dict]:
+    with self.optimizer_in_host_memory():
+      return self._rollout()
+
+  def _rollout(self) -> list[dict]:
     step = int(jax.device_get(self.loop.state.step))
     index = step // self.steps_per_rollout
     k = self.per_prompt
@@ -146,9 +167,10 @@ class Rollouts:
   def validate(self) -> dict:
     """One response to each validation prompt from the current policy (the same seed every time, so
     that checkpoints compare on equal terms), scored: ``val_reward`` (the checkpoint monitor), lengths."""
-    responses, is_end = self._generate(self.val_prompts, seed=self.c.seed + 1)
-    examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
-    rewards = self.score(examples)
+    with self.optimizer_in_host_memory():
+      responses, is_end = self._generate(self.val_prompts, seed=self.c.seed + 1)
+      examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
+      rewards = self.score(examples)
     return {"val_reward": float(np.mean(rewards)), "val_response_length": float(np.mean([len(x) for x in responses])),
             "val_fraction_ended": float(np.mean(is_end))}
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jalign import config as config_lib
-from jalign import ppo, trainer
+from jalign import ppo, reinforce, trainer
 from jalign.data.sft import Example
 from jalign.score import RewardModel
 from jalign.train import load_trained, run
@@ -117,3 +117,23 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"ppo.num_rollout_samples": 12}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
+
+
+def test_optimizer_state_waits_in_host_memory_while_rollouts_generate(tmp_path, reward_run, sft_run, monkeypatch):
+  """ppo.offload_adam_states: the actor's Adam state is in pinned host memory during generation and on
+  the devices for training; the run's numbers are those of a run that keeps it on the devices."""
+  seen = []
+  generate = reinforce.Rollouts._generate
+
+  def recording(self, prompts, *, seed):
+    seen.append({leaf.sharding.memory_kind for leaf in jax.tree.leaves(self.loop.state.opt_state)})
+    return generate(self, prompts, seed=seed)
+  monkeypatch.setattr(reinforce.Rollouts, "_generate", recording)
+  losses = {}
+  for offload in (True, False):
+    c = ppo_config(tmp_path / str(offload), reward_run, sft_run, **{
+        "ppo.offload_adam_states": offload, "train.max_steps": 4, "train.save_interval": 0,
+        "train.val_check_interval": 0})
+    losses[offload] = run(c, log=quiet)["losses"]
+  assert seen == [{"pinned_host"}] * 2 + [{"device"}] * 2  # two rollouts each
+  assert losses[True] == losses[False]
