@@ -43,6 +43,7 @@ from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
+from jalign.parallel.mesh import inference_rules
 from jalign.parallel.logical import fit_spec, logical_to_spec
 from jalign.rollout.generate import generate_arrays
 
@@ -137,19 +138,6 @@ def _critic_config(c, key: str) -> LlamaConfig:
   if init.startswith("run:"):
     return run_model_config(init[4:]).replace(**kwargs)
   return LlamaConfig.preset(c.critic.preset, **kwargs)
-
-
-def inference_rules(rules):
-  """The rules of a generation copy of the weights: sharded over ``tensor`` only (replicated over the
-  data-parallel axes, as NeMo reshards for TensorRT-LLM), so a decode step gathers nothing."""
-  out = []
-  for logical, axes in rules:
-    if logical.startswith("act_") or logical in ("batch", "length", "cache_length"):
-      out.append((logical, axes))
-      continue
-    kept = tuple(a for a in (axes if isinstance(axes, (tuple, list)) else (axes,)) if a == "tensor")
-    out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
-  return tuple(out)
 
 
 class _Job:

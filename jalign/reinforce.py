@@ -36,7 +36,9 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jalign import config as config_lib
 from jalign import train, trainer
@@ -70,6 +72,13 @@ class Rollouts:
     self.steps_per_rollout = self.r.num_rollout_samples * kept // c.train.global_batch_size
     self._queue: list[dict] = []
     self.last: dict | None = None
+    # Generation reads a copy of the weights in the compute dtype laid out by these rules (default:
+    # sharded over tensor only, so a decode step gathers no weights), refitted once per rollout; kept
+    # between rollouts unless ppo.unload_engine_train (what the planner counts).
+    self.generation_rules = None if mesh is None else (
+        (tuple(tuple(r) for r in c.ppo.generation_rules) if c.algorithm == "ppo" else ()) or pmesh.inference_rules(rules))
+    self.unload_generation_copy = c.algorithm == "ppo" and c.ppo.unload_engine_train
+    self._generation_copy = None  # (step, model)
     # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
     turn = tok.encode(train.message_format(c).turn_start, add_special_tokens=False)
     self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
@@ -115,7 +124,26 @@ class Rollouts:
 
   def rollout(self) -> list[dict]:
     with self.optimizer_in_host_memory():
-      return self._rollout()
+      batches = self._rollout()
+    if self.unload_generation_copy:
+      self._generation_copy = None
+    return batches
+
+  def generation_model(self):
+    """The policy generation runs: the trainer's current weights, or their generation copy (refitted
+    when the weights have changed since it was made)."""
+    if self.generation_rules is None:
+      return self.loop.model()
+    step = int(jax.device_get(self.loop.state.step))
+    if self._generation_copy is None or self._generation_copy[0] != step:
+      self._generation_copy = None  # its memory goes before the refit takes more
+      dtype = jnp.dtype(self.c.model.dtype)
+      cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+      state = self.loop.state
+      weights = jax.tree.map(cast, (state.params, state.rest))
+      weights = pmesh.place(weights, pmesh.tree_shardings(weights, self.mesh, self.generation_rules))
+      self._generation_copy = (step, nnx.merge(self.loop.graphdef, *weights))
+    return self._generation_copy[1]
 
   def _rollout(self) -> list[dict]:
     step = int(jax.device_get(self.loop.state.step))
@@ -176,13 +204,14 @@ class Rollouts:
 
   def _generate(self, prompts, *, seed):
     """Responses (token lists, the stop token included when there is one) and ``is_end``."""
-    model = self.loop.model()
+    model = self.generation_model()
     size = self.generate_batch
     responses, ended = [], []
     stops = self.stop_ids
     # Each data-parallel group decodes its own rows of a batch (all of them when they do not divide).
-    split = self.mesh is not None and size % pmesh.data_parallel_size(self.mesh, self.rules) == 0
-    rows = pmesh.batch_sharding(self.mesh, self.rules) if split else None
+    rules = self.generation_rules or self.rules
+    split = self.mesh is not None and size % pmesh.data_parallel_size(self.mesh, rules) == 0
+    rows = pmesh.batch_sharding(self.mesh, rules) if split else None
     for start in range(0, len(prompts), size):
       chunk = prompts[start:start + size]
       out = generate(model, chunk + [chunk[0]] * (size - len(chunk)), max_new_tokens=self.max_new,

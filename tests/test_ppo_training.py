@@ -121,19 +121,25 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
 
 def test_optimizer_state_waits_in_host_memory_while_rollouts_generate(tmp_path, reward_run, sft_run, monkeypatch):
   """ppo.offload_adam_states: the actor's Adam state is in pinned host memory during generation and on
-  the devices for training; the run's numbers are those of a run that keeps it on the devices."""
-  seen = []
+  the devices for training; the run's numbers are those of a run that keeps it on the devices.
+  Generation reads a copy of the weights sharded over tensor only, while training shards them over fsdp."""
+  seen, layouts = [], set()
   generate = reinforce.Rollouts._generate
 
   def recording(self, prompts, *, seed):
     seen.append({leaf.sharding.memory_kind for leaf in jax.tree.leaves(self.loop.state.opt_state)})
+    copy = self.generation_model().layers.attn.q_proj.get_value().sharding.spec
+    trained = self.loop.state.params["layers"]["attn"]["q_proj"].get_value().sharding.spec
+    layouts.add((tuple(copy), tuple(trained)))
     return generate(self, prompts, seed=seed)
   monkeypatch.setattr(reinforce.Rollouts, "_generate", recording)
   losses = {}
   for offload in (True, False):
     c = ppo_config(tmp_path / str(offload), reward_run, sft_run, **{
         "ppo.offload_adam_states": offload, "train.max_steps": 4, "train.save_interval": 0,
-        "train.val_check_interval": 0})
+        "train.val_check_interval": 0, "train.micro_batch_size": 2})
+    c.mesh.update({"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1})
     losses[offload] = run(c, log=quiet)["losses"]
   assert seen == [{"pinned_host"}] * 2 + [{"device"}] * 2  # two rollouts each
   assert losses[True] == losses[False]
+  assert layouts == {((None, None, "tensor", None), ("pipeline", "fsdp", "tensor", None))}

@@ -115,6 +115,19 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def inference_rules(rules):
+  """The rules of a generation copy of the weights: sharded over ``tensor`` only (replicated over the
+  data-parallel axes, as NeMo reshards for TensorRT-LLM), so a decode step gathers nothing."""
+  out = []
+  for logical, axes in rules:
+    if logical.startswith("act_") or logical in ("batch", "length", "cache_length"):
+      out.append((logical, axes))
+      continue
+    kept = tuple(a for a in (axes if isinstance(axes, (tuple, list)) else (axes,)) if a == "tensor")
+    out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
+  return tuple(out)
+
+
 def put_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
   """Global arrays from each process's share of the batch (rows in process order)."""
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
