@@ -86,8 +86,27 @@ def test_first_rollout_matches_numpy_and_trains_the_critic(tmp_path, reward_run,
   assert np.abs(rollouts.critic.values(every)[on] - values[on]).max() > 1e-4
 
 
-def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, sft_run):
-  summary = run(ppo_config(tmp_path, reward_run, sft_run), log=quiet)
+def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, sft_run, monkeypatch):
+  # While rollouts generate, the actor's Adam state waits in pinned host memory (ppo.offload_adam_states)
+  # and generation reads a copy of the weights sharded over tensor only, where training shards them over fsdp.
+  seen = set()
+  generate = reinforce.Rollouts._generate
+
+  def recording(self, prompts, *, seed):
+    kinds = frozenset(leaf.sharding.memory_kind for leaf in jax.tree.leaves(self.loop.state.opt_state))
+    copy = self.generation_model().layers.attn.q_proj.get_value().sharding.spec
+    trained = self.loop.state.params["layers"]["attn"]["q_proj"].get_value().sharding.spec
+    seen.add((kinds, tuple(copy), tuple(trained)))
+    return generate(self, prompts, seed=seed)
+  monkeypatch.setattr(reinforce.Rollouts, "_generate", recording)
+
+  def config(*args, **overrides):  # this test's mesh: data 2, fsdp 2, tensor 2
+    c = ppo_config(*args, **{"train.micro_batch_size": 2, **overrides})
+    c.mesh.update({"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1})
+    return c
+
+  summary = run(config(tmp_path, reward_run, sft_run), log=quiet)
+  assert seen == {(frozenset({"pinned_host"}), (None, None, "tensor", None), ("pipeline", "fsdp", "tensor", None))}
   assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))
   folder = tmp_path / "ppo"
   rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
@@ -100,14 +119,14 @@ def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, s
   actor_steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir())
   assert sorted(int(p.name) for p in (folder / "critic" / "checkpoints").iterdir()) == actor_steps
   # A rerun resumes both: the critic continues from its 4 optimizer steps, not a fresh copy of the RM.
-  summary = run(ppo_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6}), log=quiet)
+  summary = run(config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6}), log=quiet)
   assert summary["steps"] == 6 and sorted(summary["losses"]) == [5, 6]
   rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
   assert [r["optimizer_steps"] for r in rows if r["split"] == "critic"] == [2, 4, 6]
   # Without its critic checkpoint a run does not resume on a fresh critic.
   shutil.rmtree(folder / "critic" / "checkpoints" / "6")
   with pytest.raises(trainer.TrainingError, match="no critic checkpoint at step 6"):
-    run(ppo_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 8}), log=quiet)
+    run(config(tmp_path, reward_run, sft_run, **{"train.max_steps": 8}), log=quiet)
 
 
 def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
@@ -118,28 +137,3 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
 
-
-def test_optimizer_state_waits_in_host_memory_while_rollouts_generate(tmp_path, reward_run, sft_run, monkeypatch):
-  """ppo.offload_adam_states: the actor's Adam state is in pinned host memory during generation and on
-  the devices for training; the run's numbers are those of a run that keeps it on the devices.
-  Generation reads a copy of the weights sharded over tensor only, while training shards them over fsdp."""
-  seen, layouts = [], set()
-  generate = reinforce.Rollouts._generate
-
-  def recording(self, prompts, *, seed):
-    seen.append({leaf.sharding.memory_kind for leaf in jax.tree.leaves(self.loop.state.opt_state)})
-    copy = self.generation_model().layers.attn.q_proj.get_value().sharding.spec
-    trained = self.loop.state.params["layers"]["attn"]["q_proj"].get_value().sharding.spec
-    layouts.add((tuple(copy), tuple(trained)))
-    return generate(self, prompts, seed=seed)
-  monkeypatch.setattr(reinforce.Rollouts, "_generate", recording)
-  losses = {}
-  for offload in (True, False):
-    c = ppo_config(tmp_path / str(offload), reward_run, sft_run, **{
-        "ppo.offload_adam_states": offload, "train.max_steps": 4, "train.save_interval": 0,
-        "train.val_check_interval": 0, "train.micro_batch_size": 2})
-    c.mesh.update({"data": 2, "fsdp": 2, "tensor": 2, "pipeline": 1})
-    losses[offload] = run(c, log=quiet)["losses"]
-  assert seen == [{"pinned_host"}] * 2 + [{"device"}] * 2  # two rollouts each
-  assert losses[True] == losses[False]
-  assert layouts == {((None, None, "tensor", None), ("pipeline", "fsdp", "tensor", None))}

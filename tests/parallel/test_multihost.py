@@ -93,3 +93,22 @@ def test_ppo_over_two_processes_matches_one(tmp_path, reward_run):
   assert _metrics(tmp_path / "two", "train", "loss")[1] != 0  # the second step trains on a real surrogate
   for job in ("", "critic/"):  # actor and critic checkpoints, saved by both processes together
     assert sorted(p.name for p in (tmp_path / "two" / job / "checkpoints").iterdir()) == ["2"]
+
+
+def test_followers_make_process_zeros_calls_until_released():
+  """A server job's processes: process 0 calls (through LeaderCalls), process 1 makes the same calls
+  (follow), so computations over both processes' devices complete; a failing call does not stop the
+  loop; stop_followers ends it."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "parallel" / "leader_job.py"), str(i), str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  leader, follower = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+  assert leader["sums"] == [28.0, 8.0] and leader["local"] == "process 0 alone"
+  assert leader["error"] == "asked to fail" and leader["after_error"] == 8.0
+  assert follower["calls"] == leader["calls"] == [
+      ["total", list(range(8)), 1.0], ["total", [1.0] * 16, 0.5], ["fail"], ["total", [1.0] * 8, 1.0]]
