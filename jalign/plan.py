@@ -43,7 +43,6 @@ from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
-from jalign.parallel.mesh import inference_rules
 from jalign.parallel.logical import fit_spec, logical_to_spec
 from jalign.rollout.generate import generate_arrays
 
@@ -253,16 +252,11 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
                  optimizer_bytes=per_device_bytes(state.opt_state), steps=job.steps)
 
 
-def _rollout_samples(c) -> int:
-  p = reinforce.sampling_config(c)
-  return p.num_rollout_samples * (1 if c.algorithm == "ppo" else p.num_rollouts_per_prompt)
-
-
 def _rollout_rows(c, data_parallel: int) -> tuple[int, int]:
   """Rows of one pass over a rollout (the rollout micro-batch on each data-parallel rank, fewer when the
   rollout's samples do not fill them, as training generates them) and how many passes cover it."""
   rows = reinforce.generation_rows(c, data_parallel)
-  return rows, math.ceil(_rollout_samples(c) / rows)
+  return rows, math.ceil(reinforce.rollout_samples(c) / rows)
 
 
 def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *, rows, length, max_new, resident,
@@ -319,7 +313,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
 
     # Generation: a copy of the weights in the compute dtype, laid out by ppo.generation_rules
     # (default: sharded over tensor only), refitted from the trained ones.
-    gen_rules = (tuple(tuple(r) for r in c.ppo.generation_rules) if is_ppo else ()) or inference_rules(rules)
+    gen_rules = reinforce.generation_rules(c, rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)
     rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout
@@ -353,7 +347,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
       if c.algorithm == "reinforce":
         row["advantages"] = jnp.zeros((), jnp.float32)
       loss = rloo.train_loss if c.algorithm == "reinforce" else sft.loss
-    trained = p.num_rollout_samples * c.rs.top_n_rollouts if c.algorithm == "rs" else _rollout_samples(c)
+    trained = p.num_rollout_samples * c.rs.top_n_rollouts if c.algorithm == "rs" else reinforce.rollout_samples(c)
     job.train_step("actor train", graphdef, state, loss, tx, job.batch(row, t.global_batch_size),
                    _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules),
                    resident=initial + engine_resident,

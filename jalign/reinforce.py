@@ -75,8 +75,7 @@ class Rollouts:
     # Generation reads a copy of the weights in the compute dtype laid out by these rules (default:
     # sharded over tensor only, so a decode step gathers no weights), refitted once per rollout; kept
     # between rollouts unless ppo.unload_engine_train (what the planner counts).
-    self.generation_rules = None if mesh is None else (
-        (tuple(tuple(r) for r in c.ppo.generation_rules) if c.algorithm == "ppo" else ()) or pmesh.inference_rules(rules))
+    self.generation_rules = None if mesh is None else generation_rules(c, rules)
     self.unload_generation_copy = c.algorithm == "ppo" and c.ppo.unload_engine_train
     self._generation_copy = None  # (step, model)
     # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
@@ -241,14 +240,26 @@ def sampling_config(c):
   return c.ppo if c.algorithm == "ppo" else c.reinforce
 
 
+def rollout_samples(c) -> int:
+  """Samples in one rollout: one per prompt for PPO, ``num_rollouts_per_prompt`` otherwise."""
+  r = sampling_config(c)
+  return r.num_rollout_samples * (1 if c.algorithm == "ppo" else r.num_rollouts_per_prompt)
+
+
 def generation_rows(c, data_parallel: int) -> int:
   """Rows of one generation call: NeMo's rollout micro-batch (``ppo.rollout_micro_batch_size``,
   ``reinforce.rollout_batch_size``) on each of ``data_parallel`` ranks, fewer when a rollout's samples
   do not fill them."""
   r = sampling_config(c)
   per_rank = r.rollout_micro_batch_size if c.algorithm == "ppo" else r.rollout_batch_size
-  samples = r.num_rollout_samples * (1 if c.algorithm == "ppo" else r.num_rollouts_per_prompt)
-  return min(per_rank, -(-samples // data_parallel)) * data_parallel
+  return min(per_rank, -(-rollout_samples(c) // data_parallel)) * data_parallel
+
+
+def generation_rules(c, rules):
+  """The rules of the generation copy of the weights: ``ppo.generation_rules``, or by default the
+  training ``rules`` sharded over tensor only."""
+  own = tuple(tuple(r) for r in c.ppo.generation_rules) if c.algorithm == "ppo" else ()
+  return own or pmesh.inference_rules(rules)
 
 
 def top_per_group(rewards, group_ids, n: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Shared test set-up: 8 fake CPU devices, the persistent compilation cache, offline Hugging Face."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,6 +16,28 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def launch_job(module, args, processes, devices_each, **popen):
+  """``python -m <module> <args>`` as a jax.distributed job of ``processes`` local processes (one process:
+  no coordinator) of ``devices_each`` CPU devices; the ``Popen`` of each, process 0 first."""
+  import portpicker
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  job = [f"--config.distributed.coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
+         f"--config.distributed.num_processes={processes}"]
+  return [subprocess.Popen([sys.executable, "-m", module, *args, f"--config.distributed.local_device_count={devices_each}"]
+                           + (job + [f"--config.distributed.process_id={i}"] if processes > 1 else []),
+                           cwd=ROOT, env=env, **popen)
+          for i in range(processes)]
+
+
+def run_job(module, args, processes, devices_each):
+  """``launch_job`` waited for: each process's ``(stdout, stderr)``, every one checked to exit 0."""
+  procs = launch_job(module, args, processes, devices_each, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
 
 
 @pytest.fixture(scope="session")

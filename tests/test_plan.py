@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from jalign.models import LlamaConfig
-from jalign.plan import inference_rules, plan
-from jalign.parallel.mesh import DEFAULT_RULES
+from jalign.plan import plan
+from jalign.parallel.mesh import DEFAULT_RULES, inference_rules
 from jalign.train import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -318,6 +318,23 @@ def _param_arrays(model: Transformer) -> dict[tuple[str, ...], jax.Array]:
   return {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def hf_tensors(model: Transformer, out_dtype) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+  """Every tensor of ``model`` by its Hugging Face name: ``(shape, produce)``, where ``produce()`` fetches
+  it from the devices in Hugging Face's layout (float32 when its dtype is not ``out_dtype``) only when
+  called, so that a writer holds one tensor at a time."""
+  cfg = model.config
+  arrays = _param_arrays(model)
+  out = {}
+  for m in tensor_maps(cfg, with_lm_head=("lm_head",) in arrays):
+    array = arrays[m.ours]
+    for i, name in enumerate(hf_names(m, cfg)):
+      def produce(array=array, i=i, m=m):
+        value = np.asarray(jax.device_get(array[i] if m.per_layer else array))
+        return m.to_hf(value.astype(np.float32) if value.dtype != out_dtype else value, cfg)
+      out[name] = (m.hf_shape(cfg), produce)
+  return out
+
+
 def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          tokenizer=None, overwrite: bool = False) -> Path:
   """Write ``model`` as a Hugging Face folder (config.json, safetensors shards, index).
@@ -327,18 +344,8 @@ def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT
   """
   path = Path(path)
   cfg = model.config
-  arrays = _param_arrays(model)
   out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-  maps = tensor_maps(cfg, with_lm_head=("lm_head",) in arrays)
-
-  entries = []
-  for m in maps:
-    array = arrays[m.ours]
-    for i, name in enumerate(hf_names(m, cfg)):
-      def produce(array=array, i=i, m=m):
-        value = np.asarray(jax.device_get(array[i] if m.per_layer else array))
-        return m.to_hf(value.astype(np.float32) if value.dtype != out_dtype else value, cfg)
-      entries.append((name, m.hf_shape(cfg), out_dtype, produce))
+  entries = [(name, shape, out_dtype, produce) for name, (shape, produce) in hf_tensors(model, out_dtype).items()]
 
   shards, current, size = [], [], 0
   for e in entries:

@@ -134,6 +134,13 @@ def put_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
                       batch, batch_shardings(batch, mesh, rules))
 
 
+def from_host(x, sharding) -> jax.Array:
+  """A global array of the host value ``x``, which every process holds alike: each process places the
+  parts its own devices hold."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def place(tree, shardings):
   """``jax.device_put(tree, shardings)`` that also works across processes: arrays already spread over
   processes are resharded by a compiled copy, host or single-device values placed from each process's
@@ -143,18 +150,14 @@ def place(tree, shardings):
       return jax.jit(lambda v: v, out_shardings=sharding)(x)
     if sharding.is_fully_addressable:
       return jax.device_put(x, sharding)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return from_host(x, sharding)
   return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub), shardings, tree)
 
 
 def put_global_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
   """Global arrays from a whole batch that every process holds alike (rollouts, which each process
   computes in full): each process places the rows of its own devices."""
-  def put(x, sharding):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, batch, batch_shardings(batch, mesh, rules))
+  return jax.tree.map(from_host, batch, batch_shardings(batch, mesh, rules))
 
 
 def process_rows(batch):

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jalign.parallel.mesh import fetch
+from jalign.parallel.mesh import fetch, from_host
 
 _NEG_INF = -1e30
 
@@ -110,11 +110,6 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
   return tokens, prompt_lengths + count, is_end, logprobs
 
 
-def _place(x: np.ndarray, sharding) -> jax.Array:
-  """A global array of ``x``, which every process holds alike."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
 def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=(), pad_id: int = 0,
              seed: int = 0, prompt_width: int = 0, batch_sharding=None) -> Rollout:
@@ -141,8 +136,8 @@ def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, te
   graphdef, state = nnx.split(model)
   if batch_sharding is not None:
     rows = batch_sharding.spec[0] if batch_sharding.spec else None
-    prompt_tokens = _place(padded, NamedSharding(batch_sharding.mesh, PartitionSpec(rows, None)))
-    prompt_lengths = _place(lengths, batch_sharding)
+    prompt_tokens = from_host(padded, NamedSharding(batch_sharding.mesh, PartitionSpec(rows, None)))
+    prompt_lengths = from_host(lengths, batch_sharding)
   else:
     prompt_tokens, prompt_lengths = jnp.asarray(padded), jnp.asarray(lengths)
   tokens, out_lengths, is_end, logprobs = generate_arrays(

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -141,24 +140,6 @@ def _rank_entries(cfg: LlamaConfig, hf_tensor, tp_size: int, tp_rank: int, pp_si
   return entries
 
 
-def _hf_tensors(model: Transformer, out_dtype: np.dtype):
-  """``name -> numpy`` of the model's tensors in Hugging Face layout, each fetched when asked for."""
-  cfg = model.config
-  arrays = hf._param_arrays(model)
-  by_name = {}
-  for m in hf.tensor_maps(cfg, with_lm_head=("lm_head",) in arrays):
-    for i, name in enumerate(hf.hf_names(m, cfg)):
-      by_name[name] = (m, i)
-
-  def get(name):
-    m, i = by_name[name]
-    array = arrays[m.ours]
-    value = np.asarray(jax.device_get(array[i] if m.per_layer else array))
-    return m.to_hf(value.astype(np.float32) if value.dtype != out_dtype else value, cfg).astype(out_dtype)
-
-  return get
-
-
 def export_checkpoint(model: Transformer, path, *, tp_size: int = 1, pp_size: int = 1, dtype: str | None = None,
                       tokenizer=None, overwrite: bool = False) -> Path:
   """Write ``model`` as a TensorRT-LLM checkpoint folder for ``tp_size`` x ``pp_size`` GPUs.
@@ -178,7 +159,11 @@ def export_checkpoint(model: Transformer, path, *, tp_size: int = 1, pp_size: in
   _check_parallelism(cfg, tp_size, pp_size)
   config = checkpoint_config(cfg, dtype=dtype, tp_size=tp_size, pp_size=pp_size)
   out_dtype = np.dtype(jnp.dtype(dtype))
-  hf_tensor = _hf_tensors(model, out_dtype)
+  tensors = hf.hf_tensors(model, out_dtype)
+
+  def hf_tensor(name):  # fetched from the devices when a rank's file is written
+    return tensors[name][1]().astype(out_dtype)
+
   with new_folder(path, overwrite=overwrite) as tmp:
     for rank in range(tp_size * pp_size):
       pp_rank, tp_rank = divmod(rank, tp_size)

@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import warnings
 
 import numpy as np
 
 from jalign import config as config_lib
 from jalign.data.sft import Example
+from jalign.serve import triton as triton_lib
 
 MODELS = ("critic_infer", "reward_model", "critic_train", "critic_save", "critic_restore")
-
-
-def _each_request(fn):
-  """An infer function of a model without batching: ``fn(**inputs)`` for each request as it came."""
-  def infer(requests):
-    return [fn(**dict(request.items())) for request in requests]
-  return infer
 
 
 def _rows(tokens: np.ndarray, lengths: np.ndarray, width: int, multiple: int) -> dict:
@@ -75,7 +68,7 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
       rewards = job.rewards(_examples(tokens, sequence_lengths[:, 0]))
     return {"rewards": rewards.astype(np.float32)[:, None]}
 
-  @_each_request
+  @triton_lib.each_request
   def train(tokens, returns, prev_values, mask):
     n, s = tokens.shape
     # The mask covers response tokens t in [p-1, L-2]: a row's length is its last masked column + 2.
@@ -88,7 +81,7 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
       metrics = job.train(rows)
     return {"loss_mean": np.asarray([metrics["critic_loss"]], np.float32)}
 
-  @_each_request
+  @triton_lib.each_request
   def save(dummy_var, monitor_value=None):
     step = int(dummy_var.reshape(-1)[0])
     value = None if monitor_value is None else float(monitor_value.reshape(-1)[0])
@@ -97,7 +90,7 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
       job.wait()
     return {"status": np.asarray([step], np.int64)}
 
-  @_each_request
+  @triton_lib.each_request
   def restore(step):
     step = int(step.reshape(-1)[0])
     with lock:
@@ -139,29 +132,22 @@ class RemoteCritic:
   """
 
   def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
-    self.url = address if "://" in address else f"http://{address}"
-    self.timeout_s = timeout_s
+    self._server = triton_lib.Client(address, timeout_s)
+    self.url = self._server.url
     self._pending = None  # (future, report) of a critic epoch in flight
     self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic_train")
-    from pytriton.client import ModelClient
-    self._client = ModelClient
     _on_leader(lambda: self._connect(init_timeout_s))
 
   def _connect(self, init_timeout_s: float):
     try:
-      with warnings.catch_warnings():  # a short init timeout is meant here
-        warnings.filterwarnings("ignore", message="Client network and/or connection timeout")
-        for name in MODELS:
-          with self._client(self.url, name, init_timeout_s=init_timeout_s) as client:
-            client.wait_for_model(init_timeout_s)
+      self._server.wait_for(MODELS, init_timeout_s)
     except Exception as e:  # unreachable, or not a critic server
       raise config_lib.ConfigError(f"config.critic.server: no critic server answers at {self.url} "
                                    f"({type(e).__name__}: {e}); start one with python -m jalign.serve "
                                    "--config=<the same config>") from e
 
   def _call(self, name: str, batched: bool, **inputs) -> dict:
-    with self._client(self.url, name, init_timeout_s=self.timeout_s, inference_timeout_s=self.timeout_s) as client:
-      return client.infer_batch(**inputs) if batched else client.infer_sample(**inputs)
+    return self._server.infer(name, batched=batched, **inputs)
 
   def _settle(self):
     if self._pending is not None:

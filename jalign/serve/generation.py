@@ -16,12 +16,12 @@ share a compiled loop.
 from __future__ import annotations
 
 import threading
-import warnings
 
 import numpy as np
 
 from jalign import config as config_lib
 from jalign.rollout.generate import Rollout
+from jalign.serve import triton as triton_lib
 
 MODELS = ("generate", "generate_text")
 PROMPT_WIDTH_MULTIPLE = 32
@@ -95,13 +95,8 @@ def bind(triton, job: GenerationJob, lock: threading.Lock | None = None):
 
   lock = lock or threading.Lock()
 
-  def each_request(fn):
-    def infer(requests):
-      return [fn(dict(request.items())) for request in requests]
-    return infer
-
-  @each_request
-  def generate_tokens(inputs):
+  @triton_lib.each_request
+  def generate_tokens(**inputs):
     tokens, lengths = inputs.pop("tokens"), inputs.pop("sequence_lengths").reshape(-1)
     max_new = int(inputs.pop("max_new_tokens").reshape(-1)[0])
     prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
@@ -110,8 +105,8 @@ def bind(triton, job: GenerationJob, lock: threading.Lock | None = None):
     return {"tokens": out.tokens.astype(np.int64), "lengths": out.lengths.astype(np.int64)[:, None],
             "is_end": out.is_end[:, None], "logprobs": out.logprobs.astype(np.float32)}
 
-  @each_request
-  def generate_text(inputs):
+  @triton_lib.each_request
+  def generate_text(**inputs):
     texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in inputs.pop("sentences").reshape(-1)]
     max_new = int(inputs.pop("max_new_tokens").reshape(-1)[0])
     with lock:
@@ -139,24 +134,17 @@ class RemoteGenerator:
   """The client of a generation server at ``address`` (``host:port``)."""
 
   def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
-    self.url = address if "://" in address else f"http://{address}"
-    self.timeout_s = timeout_s
-    from pytriton.client import ModelClient
-    self._client = ModelClient
+    self._server = triton_lib.Client(address, timeout_s)
+    self.url = self._server.url
     try:
-      with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Client network and/or connection timeout")
-        for name in MODELS:
-          with ModelClient(self.url, name, init_timeout_s=init_timeout_s) as client:
-            client.wait_for_model(init_timeout_s)
-    except Exception as e:
+      self._server.wait_for(MODELS, init_timeout_s)
+    except Exception as e:  # unreachable, or not a generation server
       raise config_lib.ConfigError(f"no generation server answers at {self.url} ({type(e).__name__}: {e}); "
                                    "start one with python -m jalign.serve --config=<config> "
                                    "--config.generation.serve=True") from e
 
   def _call(self, name: str, **inputs) -> dict:
-    with self._client(self.url, name, init_timeout_s=self.timeout_s, inference_timeout_s=self.timeout_s) as client:
-      return client.infer_sample(**inputs)
+    return self._server.infer(name, **inputs)
 
   @staticmethod
   def _inputs(max_new_tokens, min_new_tokens, temperature, top_k, top_p, greedy, stop_ids, seed) -> dict:

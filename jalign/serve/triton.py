@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sysconfig
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,34 @@ def server(host: str, port: int):
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
+
+
+def each_request(fn):
+  """An infer function of a model without batching: ``fn(**inputs)`` for each request as it came."""
+  def infer(requests):
+    return [fn(**dict(request.items())) for request in requests]
+  return infer
+
+
+class Client:
+  """Calls to the models of a PyTriton server at ``address`` (``host:port`` or a URL)."""
+
+  def __init__(self, address: str, timeout_s: float):
+    self.url = address if "://" in address else f"http://{address}"
+    self.timeout_s = timeout_s
+
+  def wait_for(self, models, timeout_s: float):
+    """Returns once the server serves every one of ``models``; raises the client's error if it does not
+    within ``timeout_s``."""
+    from pytriton.client import ModelClient
+    with warnings.catch_warnings():  # a short timeout is meant here
+      warnings.filterwarnings("ignore", message="Client network and/or connection timeout")
+      for name in models:
+        with ModelClient(self.url, name, init_timeout_s=timeout_s) as client:
+          client.wait_for_model(timeout_s)
+
+  def infer(self, name: str, *, batched: bool = False, **inputs) -> dict:
+    """One request to model ``name``: a batch of rows (``batched``), or one sample of whole arrays."""
+    from pytriton.client import ModelClient
+    with ModelClient(self.url, name, init_timeout_s=self.timeout_s, inference_timeout_s=self.timeout_s) as client:
+      return client.infer_batch(**inputs) if batched else client.infer_sample(**inputs)

@@ -14,6 +14,7 @@ import portpicker
 from flax import nnx
 
 from jalign.train import build_trainer, load_config_file
+from tests.conftest import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -23,21 +24,8 @@ COMMON = [f"--config.train.max_steps={STEPS}", "--config.train.val_check_interva
 
 
 def _launch(run_dir, processes, devices_each, config="sft_tiny", common=COMMON):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  port = portpicker.pick_unused_port()
-  procs = []
-  for pid in range(processes):
-    flags = [f"--config.run_dir={run_dir}", f"--config.distributed.local_device_count={devices_each}"]
-    if processes > 1:
-      flags += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={pid}"]
-    procs.append(subprocess.Popen([sys.executable, "-m", "jalign.train", f"--config=configs/{config}.py",
-                                   *common, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+  return run_job("jalign.train", [f"--config=configs/{config}.py", *common, f"--config.run_dir={run_dir}"],
+                 processes, devices_each)
 
 
 def _metrics(run_dir, split, key):

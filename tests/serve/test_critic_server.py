@@ -14,7 +14,6 @@ import threading
 import time
 
 import numpy as np
-import portpicker
 import pytest
 
 from jalign import config as config_lib
@@ -26,7 +25,7 @@ from jalign.rollout import generate
 from jalign.serve.critic import RemoteCritic
 from jalign.serve.generation import RemoteGenerator
 from jalign.train import build_model, build_tokenizer, load_config_file, run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_job, run_job
 from tests.test_preference_training import quiet
 
 
@@ -59,17 +58,9 @@ def overrides(run_dir, reward_run, sft_run, address):
           "train.val_check_interval": 2, "train.log_every": 1000, "generation.serve": True}
 
 
-def launch(module, values, processes, devices_each, **popen):
-  """``python -m <module>`` on ppo_tiny with ``values``, as a job of ``processes`` local processes."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  command = [sys.executable, "-m", module, f"--config={ROOT / 'configs' / 'ppo_tiny.py'}"]
-  command += [f"--config.{key}={value}" for key, value in values.items()]
-  coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  job = [f"--config.distributed.coordinator_address={coordinator}", f"--config.distributed.num_processes={processes}"]
-  return [subprocess.Popen(command + [f"--config.distributed.local_device_count={devices_each}"]
-                           + (job + [f"--config.distributed.process_id={i}"] if processes > 1 else []),
-                           cwd=ROOT, env=env, **popen)
-          for i in range(processes)]
+def ppo_args(values) -> list[str]:
+  """Command-line arguments of ppo_tiny with the dotted-key ``values``."""
+  return [f"--config={ROOT / 'configs' / 'ppo_tiny.py'}", *(f"--config.{key}={value}" for key, value in values.items())]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,8 @@ def server(tmp_path_factory, reward_run, sft_run):
   """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
   address = f"127.0.0.1:{free_port_block()}"
   values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
-  (process,) = launch("jalign.serve", values, 1, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  (process,) = launch_job("jalign.serve", ppo_args(values), 1, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
   lines, ready = [], threading.Event()
 
   def read():
@@ -159,10 +151,7 @@ def test_an_actor_of_two_processes_trains_through_the_server(server, tmp_path):
   run_dir = tmp_path / "two"
   actor = {**values, "run_dir": run_dir, "critic.server": address, "train.max_steps": 2, "train.save_interval": 0,
            "train.val_check_interval": 0, "train.resume": False}
-  procs = launch("jalign.train", actor, 2, 4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  run_job("jalign.train", ppo_args(actor), 2, 4)
   logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2]
   assert [r["step"] for r in logged if r["split"] == "critic"] == [0]  # one rollout of 16 = two steps of 8
