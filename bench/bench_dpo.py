@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import transformers as tr  # noqa: E402
 
 from jalign import optim, trainer  # noqa: E402
-from jalign.algos import dpo  # noqa: E402
+from jalign.losses import dpo  # noqa: E402
 from jalign.config import data_path  # noqa: E402
 from jalign.data import formats, pipeline, preference  # noqa: E402
 from jalign.data.chat import NemoChatFormat  # noqa: E402

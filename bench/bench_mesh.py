@@ -19,7 +19,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jalign import trainer  # noqa: E402
-from jalign.algos import sft  # noqa: E402
+from jalign.losses import sft  # noqa: E402
 from jalign.models import LlamaConfig, Transformer  # noqa: E402
 from jalign.parallel import mesh as pmesh  # noqa: E402
 

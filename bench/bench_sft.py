@@ -25,7 +25,7 @@ import transformers as tr  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jalign import optim, trainer  # noqa: E402
-from jalign.algos import sft  # noqa: E402
+from jalign.losses import sft  # noqa: E402
 from jalign.config import data_path  # noqa: E402
 from jalign.data import formats, packing  # noqa: E402
 from jalign.data.sft import encode_records  # noqa: E402

@@ -1,10 +1,11 @@
 """The ``jalign`` console script: ``jalign train --config=...`` is ``python -m jalign.train --config=...``,
-and likewise ``jalign plan``, ``jalign distill``, ``jalign steerlm``, ``jalign score`` and ``jalign export``; ``jalign demo`` runs the demo."""
+and likewise ``jalign plan``, ``jalign serve``, ``jalign distill``, ``jalign steerlm``, ``jalign score`` and
+``jalign export``; ``jalign demo`` runs the demo."""
 
 import sys
 
-COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "distill": "jalign.distill", "steerlm": "jalign.steerlm",
-            "score": "jalign.score", "export": "jalign.export", "demo": "jalign.demo"}
+COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "serve": "jalign.serve.__main__", "distill": "jalign.distill",
+            "steerlm": "jalign.steerlm", "score": "jalign.score", "export": "jalign.export", "demo": "jalign.demo"}
 
 
 def main():
@@ -13,7 +14,7 @@ def main():
     sys.exit(2)
   command = sys.argv.pop(1)
   sys.argv[0] = f"jalign {command}"
-  if command in ("train", "plan", "distill"):
+  if command in ("train", "plan", "serve", "distill"):
     import importlib
     importlib.import_module(COMMANDS[command]).entry()
   elif command == "steerlm":

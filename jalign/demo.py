@@ -11,16 +11,16 @@ import argparse
 import time
 from pathlib import Path
 
+from jalign.config import load_config_file
 from jalign.data.chat import NemoChatFormat
 from jalign.data.tokenizer import Tokenizer
+from jalign.recipes.build import build_trainer
 from jalign.rollout import generate
 
 QUESTIONS = ["What is the capital of Peru?", "How many legs does a spider have?", "What is two plus three?"]
 
 
 def sft_demo(config_path: str, run_dir: str | None):
-  from jalign.train import build_trainer, load_config_file
-
   overrides = {"run_dir": run_dir} if run_dir else {}
   config = load_config_file(config_path, overrides)
   loop = build_trainer(config)

@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from jalign import config as config_lib
 from jalign.models import Transformer, hf, lora
 from jalign.models.safetensors_io import CheckpointError
+from jalign.recipes.build import load_trained
+from jalign.specs.base import ConfigError
 
 FORMATS = ("hf", "trtllm")
 
@@ -22,8 +23,6 @@ FORMATS = ("hf", "trtllm")
 def export(run_dir, out, *, format: str = "hf", step: int | None = None, dtype: str | None = None,
            tp_size: int = 1, pp_size: int = 1, overwrite: bool = False) -> Path:
   """Write the policy of jalign run folder ``run_dir`` to ``out``; returns the folder written."""
-  from jalign.train import load_trained  # the training stack, only once the arguments are checked
-
   if format not in FORMATS:
     raise ValueError(f"--format={format!r}: one of {', '.join(FORMATS)}")
   if format == "hf" and (tp_size, pp_size) != (1, 1):
@@ -58,7 +57,7 @@ def main(argv=None):
   try:
     path = export(args.run, args.out, format=args.format, step=args.step, dtype=args.dtype, tp_size=args.tp_size,
                   pp_size=args.pp_size, overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, config_lib.ConfigError) as e:
+  except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"{path}: {args.format} export of {args.run}")

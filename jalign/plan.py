@@ -1,7 +1,9 @@
 """``python -m jalign.plan --config=configs/<name>.py``: compile a config's steps ahead of time.
 
 Nothing is allocated: models, optimizer states and batches are abstract arrays carrying the shardings
-the config's mesh and rules give them. Each step a job runs is lowered and compiled for that job's
+the config's mesh and rules give them. The model config, optimizer, losses and jitted step functions
+come from the same builders and algorithm specs the run uses (``jalign.recipes``, ``jalign.specs``),
+so each train step compiled here is the program the run compiles. Each step a job runs is lowered and compiled for that job's
 mesh (on a CPU machine, over that many host devices), and the planner prints, per device:
 
 - the bytes of weights and optimizer state (exact arithmetic over shapes and shardings);
@@ -11,8 +13,8 @@ mesh (on a CPU machine, over that many host devices), and the planner prints, pe
   recomputed forward under remat) and the time at a given peak; generation is bound by memory
   bandwidth instead, so its time is the bytes each decode step reads over the HBM bandwidth.
 
-Jobs: an ``sft``/``rm``/``dpo``/``kto``/``kd`` config is one job (its train step, and for dpo/kto
-the reference pass). A ``ppo`` config is two jobs, as NeMo-Aligner runs it: the actor (rollout on a
+Jobs (the spec's ``plan_jobs``): an ``sft``/``rm``/``dpo``/``kto``/``kd`` config is one job (its train
+step, and for dpo/kto the reference pass). A ``ppo`` config is two jobs, as NeMo-Aligner runs it: the actor (rollout on a
 bf16 inference copy of the weights laid out for tensor parallelism only, the log-prob pass of the
 policy and the initial policy, the PPO train step) on ``mesh``, and the critic (values, the reward
 model's scores, the critic's train step) on ``critic.mesh``.
@@ -25,10 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +39,19 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jalign import config as config_lib
-from jalign import optim, reinforce, train, trainer
-from jalign.algos import ppo, rloo, sft
-from jalign.kernels import token_logprobs
+from jalign import specs, trainer
+from jalign.data.packing import build_row
+from jalign.losses import rloo
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
 from jalign.parallel.logical import fit_spec, logical_to_spec
+from jalign.recipes import build
+from jalign.recipes import critic as critic_lib
+from jalign.recipes import rollouts
+from jalign.recipes import spin as spin_lib
 from jalign.rollout.generate import generate_arrays
+from jalign.specs.base import ROW_FIELDS, ConfigError
 
 GiB = 1024**3
 
@@ -60,6 +67,7 @@ class StepPlan:
   flops: float               # per device
   seconds: float             # at peak FLOP/s, or HBM bandwidth for generation
   repeats: int = 1           # times per training step (PPO: per rollout batch of prompts)
+  program: str = ""          # sha256 of the lowered program's text, to compare with the run's
 
   @property
   def total_bytes(self) -> int:
@@ -102,43 +110,6 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _model_kwargs(c) -> dict:
-  m = c.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **config_lib.pipeline_fields(c))
-
-
-def model_config(c) -> LlamaConfig:
-  m = c.model
-  kwargs = _model_kwargs(c)
-  if m.init == "random":
-    return LlamaConfig.preset(m.preset, **kwargs)
-  if m.init.startswith("run:"):
-    return run_model_config(m.init[4:]).replace(**kwargs)
-  if m.init.startswith("hf:"):
-    from jalign.models import hf
-    return hf.config_from_hf(hf.read_config_file(Path(m.init[3:])), Path(m.init[3:]) / "config.json", **kwargs)
-  from jalign.models import gguf
-  from jalign.models.pretrained import smollm2_path
-  path = smollm2_path() if m.init == "smollm2" else Path(m.init[5:])
-  return gguf.config_from_gguf(gguf.open_reader(path)[0], path, **kwargs)
-
-
-def run_model_config(run_dir: str) -> LlamaConfig:
-  """The model config of a jalign run folder, from the config it saved."""
-  config_file = Path(run_dir) / "config.json"
-  if not config_file.is_file():
-    raise config_lib.ConfigError(f"{config_file}: not a jalign run folder (no config.json)")
-  return model_config(config_lib.read_saved(config_file))
-
-
-def _critic_config(c, key: str) -> LlamaConfig:
-  init = c.critic[key]
-  kwargs = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-  if init.startswith("run:"):
-    return run_model_config(init[4:]).replace(**kwargs)
-  return LlamaConfig.preset(c.critic.preset, **kwargs)
-
-
 class _Job:
   """Compiles steps on one mesh and collects their plans."""
 
@@ -167,31 +138,28 @@ class _Job:
                                                           else x.dtype), state)
     return graphdef, _abstract(state, pmesh.tree_shardings(state, self.mesh, rules or self.rules))
 
-  def add(self, name, fn, args, *, donate=False, resident=0, flops=0.0, seconds=None, out_shardings=None,
-          repeats=1):
-    jitted = jax.jit(fn, donate_argnums=0 if donate else (), out_shardings=out_shardings)
-    memory = jitted.lower(*args).compile().memory_analysis()
+  def add(self, name, jitted, args, *, donate=False, resident=0, flops=0.0, seconds=None, repeats=1):
+    """Lowers and compiles ``jitted`` (a ``jax.jit`` function, as the run jits it) on abstract ``args``."""
+    lowered = jitted.lower(*args)
+    memory = lowered.compile().memory_analysis()
     per_device = flops / self.devices
     self.steps.append(StepPlan(name=name, argument_bytes=int(memory.argument_size_in_bytes),
                                output_bytes=int(memory.output_size_in_bytes),
                                temp_bytes=int(memory.temp_size_in_bytes), resident_bytes=int(resident),
                                donated=donate, flops=per_device,
                                seconds=per_device / self.peak_flops if seconds is None else seconds,
-                               repeats=repeats))
+                               repeats=repeats, program=program_fingerprint(lowered)))
 
-  def train_step(self, name, graphdef, state, loss_fn, tx, batch, micro_batches, *, resident=0, flops=0.0,
-                 repeats=1):
-    step = trainer.make_train_step(graphdef, loss_fn, tx, micro_batches=micro_batches)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    self.add(name, step, (state, batch), donate=True, resident=resident, flops=flops,
-             out_shardings=(shardings, None), repeats=repeats)
+  def train_step(self, name, step_fn, state, batch, *, resident=0, flops=0.0, repeats=1):
+    """A train step jitted as every run jits one (``trainer.jit_train_step``)."""
+    jitted = trainer.jit_train_step(step_fn, jax.tree.map(lambda x: x.sharding, state),
+                                    jax.tree.map(lambda x: x.sharding, batch))
+    self.add(name, jitted, (state, batch), donate=True, resident=resident, flops=flops, repeats=repeats)
 
 
-def _optimizer(o, max_steps, *, lr=None, min_lr=None, weight_decay=None):
-  schedule = optim.nemo_schedule(lr or o.lr, max_steps=max_steps, warmup_steps=o.warmup_steps,
-                                 constant_steps=o.constant_steps, min_lr=o.min_lr if min_lr is None else min_lr)
-  return optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                     weight_decay=o.weight_decay if weight_decay is None else weight_decay)
+def program_fingerprint(lowered) -> str:
+  """sha256 of a lowered program's text: equal for equal programs."""
+  return hashlib.sha256(lowered.as_text().encode()).hexdigest()
 
 
 def _flops(cfg: LlamaConfig, tokens: int, length: int, *, backward: bool) -> float:
@@ -202,41 +170,38 @@ def _flops(cfg: LlamaConfig, tokens: int, length: int, *, backward: bool) -> flo
   return per_token * tokens * recompute
 
 
-def _micro_batches(rows: int, micro_batch_size: int, mesh, rules) -> int:
-  return max(rows // (micro_batch_size * pmesh.data_parallel_size(mesh, rules)), 1)
-
-
 def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
-  """The train step of an sft/rm/dpo/kto/kd config, and the reference pass where it has one; with
-  ``spin`` (the SPIN config whose DPO steps ``c`` holds), a call of its generation first."""
-  rules = tuple(tuple(r) for r in c.sharding_rules)
+  """The train step of an sft/rm/dpo/kto/kd/steerlm2 config, and the reference pass where it has one;
+  with ``spin`` (the SPIN config whose DPO steps ``c`` holds), a call of its generation first."""
+  rules = build.rules_of(c)
   mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
-  cfg = model_config(c)
+  cfg = build.model_config(c)
   t = c.train
-  tx = _optimizer(c.optimizer, t.max_steps)
+  schedule, tx = build.build_optimizer(c)
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     parts = {}
 
-    def build():
-      model, parts["loss"], parts["reference"] = train.algorithm_parts(c, Transformer(cfg, rngs=nnx.Rngs(0)))
+    def make():
+      model, parts["loss"], parts["reference"] = build.algorithm_parts(c, Transformer(cfg, rngs=nnx.Rngs(0)))
       return model
 
-    model = nnx.eval_shape(build)
-    graphdef, state = job.state(model, tx, trainable=train.trainable_filter(c))
-    make_row, length = train.row_maker(c)
+    model = nnx.eval_shape(make)
+    graphdef, state = job.state(model, tx, trainable=build.trainable_filter(c))
+    row, length = build.abstract_row(c)
     if spin is not None:  # the iteration's replies, from the model as the last iteration left it
       s, max_seq = spin.spin, spin.data.max_seq_length
       gen_graphdef, weights = job.weights(model, dtype=jnp.dtype(cfg.param_dtype))
       _add_generation(job, "generation", model, gen_graphdef, weights, rules, s, cfg, rows=s.rollout_batch_size,
                       length=max_seq, max_new=s.max_new_tokens or max_seq // 2, resident=0, repeats=1,
                       hbm_bytes_per_s=hbm_bytes_per_s, greedy=s.greedy)
-    batch = job.batch(make_row([], length, 0), t.global_batch_size)
+    batch = job.batch(row, t.global_batch_size)
     tokens = t.global_batch_size * length
     reference_bytes = 0
     if parts["reference"] is not None:
-      micro_batches = _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
-      reference = functools.partial(trainer.reference_pass, graphdef, parts["reference"], micro_batches=micro_batches)
+      micro_batches = build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
+      reference = trainer.jit_reference_pass(graphdef, parts["reference"], micro_batches=micro_batches,
+                                             out_sharding=pmesh.batch_sharding(mesh, rules))
       outputs = jax.eval_shape(reference, state.params, state.rest, batch)
       # The frozen copy of the starting weights (none with LoRA: the base with adapters off).
       reference_bytes = 0 if c.lora.rank or c.reference.offload else per_device_bytes(state.params)
@@ -244,19 +209,18 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
       job.add("reference log-probs", reference, (state.params, state.rest, batch), resident=resident,
               flops=_flops(cfg, tokens, length, backward=False))
       batch = {**batch, **_abstract(outputs, pmesh.batch_shardings(outputs, mesh, rules))}
-    job.train_step("train", graphdef, state, parts["loss"], tx, batch,
-                   _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules),
+    job.train_step("train", build.train_step(c, graphdef, parts["loss"], schedule, tx, mesh, rules), state, batch,
                    resident=reference_bytes, flops=_flops(cfg, tokens, length, backward=True))
   return JobPlan(name=c.run_dir, mesh=dict(mesh.shape), num_params=cfg.num_params,
                  params_bytes=per_device_bytes(state.params) + per_device_bytes(state.rest),
                  optimizer_bytes=per_device_bytes(state.opt_state), steps=job.steps)
 
 
-def _rollout_rows(c, data_parallel: int) -> tuple[int, int]:
+def _rollout_rows(settings, data_parallel: int) -> tuple[int, int]:
   """Rows of one pass over a rollout (the rollout micro-batch on each data-parallel rank, fewer when the
   rollout's samples do not fill them, as training generates them) and how many passes cover it."""
-  rows = reinforce.generation_rows(c, data_parallel)
-  return rows, math.ceil(reinforce.rollout_samples(c) / rows)
+  rows = rollouts.generation_rows(settings, data_parallel)
+  return rows, math.ceil(settings.samples / rows)
 
 
 def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *, rows, length, max_new, resident,
@@ -277,93 +241,92 @@ def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *
   cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), rules), cache.k.shape, mesh)
   decode_read = per_device_bytes(weights) + per_device_bytes(cache, [jax.sharding.NamedSharding(mesh, cache_spec)] * 2)
   with pmesh.use(mesh, rules):
-    job.add(name, lambda w, b, k: generate(w, b["tokens"], b["lengths"], k), (weights, prompts, key),
+    job.add(name, jax.jit(lambda w, b, k: generate(w, b["tokens"], b["lengths"], k)), (weights, prompts, key),
             resident=resident, flops=_flops(cfg, rows * length, length, backward=False),
             seconds=max_new * decode_read / hbm_bytes_per_s, repeats=repeats)
-
-
-def _logprob_pass(graphdef, weights, batch):
-  model = nnx.merge(graphdef, weights, copy=True)
-  hidden = model.hidden_states(batch["tokens"])
-  return token_logprobs(hidden, model.lm_head_kernel(), batch["targets"])
 
 
 def _value_pass(graphdef, weights, batch):
   return nnx.merge(graphdef, weights, copy=True)(batch["tokens"])[..., 0]
 
 
+def _train_row(c, spec, length: int) -> dict:
+  """An empty row of what a rollout algorithm's train step reads, as its rollouts make it."""
+  row = {k: v for k, v in build_row([], length, 0).items() if k in ROW_FIELDS}
+  for name, (kind, dtype) in spec.rollout.train_fields(c).items():
+    row[name] = jnp.zeros((length,) if kind == "token" else (), dtype)
+  return row
+
+
 def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   """The actor of a rollout algorithm: generation; the policy's and the initial policy's log-probs (PPO,
   REINFORCE: the KL); the train step (PPO's clipped surrogate, REINFORCE's RLOO loss, rejection
   sampling's SFT loss on the kept samples)."""
-  rules = tuple(tuple(r) for r in c.sharding_rules)
+  spec = specs.get(c.algorithm)
+  settings = spec.rollout.settings(c)
+  rules = build.rules_of(c)
   mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
-  cfg = model_config(c)
-  p, t, length = reinforce.sampling_config(c), c.train, c.data.max_seq_length
-  is_ppo = c.algorithm == "ppo"
-  with_kl = c.algorithm != "rs"
-  tx = _optimizer(c.optimizer, t.max_steps)
+  cfg = build.model_config(c)
+  t, length = c.train, c.data.max_seq_length
+  schedule, tx = build.build_optimizer(c)
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = job.state(model, tx)
+    graphdef, state = job.state(model, tx, trainable=build.trainable_filter(c))
     params, optimizer = per_device_bytes(state.params), per_device_bytes(state.opt_state)
-    initial = 0 if c.reference.offload or not with_kl else params  # the initial policy, frozen
-    optimizer_resident = 0 if is_ppo and c.ppo.offload_adam_states else optimizer
+    initial = 0 if c.reference.offload or not spec.rollout.with_kl else params  # the initial policy, frozen
+    optimizer_resident = 0 if settings.offload_optimizer else optimizer
 
-    # Generation: a copy of the weights in the compute dtype, laid out by ppo.generation_rules
+    # Generation: a copy of the weights in the compute dtype, laid out by the generation rules
     # (default: sharded over tensor only), refitted from the trained ones.
-    gen_rules = reinforce.generation_rules(c, rules)
+    gen_rules = rollouts.generation_rules(settings, rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)
-    rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout
-    _add_generation(job, "rollout", model, gen_graphdef, gen_weights, gen_rules, p, cfg, rows=rows, length=length,
-                    max_new=p.max_new_tokens or length // 2, resident=params + initial + optimizer_resident,
-                    repeats=rounds, hbm_bytes_per_s=hbm_bytes_per_s)
-    rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, rules))
+    rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout
+    _add_generation(job, "rollout", model, gen_graphdef, gen_weights, gen_rules, settings, cfg, rows=rows,
+                    length=length, max_new=settings.max_new_tokens or length // 2,
+                    resident=params + initial + optimizer_resident, repeats=rounds, hbm_bytes_per_s=hbm_bytes_per_s)
+    rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
 
-    if not is_ppo:  # REINFORCE and rejection sampling score in the actor's job (PPO: the critic's)
-      rm_cfg = run_model_config(c.reinforce.reward_model[4:]).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+    if not spec.rollout.critic:  # the reward model scores in the actor's job (PPO: in the critic's)
+      block, key = spec.rollout.reward_model.split(".")
+      rm_cfg = build.run_model_config(c[block][key][4:]).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
       rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                             dtype=jnp.dtype(c.model.dtype))
-      job.add("rewards", functools.partial(_value_pass, rm_graphdef),
+      job.add("rewards", jax.jit(functools.partial(_value_pass, rm_graphdef)),
               (rm_weights, job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)),
               resident=params + initial + engine + optimizer_resident,
               flops=_flops(rm_cfg, rows * length, length, backward=False), repeats=rounds)
 
-    if with_kl:  # pi_old and pi_init on the rollouts, one micro-batch of rows at a time
-      batch = job.batch({k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets")}, rows)
-      job.add("policy log-probs", functools.partial(_logprob_pass, graphdef), (state.params, batch),
-              resident=engine + initial + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
-              repeats=2 * rounds)
+    if spec.rollout.with_kl:  # pi_old and pi_init on the scored rollout, a global batch at a time
+      scored = {**build_row([], length, 0), "group_ids": jnp.zeros((), jnp.int32), "is_end": jnp.zeros((), bool),
+                "rewards": jnp.zeros((), jnp.float32)}
+      current = trainer.jit_reference_pass(
+          graphdef, rloo.token_logprobs_of,
+          micro_batches=build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules))
+      job.add("policy log-probs", current, (state.params, state.rest, job.batch(scored, t.global_batch_size)),
+              resident=engine + initial + optimizer_resident,
+              flops=_flops(cfg, t.global_batch_size * length, length, backward=False),
+              repeats=2 * math.ceil(settings.samples / t.global_batch_size))
 
-    engine_resident = 0 if is_ppo and c.ppo.unload_engine_train else engine
-    row = {k: jnp.zeros((length,), jnp.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
-    if is_ppo:
-      row.update({k: jnp.zeros((length,), jnp.float32) for k in ("mask", "old_logprobs", "advantages")})
-      loss = functools.partial(ppo.actor_train_loss, clip_eps=p.clip_eps, entropy_coef=p.entropy_coef)
-    else:
-      row["loss_mask"] = jnp.zeros((length,), jnp.float32)
-      if c.algorithm == "reinforce":
-        row["advantages"] = jnp.zeros((), jnp.float32)
-      loss = rloo.train_loss if c.algorithm == "reinforce" else sft.loss
-    trained = p.num_rollout_samples * c.rs.top_n_rollouts if c.algorithm == "rs" else reinforce.rollout_samples(c)
-    job.train_step("actor train", graphdef, state, loss, tx, job.batch(row, t.global_batch_size),
-                   _micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules),
+    engine_resident = 0 if settings.unload_engine_train else engine
+    job.train_step("actor train", build.train_step(c, graphdef, spec.rollout.loss(c), schedule, tx, mesh, rules),
+                   state, job.batch(_train_row(c, spec, length), t.global_batch_size),
                    resident=initial + engine_resident,
                    flops=_flops(cfg, t.global_batch_size * length, length, backward=True),
-                   repeats=math.ceil(trained / t.global_batch_size))
+                   repeats=math.ceil(settings.trained / t.global_batch_size))
   return JobPlan(name=f"{c.run_dir} actor", mesh=dict(mesh.shape), num_params=cfg.num_params, params_bytes=params,
                  optimizer_bytes=optimizer, steps=job.steps)
 
 
 def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   """PPO's critic and reward model: values and rewards for rollouts, the critic's train step."""
-  rules = tuple(tuple(r) for r in c.sharding_rules)
+  rules = build.rules_of(c)
   mesh = pmesh.make_mesh(dict(c.critic.mesh), devices=devices)
-  cfg, rm_cfg = _critic_config(c, "init"), _critic_config(c, "reward_model")
-  k, p, length = c.critic, c.ppo, c.data.max_seq_length
-  tx = _optimizer(c.optimizer, c.train.max_steps, lr=k.lr, min_lr=k.min_lr, weight_decay=k.weight_decay)
+  cfg, rm_cfg = critic_lib.critic_config(c, "init"), critic_lib.critic_config(c, "reward_model")
+  k, length = c.critic, c.data.max_seq_length
+  settings = specs.rollout_settings(c)
+  schedule, tx = critic_lib.critic_optimizer(c, critic_lib.critic_steps(c))
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     critic = nnx.eval_shape(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(0)))
@@ -374,21 +337,20 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                           dtype=jnp.dtype(c.model.dtype))
     rm_bytes = per_device_bytes(rm_weights)
-    rows, rounds = _rollout_rows(c, pmesh.data_parallel_size(mesh, rules))
+    rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
     batch = job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)
-    job.add("values", functools.partial(_value_pass, graphdef), (state.params, batch),
+    job.add("values", jax.jit(functools.partial(_value_pass, graphdef)), (state.params, batch),
             resident=rm_bytes + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
             repeats=rounds)
-    job.add("rewards", functools.partial(_value_pass, rm_graphdef), (rm_weights, batch),
+    job.add("rewards", jax.jit(functools.partial(_value_pass, rm_graphdef)), (rm_weights, batch),
             resident=params + optimizer_resident, flops=_flops(rm_cfg, rows * length, length, backward=False),
             repeats=rounds)
-    row = {"tokens": jnp.zeros((length,), jnp.int32)}
+    row = {name: jnp.zeros((length,), jnp.int32) for name in ("tokens", "positions", "segment_ids")}
     row.update({name: jnp.zeros((length,), jnp.float32) for name in ("mask", "old_values", "returns")})
-    loss = functools.partial(ppo.critic_train_loss, clip=k.loss_clip)
-    job.train_step("critic train", graphdef, state, loss, tx, job.batch(row, k.global_batch_size),
-                   _micro_batches(k.global_batch_size, k.micro_batch_size, mesh, rules), resident=rm_bytes,
+    job.train_step("critic train", critic_lib.critic_train_step(c, graphdef, schedule, tx, mesh, rules), state,
+                   job.batch(row, k.global_batch_size), resident=rm_bytes,
                    flops=_flops(cfg, k.global_batch_size * length, length, backward=True),
-                   repeats=math.ceil(p.num_rollout_samples / k.global_batch_size))
+                   repeats=math.ceil(settings.prompts / k.global_batch_size))
   return JobPlan(name=f"{c.run_dir} critic", mesh=dict(mesh.shape), num_params=cfg.num_params,
                  params_bytes=params, optimizer_bytes=optimizer, steps=job.steps)
 
@@ -402,24 +364,31 @@ def _mesh_devices(sizes) -> int:
 
 
 def devices_needed(c) -> int:
-  sizes = [dict(c.mesh)] + ([dict(c.critic.mesh)] if c.algorithm == "ppo" else [])
+  jobs = specs.get(c.algorithm).plan_jobs
+  sizes = [dict(c.mesh)] + ([dict(c.critic.mesh)] if "critic" in jobs else [])
   return max(math.prod(n for n in s.values() if n > 0) for s in sizes)
+
+
+def _spin_job(c, devices, **kwargs) -> JobPlan:
+  """A SPIN iteration: a generation call, then DPO's steps."""
+  return train_job(spin_lib.as_dpo(c), devices, spin=c, **kwargs)
+
+
+# The planner's job kinds (``AlgorithmSpec.plan_jobs``): (builder, the config's mesh key).
+JOBS = {"train": (train_job, "mesh"), "spin": (_spin_job, "mesh"), "actor": (actor_job, "mesh"),
+        "critic": (critic_job, "critic.mesh")}
 
 
 def plan(c, *, peak_flops: float, hbm_bytes_per_s: float = 3.35e12) -> list[JobPlan]:
   """Compile the steps of config ``c``'s jobs, each for its mesh over the first devices visible."""
-  actor_devices = _mesh_devices(c.mesh)
-  config_lib.validate(c, device_count=actor_devices, check_files=False)
-  kwargs = dict(peak_flops=peak_flops, hbm_bytes_per_s=hbm_bytes_per_s)
-  if c.algorithm == "spin":  # a generation call, then DPO's steps
-    from jalign import spin
-    return [train_job(spin.as_dpo(c), jax.devices()[:actor_devices], spin=c, **kwargs)]
-  if c.algorithm in ("reinforce", "rs"):  # the reward model runs in the actor's job
-    return [actor_job(c, jax.devices()[:actor_devices], **kwargs)]
-  if c.algorithm != "ppo":
-    return [train_job(c, jax.devices()[:actor_devices], **kwargs)]
-  return [actor_job(c, jax.devices()[:actor_devices], **kwargs),
-          critic_job(c, jax.devices()[:_mesh_devices(c.critic.mesh)], **kwargs)]
+  config_lib.validate(c, device_count=_mesh_devices(c.mesh), check_files=False)
+  plans = []
+  for kind in specs.get(c.algorithm).plan_jobs:
+    builder, mesh_key = JOBS[kind]
+    sizes = c.mesh if mesh_key == "mesh" else c.critic.mesh
+    plans.append(builder(c, jax.devices()[:_mesh_devices(sizes)], peak_flops=peak_flops,
+                         hbm_bytes_per_s=hbm_bytes_per_s))
+  return plans
 
 
 def format_plan(p: JobPlan) -> str:
@@ -453,7 +422,7 @@ def main(argv, config_flag, peak_flag, hbm_flag, devices_flag):
   jax.config.update("jax_num_cpu_devices", needed)
   try:
     plans = plan(c, peak_flops=peak_flag.value * 1e12, hbm_bytes_per_s=hbm_flag.value * 1e12)
-  except config_lib.ConfigError as e:
+  except (ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print("\n\n".join(format_plan(p) for p in plans))

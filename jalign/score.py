@@ -1,194 +1,30 @@
-"""Reward-model inference: rewards for responses, standardised, and the critic a reward model starts.
-
-  python -m jalign.score --rm=runs/rm_tiny --input=pairs.jsonl --output=scored.jsonl \
-      [--fit_standardization] [--attribute_weights=0,0,0,0,1,0,0,0,0]
-
-``RewardModel.load(run_dir)`` reads a reward-model run (``algorithm = "rm"``) with its reward
-standardisation, NeMo-Aligner's ``reward_standardization``: rewards come out as ``(r - mean) / std``
-with ``mean`` and ``std`` from ``reward_standardization.json`` in the run folder (none: 0 and 1).
-``--fit_standardization`` computes them over every response of the input and writes that file, so
-that later inference (this command, PPO's reward model) gives rewards of mean 0 and std 1 on such
-data. A multi-attribute (regression) model's outputs are merged by ``attribute_weights`` (default
-uniform).
+"""``python -m jalign.score --rm=runs/rm_tiny --input=pairs.jsonl --output=scored.jsonl
+[--fit_standardization] [--attribute_weights=0,0,0,0,1,0,0,0,0]``: a reward model's rewards for
+comparison data.
 
 The input is ``comparison`` jsonl; each record comes out with ``chosen_reward`` and
 ``rejected_reward`` (what DPO's ``rpo_*`` losses read), encoded as the reward model's training pairs
 were (its chat format; a prompt too long loses its left end; a response that alone does not fit gets
-``null``). ``RewardModel.critic()`` is a value model with its own copy of the weights that outputs a
-value per token, how PPO's critic starts.
+``null``). ``--fit_standardization`` computes the mean and std over every response of the input and
+writes the run's ``reward_standardization.json``, so that later inference (this command, the reward
+model of PPO and REINFORCE) gives rewards of mean 0 and std 1 on such data. A multi-attribute
+(regression) model's outputs are merged by ``attribute_weights`` (default uniform). The scoring itself
+is ``jalign.recipes.reward``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from jalign import config as config_lib
-from jalign import train
-from jalign.algos import rm
-from jalign.data import formats, preference
-from jalign.data.packing import build_row
-from jalign.data.sft import Example
-from jalign.models.heads import ValueModel, merge_attributes
-from jalign.parallel import mesh as pmesh
-
-STANDARDIZATION_FILE = "reward_standardization.json"
-
-
-def read_standardization(run_dir: Path) -> tuple[float, float]:
-  """``(mean, std)`` of a run's ``reward_standardization.json``, or ``(0, 1)`` without one."""
-  path = Path(run_dir) / STANDARDIZATION_FILE
-  if not path.is_file():
-    return 0.0, 1.0
-  try:
-    data = json.loads(path.read_text())
-    mean, std = float(data["mean"]), float(data["std"])
-  except (ValueError, KeyError, TypeError) as e:
-    raise config_lib.ConfigError(f"{path}: expected {{\"mean\": number, \"std\": number}} ({e})") from None
-  if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-    raise config_lib.ConfigError(f"{path}: std must be a positive number and mean finite, got {mean}, {std}")
-  return mean, std
-
-
-def write_standardization(run_dir: Path, mean: float, std: float, **info) -> Path:
-  path = Path(run_dir) / STANDARDIZATION_FILE
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"mean": mean, "std": std, **info}, indent=2))
-  tmp.replace(path)
-  return path
-
-
-def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_length: int,
-                      batch_size: int = 8, mesh=None, rules=pmesh.DEFAULT_RULES) -> np.ndarray:
-  """``[N, A]``: a value model's outputs at each example's last token, ``batch_size`` rows of
-  ``max_length`` at a time (one compiled shape). With the ``mesh`` the model is placed on, each
-  data-parallel group scores its own rows when ``batch_size`` divides over them."""
-  split = mesh is not None and batch_size % pmesh.data_parallel_size(mesh, rules) == 0
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, batch):
-    values = nnx.merge(graphdef, state, copy=True)(batch["tokens"], positions=batch["positions"],
-                                                   segment_ids=batch["segment_ids"])
-    return rm.gather_last(values, batch["length"])
-
-  pad = tok.pad_id if tok.pad_id is not None else 0
-  out = []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    rows = [{**build_row([ex], max_length, pad), "length": np.int32(len(ex))} for ex in chunk]
-    rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    batch = pmesh.put_global_batch(batch, mesh, rules) if split else jax.tree.map(jnp.asarray, batch)
-    out.append(pmesh.fetch(score(state, batch))[:len(chunk)])
-  return np.concatenate(out) if out else np.zeros((0, model.head.kernel.shape[-1]), np.float32)
-
-
-@dataclasses.dataclass
-class RewardModel:
-  model: ValueModel
-  tokenizer: object
-  config: object
-  mean: float = 0.0
-  std: float = 1.0
-  attribute_weights: tuple | None = None
-  mesh: object = None  # where the weights are placed (see ``place``)
-  rules: tuple = pmesh.DEFAULT_RULES
-
-  def place(self, mesh, rules) -> "RewardModel":
-    """Puts the weights on ``mesh`` by ``rules`` (also across processes); scoring then splits its rows
-    over the mesh's data-parallel groups."""
-    graphdef, weights = nnx.split(self.model)
-    self.model = nnx.merge(graphdef, pmesh.place(weights, pmesh.tree_shardings(weights, mesh, rules)))
-    self.mesh, self.rules = mesh, rules
-    return self
-
-  @classmethod
-  def load(cls, run_dir, *, attribute_weights=None) -> "RewardModel":
-    run_dir = Path(run_dir)
-    model, tok, c = train.load_trained(run_dir)
-    if c.algorithm != "rm":
-      raise config_lib.ConfigError(f"{run_dir}: a {c.algorithm} run, not a reward model (algorithm rm)")
-    if attribute_weights is not None and len(attribute_weights) != model.head.kernel.shape[-1]:
-      raise ValueError(f"{len(attribute_weights)} attribute weights for a reward model of "
-                       f"{model.head.kernel.shape[-1]} outputs ({run_dir})")
-    mean, std = read_standardization(run_dir)
-    return cls(model, tok, c, mean, std, None if attribute_weights is None else tuple(attribute_weights))
-
-  @classmethod
-  def load_to_score(cls, c, key: str) -> "RewardModel":
-    """The reward model run that config ``c``'s ``key`` names (``run:<folder>``), checked to score
-    sequences of the config's ``data.max_seq_length``."""
-    spec = c[key.split(".")[0]][key.split(".")[1]]
-    reward = cls.load(spec[4:])
-    if reward.config.data.max_seq_length < c.data.max_seq_length:
-      raise config_lib.ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "
-                                   f"fewer than data.max_seq_length {c.data.max_seq_length}")
-    return reward
-
-  def encode(self, prompt, response: str) -> Example | None:
-    """A prompt and response as the reward model's training pairs were encoded (None: does not fit)."""
-    d = self.config.data
-    chat_format = train.message_format(self.config, self.tokenizer)
-    example, _ = preference.encode_response(prompt, response, self.tokenizer, max_length=d.max_seq_length,
-                                            chat_format=chat_format, add_eos=d.add_eos)
-    return example
-
-  def raw_scores(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:
-    """``[N]`` merged rewards before standardisation, read at each sequence's last token."""
-    values = last_token_values(self.model, self.tokenizer, examples, max_length=self.config.data.max_seq_length,
-                               batch_size=batch_size, mesh=self.mesh, rules=self.rules)
-    return np.asarray(merge_attributes(values, self.attribute_weights))
-
-  def rewards(self, examples: list[Example], *, batch_size: int = 8) -> np.ndarray:
-    """``[N]`` standardised rewards."""
-    return np.asarray(rm.standardize(self.raw_scores(examples, batch_size=batch_size), self.mean, self.std))
-
-  def critic(self) -> ValueModel:
-    """The critic PPO starts from this reward model: the same weights (a copy), a value per token
-    through ``critic.values(tokens)``."""
-    return self.model.copy()
-
-
-def score_comparisons(reward_model: RewardModel, records: list[dict], *, fit_standardization: bool = False,
-                      batch_size: int = 8) -> tuple[list[dict], dict]:
-  """Copies of comparison ``records`` with ``chosen_reward`` / ``rejected_reward``, and a summary."""
-  encoded = [(reward_model.encode(r["prompt"], r["chosen_response"]),
-              reward_model.encode(r["prompt"], r["rejected_response"])) for r in records]
-  examples = [ex for pair in encoded for ex in pair if ex is not None]
-  raw = reward_model.raw_scores(examples, batch_size=batch_size)
-  if fit_standardization:
-    if len(raw) < 2:
-      raise ValueError("fitting the standardisation needs at least two scored responses")
-    reward_model.mean, reward_model.std = float(raw.mean()), float(max(raw.std(), 1e-6))
-  scores = iter(np.asarray(rm.standardize(raw, reward_model.mean, reward_model.std)).tolist())
-  out, wins, pairs, skipped = [], 0, 0, 0
-  for record, (chosen, rejected) in zip(records, encoded):
-    rc = next(scores) if chosen is not None else None
-    rr = next(scores) if rejected is not None else None
-    out.append(dict(record, chosen_reward=rc, rejected_reward=rr))
-    if rc is None or rr is None:
-      skipped += 1
-    else:
-      pairs += 1
-      wins += rc > rr
-  summary = {"records": len(records), "responses": len(raw), "pairs_scored": pairs, "skipped": skipped,
-             "accuracy": wins / pairs if pairs else float("nan"),
-             "mean": reward_model.mean, "std": reward_model.std}
-  return out, summary
+from jalign.data import formats
+from jalign.recipes.reward import STANDARDIZATION_FILE, RewardModel, score_comparisons, write_standardization
+from jalign.specs.base import ConfigError
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description="A reward model's rewards for comparison data.")
   p.add_argument("--rm", required=True, help="run folder of a reward model (algorithm rm)")
   p.add_argument("--input", required=True, help="comparison jsonl: prompt, chosen_response, rejected_response")
   p.add_argument("--output", required=True)
@@ -203,7 +39,7 @@ def main(argv=None):
     records, report = formats.read_jsonl(Path(args.input), "comparison")
     scored, summary = score_comparisons(reward_model, records, fit_standardization=args.fit_standardization,
                                         batch_size=args.batch_size)
-  except (FileNotFoundError, ValueError, config_lib.ConfigError) as e:
+  except (FileNotFoundError, ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   formats.write_jsonl(args.output, scored)

@@ -14,6 +14,7 @@ its sum divided by the same total weight.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -118,6 +119,15 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
   return step
 
 
+def jit_train_step(train_fn, state_sharding=None, batch_sharding=None):
+  """``train_fn`` jitted as every trained model runs it (the planner lowers this too): the state
+  donated, and with shardings, the state and batch laid out by them and the state kept so."""
+  if state_sharding is None:
+    return jax.jit(train_fn, donate_argnums=0)
+  return jax.jit(train_fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None))
+
+
 def make_eval_step(graphdef, loss_fn: LossFn):
   """A pure ``(state, batch) -> (loss_sum, weight, metric_sums)``."""
 
@@ -137,6 +147,13 @@ def reference_pass(graphdef, fn, params, rest, batch, *, micro_batches: int = 1)
   out = jax.lax.map(lambda mb: fn(nnx.merge(graphdef, params, rest, copy=True), mb), micro)
   # [M, B/M, ...] back to rows i, i+M, ... of micro-batch i, the inverse of _split_micro.
   return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), out)
+
+
+def jit_reference_pass(graphdef, fn, *, micro_batches: int = 1, out_sharding=None):
+  """``reference_pass`` of ``fn`` jitted as the runs call it (the planner lowers this too):
+  ``(params, rest, batch) -> per-row outputs``, laid out by ``out_sharding``."""
+  return jax.jit(functools.partial(reference_pass, graphdef, fn, micro_batches=micro_batches),
+                 out_shardings=out_sharding)
 
 
 class ReferencePass:
@@ -164,8 +181,7 @@ class ReferencePass:
       self.params = jax.tree.map(jnp.copy, placed)
     # Outputs are per-row ([B, ...]) and sharded by rows like the batch they join.
     out = None if mesh is None else pmesh.batch_sharding(mesh, rules)
-    self._fn = jax.jit(functools.partial(reference_pass, graphdef, fn, micro_batches=micro_batches),
-                       out_shardings=out)
+    self._fn = jit_reference_pass(graphdef, fn, micro_batches=micro_batches, out_sharding=out)
 
   def __call__(self, batch, state: TrainState):
     params = self.params
@@ -313,13 +329,30 @@ class Trainer:
   def _jit(self, batch):
     """Jit the steps on the first batch, with explicit shardings when there is a mesh."""
     if self._train_step is None:
-      kwargs, eval_kwargs = {}, {}
-      if self.mesh is not None:
-        batch_sh = pmesh.batch_shardings(batch, self.mesh, self.rules)
-        kwargs = dict(in_shardings=(self.state_sharding, batch_sh), out_shardings=(self.state_sharding, None))
-        eval_kwargs = dict(in_shardings=(self.state_sharding, batch_sh))
-      self._train_step = jax.jit(self._train_fn, donate_argnums=0, **kwargs)
+      batch_sh = pmesh.batch_shardings(batch, self.mesh, self.rules) if self.mesh is not None else None
+      self._train_step = jit_train_step(self._train_fn, self.state_sharding, batch_sh)
+      eval_kwargs = dict(in_shardings=(self.state_sharding, batch_sh)) if self.mesh is not None else {}
       self._eval_step = jax.jit(self._eval_fn, **eval_kwargs)
+
+  def lower_train_step(self, batch):
+    """The train step lowered for ``batch`` (a device batch), as the loop compiles it."""
+    self._jit(batch)
+    return self._train_step.lower(self.state, batch)
+
+  @contextlib.contextmanager
+  def optimizer_in_host_memory(self):
+    """The optimizer state waits in pinned host memory (NeMo's offload of the Adam states) while the
+    block runs, such as a rollout's generation and scoring, and is back on the devices after it."""
+    if self.state_sharding is None:
+      yield
+      return
+    on_devices = self.state_sharding.opt_state
+    in_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_devices)
+    self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, in_host))
+    try:
+      yield
+    finally:
+      self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, on_devices))
 
   def model(self):
     """The model with the current parameters (needs the ``graphdef`` the trainer was given)."""
@@ -439,9 +472,11 @@ class Trainer:
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
 
 
-def checkpoint_manager(directory, o: TrainerOptions) -> ocp.CheckpointManager:
+def checkpoint_manager(directory, o: TrainerOptions, *, name: str | None = None) -> ocp.CheckpointManager:
   """Async, atomic checkpoints in ``directory`` keeping the last ``o.keep_last`` and the best
-  ``o.keep_best`` by ``o.monitor``."""
+  ``o.keep_best`` by ``o.monitor``. ``name`` sets apart the cross-process barriers of a second model
+  saved at the same steps (PPO's critic beside the actor): orbax names a save's barriers by its step
+  alone, and two saves of one step in flight at once would share them."""
   policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
   if o.keep_best:
     policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor],
@@ -451,7 +486,8 @@ def checkpoint_manager(directory, o: TrainerOptions) -> ocp.CheckpointManager:
       Path(directory).absolute(),
       options=ocp.CheckpointManagerOptions(
           preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-          enable_async_checkpointing=True, cleanup_tmp_directories=True))
+          enable_async_checkpointing=True, cleanup_tmp_directories=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)))
 
 
 def count(tree) -> int:

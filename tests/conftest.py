@@ -18,6 +18,18 @@ jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def load(name, run_dir, **overrides):
+  """A shipped config with test-sized batches (8 CPU devices here) and dotted-key ``overrides``."""
+  from jalign.config import load_config_file
+  base = {"run_dir": str(run_dir), "train.global_batch_size": 16, "train.log_every": 1000,
+          "train.micro_batch_size": 1}  # per data-parallel rank: the tests see 8 CPU devices
+  return load_config_file(ROOT / "configs" / f"{name}.py", {**base, **overrides})
+
+
+def quiet(*_):
+  """A log that prints nothing."""
+
+
 def launch_job(module, args, processes, devices_each, **popen):
   """``python -m <module> <args>`` as a jax.distributed job of ``processes`` local processes (one process:
   no coordinator) of ``devices_each`` CPU devices; the ``Popen`` of each, process 0 first."""
@@ -52,7 +64,6 @@ def _shared_run(tmp_path_factory, worker_id, name, config, overrides):
   from filelock import FileLock
 
   from jalign.train import run
-  from tests.test_preference_training import load, quiet
   base = tmp_path_factory.getbasetemp()
   root = base.parent if worker_id != "master" else base  # the session's folder, above the workers'
   folder = root / "shared_runs" / name

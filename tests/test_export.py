@@ -6,7 +6,7 @@ import pytest
 import transformers as tr
 
 from jalign import export as export_lib
-from jalign.train import load_trained
+from jalign.recipes.build import load_trained
 from tests.models.hf_fixtures import rel_err, torch_logits
 from tests.rollout.test_trtllm import run_checkpoint
 

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from jalign import distill
-from jalign.train import build_trainer, run
+from jalign.recipes import distill
+from jalign.recipes.build import build_trainer
+from jalign.train import run
 
-from tests.test_preference_training import load, quiet
+from tests.conftest import load, quiet
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from jalign.train import build_trainer
+from jalign.recipes.build import build_trainer
 
-from tests.test_preference_training import load, quiet
+from tests.conftest import load, quiet
 
 
 def feedback_file(path, n, seed):

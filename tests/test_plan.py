@@ -11,7 +11,7 @@ import pytest
 from jalign.models import LlamaConfig
 from jalign.plan import plan
 from jalign.parallel.mesh import DEFAULT_RULES, inference_rules
-from jalign.train import load_config_file
+from jalign.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3

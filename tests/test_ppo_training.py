@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from jalign import config as config_lib
-from jalign import ppo, reinforce, trainer
+from jalign import trainer
+from jalign.recipes import ppo, rollouts
 from jalign.data.sft import Example
-from jalign.score import RewardModel
-from jalign.train import load_trained, run
-from tests.test_preference_training import load, quiet
+from jalign.recipes.build import load_trained
+from jalign.recipes.reward import RewardModel
+from jalign.train import run
+from tests.conftest import load, quiet
 
 N = 16  # rollout samples; two actor and two critic optimizer steps of 8 per rollout
 
@@ -45,7 +47,7 @@ def test_first_rollout_matches_numpy_and_trains_the_critic(tmp_path, reward_run,
   loop, rollouts = ppo.build(c, log=quiet)
   batches = rollouts.rollout()
   assert len(batches) == 2 and all(len(b["tokens"]) == 8 for b in batches)
-  assert sorted(batches[0]) == sorted(ppo.ACTOR_FIELDS)
+  assert sorted(batches[0]) == sorted(("tokens", "targets", "positions", "segment_ids", "mask", "old_logprobs", "advantages"))
   every = rollouts.last  # the whole rollout, in sampling order
   tokens, mask, ended = every["tokens"], every["loss_mask"], every["is_end"]
   lengths = (every["segment_ids"] > 0).sum(1)
@@ -81,16 +83,16 @@ def test_first_rollout_matches_numpy_and_trains_the_critic(tmp_path, reward_run,
   assert rollout_row["values_mean"] == pytest.approx(values[on].mean(), rel=1e-3, abs=1e-4)
   # One critic epoch: N / critic.global_batch_size optimizer steps moved the critic's values.
   critic_row = next(r for r in stats if r["split"] == "critic")
-  assert int(jax.device_get(rollouts.critic.state.step)) == critic_row["optimizer_steps"] == 2
+  assert int(jax.device_get(loop.companion.state.step)) == critic_row["optimizer_steps"] == 2
   assert np.isfinite(critic_row["critic_loss"])
-  assert np.abs(rollouts.critic.values(every)[on] - values[on]).max() > 1e-4
+  assert np.abs(loop.companion.values(every)[on] - values[on]).max() > 1e-4
 
 
 def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, sft_run, monkeypatch):
   # While rollouts generate, the actor's Adam state waits in pinned host memory (ppo.offload_adam_states)
   # and generation reads a copy of the weights sharded over tensor only, where training shards them over fsdp.
   seen = set()
-  generate = reinforce.Rollouts._generate
+  generate = rollouts.Rollouts._generate
 
   def recording(self, prompts, *, seed):
     kinds = frozenset(leaf.sharding.memory_kind for leaf in jax.tree.leaves(self.loop.state.opt_state))
@@ -98,7 +100,7 @@ def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, s
     trained = self.loop.state.params["layers"]["attn"]["q_proj"].get_value().sharding.spec
     seen.add((kinds, tuple(copy), tuple(trained)))
     return generate(self, prompts, seed=seed)
-  monkeypatch.setattr(reinforce.Rollouts, "_generate", recording)
+  monkeypatch.setattr(rollouts.Rollouts, "_generate", recording)
 
   def config(*args, **overrides):  # this test's mesh: data 2, fsdp 2, tensor 2
     c = ppo_config(*args, **{"train.micro_batch_size": 2, **overrides})

@@ -4,27 +4,16 @@ fact and whose rejected answer a wrong one: learning shows as accuracy well abov
 import ast
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jalign import config as config_lib
 from jalign import trainer
-from jalign.train import build_trainer, load_config_file, run
+from jalign.recipes.build import build_trainer
+from jalign.train import run
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name, run_dir, **overrides):
-  """A shipped config with test-sized batches (8 CPU devices here) and dotted-key ``overrides``."""
-  base = {"run_dir": str(run_dir), "train.global_batch_size": 16, "train.log_every": 1000,
-          "train.micro_batch_size": 1}  # per data-parallel rank: the tests see 8 CPU devices
-  return load_config_file(ROOT / "configs" / f"{name}.py", {**base, **overrides})
-
-
-def quiet(*_):
-  pass
+from tests.conftest import load, quiet
 
 
 def test_dpo_starts_at_log2_and_raises_margin_and_accuracy(tmp_path):

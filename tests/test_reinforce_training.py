@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from jalign import config as config_lib
-from jalign import reinforce
+from jalign.recipes import reinforce
 from jalign.data.sft import Example
-from jalign.score import RewardModel
+from jalign.recipes.reward import RewardModel
 from jalign.train import run
-from tests.algos.test_ppo import np_rloo
-from tests.test_preference_training import load, quiet
+from tests.losses.test_ppo import np_rloo
+from tests.conftest import load, quiet
 
 
 def reinforce_config(tmp_path, reward_run, sft_run, **overrides):

@@ -11,7 +11,7 @@ from jalign.config import data_path
 from jalign.data import formats
 from jalign.train import run
 
-from tests.test_preference_training import load, quiet
+from tests.conftest import load, quiet
 
 
 def test_reward_model_learns_the_facts(tmp_path):
@@ -95,7 +95,7 @@ def test_steerlm_refuses_a_folder_without_a_run(tmp_path):
 
 def test_lora_reward_model_trains_the_adapters_and_the_new_head(tmp_path):
   from jalign import trainer
-  from jalign.train import build_trainer
+  from jalign.recipes.build import build_trainer
   c = load("rm_tiny", tmp_path / "lora_rm", **{"lora.rank": 8, "train.max_steps": 1, "train.save_interval": 0,
                                                "train.val_check_interval": 0})
   loop = build_trainer(c, log=quiet)

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from jalign.models import Transformer
-from jalign.train import load_config_file, load_trained, run
+from jalign.config import load_config_file
+from jalign.recipes.build import load_trained
+from jalign.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "sft_tiny_before_recipes"

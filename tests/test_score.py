@@ -10,10 +10,10 @@ import pytest
 
 from jalign.config import ConfigError, data_path
 from jalign.parallel import mesh as pmesh
-from jalign.score import STANDARDIZATION_FILE, RewardModel
+from jalign.recipes.reward import STANDARDIZATION_FILE, RewardModel
 from jalign.train import run
 
-from tests.test_preference_training import ROOT, load, quiet
+from tests.conftest import ROOT, load, quiet
 
 
 @pytest.fixture(scope="module")

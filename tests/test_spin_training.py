@@ -7,11 +7,13 @@ import math
 import pytest
 
 from jalign import config as config_lib
-from jalign import spin
+from jalign.recipes import spin
 from jalign.data import formats
 from jalign.rollout.generate import generate
-from jalign.train import build_model, build_tokenizer, load_trained, message_format, run
-from tests.test_preference_training import load, quiet
+from jalign.recipes.build import build_model, build_tokenizer, load_trained
+from jalign.specs.base import message_format
+from jalign.train import run
+from tests.conftest import load, quiet
 
 
 def small_data(tmp_path):

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jalign.algos import steerlm2
+from jalign.losses import steerlm2
 from jalign.data import formats, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.tokenizer import Tokenizer
 from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
-from jalign.train import build_trainer
+from jalign.recipes.build import build_trainer
 
-from tests.test_preference_training import load, quiet
+from tests.conftest import load, quiet
 
 GOOD = {"system": "", "prompt_turns": [{"from": "User", "value": "What is one plus one?"}], "label": "correctness:4",
         "responses": [{"value": "One plus one is two.", "log(P(a|x,y))": -0.3, "log(P(y|x))": -9.0,

@@ -61,7 +61,8 @@ def test_malformed_data_line_stops_before_training(tmp_path):
 
 def test_algorithms_that_generate_their_data_are_not_built_by_build_trainer(tmp_path):
   from jalign.config import ConfigError
-  from jalign.train import build_trainer, load_config_file
+  from jalign.config import load_config_file
+  from jalign.recipes.build import build_trainer
   c = load_config_file(ROOT / "configs" / "ppo_70b.py", {"run_dir": str(tmp_path / "run")})
   with pytest.raises(ConfigError, match="config.algorithm: ppo generates its own data; jalign.train.run"):
     build_trainer(c)
@@ -70,7 +71,7 @@ def test_algorithms_that_generate_their_data_are_not_built_by_build_trainer(tmp_
 
 def test_saved_configs_without_newer_keys_read_with_their_defaults(tmp_path):
   from jalign.config import ConfigError, read_saved
-  from jalign.train import load_config_file
+  from jalign.config import load_config_file
   c = load_config_file(ROOT / "configs" / "dpo_tiny.py", {"dpo.beta": 0.5})
   saved = json.loads(c.to_json_best_effort())
   del saved["data"]["chat_template"], saved["steerlm2"]  # as a run made before these keys existed wrote it
@@ -88,7 +89,7 @@ def test_every_shipped_config_validates(path):
   """On the devices its mesh names (one for -1 axes), data and model files aside."""
   import math
   from jalign import config as config_lib
-  from jalign.train import load_config_file
+  from jalign.config import load_config_file
   c = load_config_file(path)
   devices = math.prod(max(1, size) for size in dict(c.mesh).values())
   config_lib.validate(c, process_count=1, device_count=devices, check_files=False)

@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 
 from jalign import optim, trainer
-from jalign.algos import sft
+from jalign.losses import sft
 from jalign.models import LlamaConfig, Transformer
-from jalign.train import build_trainer, run
+from jalign.recipes.build import build_trainer
+from jalign.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
+
+
+def fingerprint(examples) -> str:
+  """A digest of the examples' token ids: top-K made for other tokens is refused."""
+  digest = hashlib.sha256()
+  for ex in examples:
+    digest.update(np.asarray(ex.tokens, np.int32).tobytes())
+    digest.update(b"|")
+  return digest.hexdigest()
+
+
+def topk_path(topk_dir, data_file: Path) -> Path:
+  """Where the teacher's top-K of ``data_file`` is stored."""
+  return Path(topk_dir) / f"{Path(data_file).name}.topk.npz"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,11 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from jalign import config as config_lib
-from jalign import critic as critic_lib
-from jalign import reinforce
+from jalign import specs
 from jalign.parallel import distributed
+from jalign.recipes import critic as critic_lib
+from jalign.recipes import rollouts
+from jalign.recipes.generation import GenerationJob
 from jalign.serve import critic as critic_server
 from jalign.serve import generation as generation_server
 from jalign.serve import triton
@@ -32,14 +34,19 @@ CRITIC_CALLS = ("values", "rewards", "train", "save", "wait", "restore")
 GENERATION_CALLS = ("generate",)
 
 
+def _serves_critic(c) -> bool:
+  rollout = specs.get(c.algorithm).rollout
+  return rollout is not None and rollout.critic
+
+
 def _jobs(c) -> dict:
   """The jobs a config serves, built alike on every process of the server job."""
   jobs = {}
-  if c.algorithm == "ppo":
+  if _serves_critic(c):
     # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
-    jobs["critic"] = critic_lib.build(c, reinforce.trainer_options(c, bool(c.data.validation)))
+    jobs["critic"] = critic_lib.build(c, rollouts.trainer_options(c, bool(c.data.validation)))
   if c.generation.serve:
-    jobs["generation"] = generation_server.GenerationJob(c)
+    jobs["generation"] = GenerationJob(c)
   return jobs
 
 
@@ -47,7 +54,7 @@ def serve(c, log=print):
   """Serves what ``c`` names. A server job of several processes (``config.distributed``) spreads its
   models over all their devices: process 0 runs Triton and sends each call to the others, which make
   it too."""
-  critic = c.algorithm == "ppo"
+  critic = _serves_critic(c)
   if not critic and not c.generation.serve:
     raise config_lib.ConfigError(f"config.algorithm: a {c.algorithm} config names no server (ppo's critic "
                                  "and reward model do; config.generation.serve=True serves the policy)")

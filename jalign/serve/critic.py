@@ -1,5 +1,5 @@
 """The critic server (NeMo-Aligner's ``serve_ppo_critic.py``, critic and reward model combined) and its
-client, ``RemoteCritic``, which PPO's actor uses in place of the in-process ``jalign.critic.Critic``.
+client, ``RemoteCritic``, which PPO's actor uses in place of the in-process ``jalign.recipes.critic.Critic``.
 
 Endpoints (reference/nemo_aligner.md §3.1), HTTP, int64 tokens, float32 numbers:
   ``critic_infer``   tokens [B,S], sequence_lengths [B,1] -> values [B,S] (per token), rewards [B,1]
@@ -18,11 +18,14 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 
+import jax
 import numpy as np
 
-from jalign import config as config_lib
 from jalign.data.sft import Example
+from jalign.parallel import distributed
 from jalign.serve import triton as triton_lib
+from jalign.specs.base import ConfigError
+from jalign.trainer import TrainingError
 
 MODELS = ("critic_infer", "reward_model", "critic_train", "critic_save", "critic_restore")
 
@@ -46,7 +49,7 @@ def _examples(tokens, lengths) -> list[Example]:
 
 
 def bind(triton, job, c, lock: threading.Lock | None = None):
-  """Binds the critic endpoints of ``job`` (a ``jalign.critic.Critic``) to a started ``Triton``; ``lock``
+  """Binds the critic endpoints of ``job`` (a ``jalign.recipes.critic.Critic``) to a started ``Triton``; ``lock``
   serialises calls with other models on the same server."""
   from pytriton.decorators import batch
   from pytriton.model_config import ModelConfig, Tensor
@@ -142,7 +145,7 @@ class RemoteCritic:
     try:
       self._server.wait_for(MODELS, init_timeout_s)
     except Exception as e:  # unreachable, or not a critic server
-      raise config_lib.ConfigError(f"config.critic.server: no critic server answers at {self.url} "
+      raise ConfigError(f"config.critic.server: no critic server answers at {self.url} "
                                    f"({type(e).__name__}: {e}); start one with python -m jalign.serve "
                                    "--config=<the same config>") from e
 
@@ -203,8 +206,6 @@ class RemoteCritic:
     _on_leader(call)
 
   def restore(self, step: int):
-    from jalign.trainer import TrainingError
-
     def call():
       self._settle()
       try:
@@ -218,23 +219,18 @@ class RemoteCritic:
 
 
 def _leader() -> bool:
-  import jax
   return jax.process_index() == 0
 
 
 def _on_leader(fn):
   """``fn()`` on process 0 of the job; its result, or its error, on every process."""
-  import jax
-
-  from jalign.parallel import distributed
-  from jalign.trainer import TrainingError
   if jax.process_count() == 1:
     return fn()
   outcome = None
   if _leader():
     try:
       outcome = (True, fn())
-    except (config_lib.ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError) as e:
       outcome = (False, e)
     except Exception as e:  # noqa: BLE001 - sent to the other processes as a plain error
       outcome = (False, RuntimeError(f"{type(e).__name__}: {e}"))

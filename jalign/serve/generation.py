@@ -1,4 +1,4 @@
-"""The generation server: a config's policy (``config.model`` with its tokenizer) behind PyTriton, and its
+"""The generation server's endpoints for a config's policy (``config.model`` with its tokenizer), and its
 client ``RemoteGenerator``, whose ``generate`` is ``jalign.rollout.generate`` without the model.
 
 Endpoints (HTTP; one request at a time, each a whole batch; sampling settings optional, defaults as in
@@ -9,8 +9,7 @@ Endpoints (HTTP; one request at a time, each a whole batch; sampling settings op
                      (the ``Rollout`` fields)
   ``generate_text``  sentences [B] bytes (UTF-8 prompts, encoded as the config's prompts are) and the same
                      settings -> sentences [B] bytes (the responses, decoded without special tokens)
-Prompts are padded to a multiple of ``PROMPT_WIDTH_MULTIPLE`` tokens so that requests of similar lengths
-share a compiled loop.
+The job behind them is ``jalign.recipes.generation.GenerationJob``.
 """
 
 from __future__ import annotations
@@ -19,57 +18,13 @@ import threading
 
 import numpy as np
 
-from jalign import config as config_lib
 from jalign.rollout.generate import Rollout
 from jalign.serve import triton as triton_lib
+from jalign.specs.base import ConfigError
 
 MODELS = ("generate", "generate_text")
-PROMPT_WIDTH_MULTIPLE = 32
 _INT_SETTINGS = ("min_new_tokens", "top_k", "seed")
 _FLOAT_SETTINGS = ("temperature", "top_p")
-
-
-class GenerationJob:
-  """The policy of a config, placed on its mesh, generating with each data-parallel group decoding its
-  own rows when the batch divides over them."""
-
-  def __init__(self, c):
-    from flax import nnx
-
-    from jalign import train
-    from jalign.parallel import mesh as pmesh
-
-    model, own = train.build_model(c)
-    self.tokenizer = train.build_tokenizer(c, own)
-    self.add_bos = c.data.add_bos
-    self.mesh, self.rules = pmesh.make_mesh(dict(c.mesh)), tuple(tuple(r) for r in c.sharding_rules)
-    graphdef, state = nnx.split(model)
-    self.model = nnx.merge(graphdef, pmesh.place(state, pmesh.tree_shardings(state, self.mesh, self.rules)))
-    self.data_parallel = pmesh.data_parallel_size(self.mesh, self.rules)
-    self._rows = pmesh.batch_sharding(self.mesh, self.rules)
-    self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-
-  def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids=None, **settings) -> Rollout:
-    """A ``Rollout`` of host (numpy) arrays: every process of a server job gathers the whole of it."""
-    from jalign.parallel.mesh import fetch
-    from jalign.rollout import generate
-
-    if not prompts:
-      raise ValueError("no prompts")
-    longest = max(len(p) for p in prompts)
-    width = -(-longest // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
-    stops = tuple(stop_ids) if stop_ids is not None else tuple(
-        i for i in (self.tokenizer.eos_id,) if i is not None)
-    rows = self._rows if len(prompts) % self.data_parallel == 0 else None
-    out = generate(self.model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad,
-                   prompt_width=width, batch_sharding=rows, **settings)
-    return Rollout(*(fetch(x) for x in (out.tokens, out.prompt_lengths, out.lengths, out.is_end, out.logprobs)))
-
-  def encode(self, text: str) -> list[int]:
-    return self.tokenizer.encode(text, add_special_tokens=self.add_bos)
-
-  def decode(self, tokens: list[int]) -> str:
-    return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def _settings(inputs: dict) -> dict:
@@ -88,7 +43,7 @@ def _settings(inputs: dict) -> dict:
   return out
 
 
-def bind(triton, job: GenerationJob, lock: threading.Lock | None = None):
+def bind(triton, job, lock: threading.Lock | None = None):
   """Binds the generation endpoints of ``job`` to a started ``Triton``; ``lock`` serialises calls with
   other models on the same server."""
   from pytriton.model_config import ModelConfig, Tensor
@@ -139,7 +94,7 @@ class RemoteGenerator:
     try:
       self._server.wait_for(MODELS, init_timeout_s)
     except Exception as e:  # unreachable, or not a generation server
-      raise config_lib.ConfigError(f"no generation server answers at {self.url} ({type(e).__name__}: {e}); "
+      raise ConfigError(f"no generation server answers at {self.url} ({type(e).__name__}: {e}); "
                                    "start one with python -m jalign.serve --config=<config> "
                                    "--config.generation.serve=True") from e
 

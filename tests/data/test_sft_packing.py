@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jalign.algos import sft
+from jalign.losses import sft
 from jalign.data.chat import NemoChatFormat
 from jalign.data.packing import build_row, first_fit, plan_rows
 from jalign.data.pipeline import batches

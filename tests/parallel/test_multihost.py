@@ -13,7 +13,8 @@ import numpy as np
 import portpicker
 from flax import nnx
 
-from jalign.train import build_trainer, load_config_file
+from jalign.config import load_config_file
+from jalign.recipes.build import build_trainer
 from tests.conftest import run_job
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jalign import trainer
-from jalign.algos import sft
+from jalign.losses import sft
 from jalign.models import LlamaConfig, Transformer
 from jalign.parallel import mesh as pmesh
 

@@ -17,16 +17,19 @@ import numpy as np
 import pytest
 
 from jalign import config as config_lib
-from jalign import critic as critic_lib
-from jalign import reinforce, trainer
+from jalign import trainer
+from jalign.config import load_config_file
+from jalign.recipes import critic as critic_lib
+from jalign.recipes import rollouts
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
 from jalign.rollout import generate
 from jalign.serve.critic import RemoteCritic
 from jalign.serve.generation import RemoteGenerator
-from jalign.train import build_model, build_tokenizer, load_config_file, run
+from jalign.recipes.build import build_model, build_tokenizer
+from jalign.train import run
 from tests.conftest import ROOT, launch_job, run_job
-from tests.test_preference_training import quiet
+from tests.conftest import quiet
 
 
 def free_port_block(n=3) -> int:
@@ -103,7 +106,7 @@ def rows(tokens_list, width):
 def test_served_critic_computes_what_the_in_process_one_does(server):
   address, values = server
   c = load_config_file(ROOT / "configs" / "ppo_tiny.py", {**values, "run_dir": values["run_dir"] + "_local"})
-  local = critic_lib.build(c, reinforce.trainer_options(c, True))
+  local = critic_lib.build(c, rollouts.trainer_options(c, True))
   remote = RemoteCritic(address)
   rng = np.random.default_rng(0)
   examples, batch = rows([rng.integers(3, 200, n) for n in rng.integers(8, 60, 8)], c.data.max_seq_length)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.algos import steerlm2
+from jalign.losses import steerlm2
 
 SEEDS = [0, 1, 31, 77]
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.algos import dpo
+from jalign.losses import dpo
 
 SEEDS = [0, 3, 17, 2024]
 NEMO_TYPES = ("dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")

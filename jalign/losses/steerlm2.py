@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jalign.algos.dpo import segment_sums
+from jalign.losses.dpo import segment_sums
 from jalign.kernels import token_logprobs
 
 DISTANCE_EPS = 1e-8

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.algos import ppo, rloo
+from jalign.losses import ppo, rloo
 
 pytestmark = pytest.mark.usefixtures("x64")
 SEEDS = [0, 3, 17, 64]

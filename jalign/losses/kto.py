@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.nn import sigmoid
 
-from jalign.algos import dpo
+from jalign.losses import dpo
 
 
 def _float(x):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.algos import rm
+from jalign.losses import rm
 
 SEEDS = [0, 1, 7, 123]
 

@@ -1,30 +1,51 @@
-"""PPO's critic job in the actor's process: the critic (a ``ValueModel`` trained on each rollout's returns)
-and the reward model that scores the rollouts, both on ``critic.mesh``, as NeMo-Aligner's critic server
-holds them. ``jalign.serve`` serves the same object over PyTriton, and its client has the same
-interface: ``values(batch)``, ``rewards(examples)``, ``train(batch)``, ``save(step, metrics)``,
-``restore(step)`` and ``wait()``.
+"""PPO's critic job: the critic (a ``ValueModel`` trained on each rollout's returns) and the reward model
+that scores the rollouts, both on ``critic.mesh``, as NeMo-Aligner's critic server holds them. It runs
+in the actor's process, or behind ``python -m jalign.serve`` (PyTriton), whose client
+(``jalign.serve.critic.RemoteCritic``) has the same interface, ``CriticJob``.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jalign import config as config_lib
-from jalign import optim, trainer
-from jalign.algos import ppo
+from jalign import trainer
+from jalign.losses import ppo
 from jalign.models import LlamaConfig
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
-from jalign.score import RewardModel
+from jalign.recipes import build as build_lib
+from jalign.recipes.reward import RewardModel
+from jalign.specs.base import ConfigError
 
 
-def _values_of(model, batch):
+class CriticJob(Protocol):
+  """What PPO's actor asks of its critic job, in-process (``Critic``) or served (``RemoteCritic``)."""
+
+  def values(self, batch: dict) -> np.ndarray:
+    """``[N, T]`` values of a rollout's rows (tokens, positions, segment_ids)."""
+
+  def rewards(self, examples: list) -> np.ndarray:
+    """``[N]`` standardised rewards of prompt + response examples."""
+
+  def train(self, batch: dict) -> dict:
+    """One epoch on a rollout's returns; the mean of its steps' metrics."""
+
+  def save(self, step: int, metrics: dict | None = None) -> None: ...
+
+  def restore(self, step: int) -> None: ...
+
+  def wait(self) -> None:
+    """Until every save has finished."""
+
+
+def values_of(model, batch):
   return {"values": model.values(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])}
 
 
@@ -40,25 +61,21 @@ class Critic:
 
   def __init__(self, c, model: ValueModel, reward: RewardModel, *, total_steps: int,
                options: trainer.TrainerOptions, rules):
-    cc, o = c.critic, c.optimizer
+    cc = c.critic
     self.mesh, self.rules = pmesh.make_mesh(dict(cc.mesh)), rules
     self.reward = reward.place(self.mesh, rules)
     self.batch_size = cc.global_batch_size
-    schedule = optim.nemo_schedule(cc.lr, max_steps=total_steps, warmup_steps=o.warmup_steps,
-                                   constant_steps=o.constant_steps, min_lr=cc.min_lr)
-    tx = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=cc.weight_decay,
-                     grad_clip=o.grad_clip or None)
+    schedule, tx = critic_optimizer(c, total_steps)
     graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1)
     self.state_sharding = pmesh.tree_shardings(state, self.mesh, rules)
     self.state = pmesh.place(state, self.state_sharding)
-    micro = cc.global_batch_size // (cc.micro_batch_size * pmesh.data_parallel_size(self.mesh, rules))
-    self._step_fn = trainer.make_train_step(graphdef, functools.partial(ppo.critic_train_loss, clip=cc.loss_clip),
-                                            tx, schedule, micro_batches=micro)
+    micro = build_lib.micro_batches(cc.global_batch_size, cc.micro_batch_size, self.mesh, rules)
+    self._step_fn = critic_train_step(c, graphdef, schedule, tx, self.mesh, rules)
     self._step = None
-    self._values = jax.jit(functools.partial(trainer.reference_pass, graphdef, _values_of, micro_batches=micro),
-                           out_shardings=pmesh.batch_sharding(self.mesh, rules))
+    self._values = trainer.jit_reference_pass(graphdef, values_of, micro_batches=micro,
+                                              out_sharding=pmesh.batch_sharding(self.mesh, rules))
     self.directory = Path(c.run_dir) / "critic" / "checkpoints"
-    self.checkpoints = trainer.checkpoint_manager(self.directory, options)
+    self.checkpoints = trainer.checkpoint_manager(self.directory, options, name="critic")
 
   def values(self, batch: dict) -> np.ndarray:
     """``[N,T]`` values of a rollout's rows, ``critic.global_batch_size`` rows at a time."""
@@ -83,9 +100,8 @@ class Critic:
       for part in _parts(batch, self.batch_size):
         part = pmesh.put_global_batch(part, self.mesh, self.rules)
         if self._step is None:
-          self._step = jax.jit(self._step_fn, donate_argnums=0,
-                               in_shardings=(self.state_sharding, pmesh.batch_shardings(part, self.mesh, self.rules)),
-                               out_shardings=(self.state_sharding, None))
+          self._step = trainer.jit_train_step(self._step_fn, self.state_sharding,
+                                              pmesh.batch_shardings(part, self.mesh, self.rules))
         self.state, metrics = self._step(self.state, part)
         for key, value in jax.device_get(metrics).items():
           totals[key] = totals.get(key, 0.0) + float(value)
@@ -111,12 +127,43 @@ class Critic:
     self.checkpoints.wait_until_finished()
 
 
+def critic_optimizer(c, total_steps: int):
+  """The critic's optimizer: ``critic.lr``, ``critic.min_lr`` and ``critic.weight_decay`` over its own
+  steps, the actor's warm-up, betas and clipping."""
+  cc = c.critic
+  return build_lib.build_optimizer(c, max_steps=total_steps, lr=cc.lr, min_lr=cc.min_lr, weight_decay=cc.weight_decay)
+
+
+def critic_train_step(c, graphdef, schedule, tx, mesh, rules):
+  """The critic's pure train step: the clipped value loss against a rollout's returns."""
+  cc = c.critic
+  micro = build_lib.micro_batches(cc.global_batch_size, cc.micro_batch_size, mesh, rules)
+  return trainer.make_train_step(graphdef, functools.partial(ppo.critic_train_loss, clip=cc.loss_clip), tx, schedule,
+                                 micro_batches=micro)
+
+
+def critic_config(c, key: str) -> LlamaConfig:
+  """The model config of the critic (``key="init"``) or reward model (``"reward_model"``): a run's, or
+  ``critic.preset``'s for a random one, in the config's dtypes."""
+  kwargs = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  init = c.critic[key]
+  if init.startswith("run:"):
+    return build_lib.run_model_config(init[4:]).replace(**kwargs)
+  return LlamaConfig.preset(c.critic.preset, **kwargs)
+
+
+def critic_steps(c) -> int:
+  """The critic's optimizer steps over the run: one epoch of each rollout."""
+  p, t = c.ppo, c.train
+  rollouts_total = -(-t.max_steps // (p.num_rollout_samples // t.global_batch_size))
+  return rollouts_total * (p.num_rollout_samples // c.critic.global_batch_size)
+
+
 def critic_model(c, reward: RewardModel, reward_dir: str) -> ValueModel:
   """The critic ``critic.init`` names: a copy of a reward model run's (NeMo's start), or a random one."""
   cc = c.critic
   if cc.init == "random":
-    config = LlamaConfig.preset(cc.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-    return ValueModel(config, 1, rngs=nnx.Rngs(c.seed + 2))
+    return ValueModel(critic_config(c, "init"), 1, rngs=nnx.Rngs(c.seed + 2))
   if Path(cc.init[4:]).absolute() == Path(reward_dir).absolute():
     return reward.critic()
   return RewardModel.load(cc.init[4:]).critic()
@@ -126,16 +173,14 @@ def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) 
   """The critic job a PPO config names: its reward model (``critic.reward_model``, a ``run:`` folder),
   its start (``critic.init``) and an optimizer scheduled over the run's rollouts. ``vocab_size``: the
   policy tokenizer's, which both models must cover."""
-  cc, p, t = c.critic, c.ppo, c.train
+  cc = c.critic
   if not cc.reward_model.startswith("run:"):
-    raise config_lib.ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
-                                 "model run, run:<folder>")
+    raise ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
+                      "model run, run:<folder>")
   reward = RewardModel.load_to_score(c, "critic.reward_model")
   value_model = critic_model(c, reward, cc.reward_model[4:])
   for key, other in (("reward_model", reward.model), ("init", value_model)):
     if vocab_size is not None and other.config.vocab_size < vocab_size:
-      raise config_lib.ConfigError(f"config.critic.{key}: a vocabulary of {other.config.vocab_size} tokens, fewer "
-                                   f"than the policy's tokenizer's {vocab_size}; it reads the policy's tokens")
-  rollouts_total = -(-t.max_steps // (p.num_rollout_samples // t.global_batch_size))
-  return Critic(c, value_model, reward, total_steps=rollouts_total * (p.num_rollout_samples // cc.global_batch_size),
-                options=options, rules=tuple(tuple(r) for r in c.sharding_rules))
+      raise ConfigError(f"config.critic.{key}: a vocabulary of {other.config.vocab_size} tokens, fewer "
+                        f"than the policy's tokenizer's {vocab_size}; it reads the policy's tokens")
+  return Critic(c, value_model, reward, total_steps=critic_steps(c), options=options, rules=build_lib.rules_of(c))

@@ -20,7 +20,6 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -30,7 +29,9 @@ from jalign.data.chat import NemoChatFormat
 from jalign.data.preference import render_prompt
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import lora
+from jalign.recipes import build
 from jalign.rollout.generate import generate
+from jalign.specs.base import message_format
 
 _ROLES = {"User": "user", "Assistant": "assistant"}
 
@@ -130,16 +131,11 @@ def _load_records(c, spec: str, log) -> list[dict]:
 
 def run(c, log=print) -> dict:
   """Every SPIN iteration of config ``c``; returns ``{"iterations": [...], "steps", "stopped", ...}``."""
-  from jalign import train  # train dispatches here; its builders make each iteration's DPO run
-
-  config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
-  run_dir = Path(c.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
+  _, _, run_dir = build.prepare_run(c)
   summary_path = run_dir / "spin.json"
   done = json.loads(summary_path.read_text())["iterations"] if summary_path.is_file() else []
 
-  chat_format = train.message_format(c)
+  chat_format = message_format(c)
   data = {"train": prompts_and_replies(_load_records(c, c.data.train, log))}
   if c.data.validation:
     data["val"] = prompts_and_replies(_load_records(c, c.data.validation, log))
@@ -157,7 +153,7 @@ def run(c, log=print) -> dict:
       previous, model = folder, None
       continue
     if model is None:
-      model, tok = _starting_model(c, previous, train)
+      model, tok = _starting_model(c, previous)
     folder.mkdir(parents=True, exist_ok=True)
     stats_path = folder / "pairs.json"
     if stats_path.is_file():  # resume on the pairs generated before
@@ -173,7 +169,7 @@ def run(c, log=print) -> dict:
     log(f"iteration {k}: " + ", ".join(f"{split} {s['pairs']} pairs ({s['mean_reply_tokens']:.1f} tokens a reply, "
                                        f"{s['ended']:.0%} ended)" for split, s in stats.items()))
     ci = iteration_config(c, k, folder, stats["train"]["pairs"], previous, stats.get("val", {}).get("pairs", 0) > 0)
-    loop = train.build_trainer(ci, log, model=model, tokenizer=tok)
+    loop = build.build_trainer(ci, log, model=model, tokenizer=tok)
     result = loop.run()
     steps += result["steps"]
     if result["stopped"] != "finished":  # SIGTERM or the time limit: a rerun resumes this iteration
@@ -191,10 +187,10 @@ def run(c, log=print) -> dict:
   return {"iterations": results, "steps": steps, "stopped": stopped, "run_dir": str(run_dir)}
 
 
-def _starting_model(c, previous: Path | None, train):
+def _starting_model(c, previous: Path | None):
   """The model an iteration starts from: the config's, or a finished iteration's (after a rerun)."""
   if previous is None:
-    model, own = train.build_model(c)
-    return model, train.build_tokenizer(c, own)
-  model, tok, _ = train.load_trained(previous)
+    model, own = build.build_model(c)
+    return model, build.build_tokenizer(c, own)
+  model, tok, _ = build.load_trained(previous)
   return (lora.merge_lora(model) if lora.has_lora(model) else model), tok

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jalign.algos import sft
+from jalign.losses import sft
 
 
 def baseline(rewards, group_ids, is_end) -> jax.Array:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.algos import kd
+from jalign.losses import kd
 
 SEEDS = [0, 2, 11, 500]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.algos import kto
+from jalign.losses import kto
 
 SEEDS = [0, 5, 42, 99]
 

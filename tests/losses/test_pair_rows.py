@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jalign.algos import dpo, rm
+from jalign.losses import dpo, rm
 from jalign.data import formats, preference
 from jalign.config import data_path
 from jalign.data.tokenizer import Tokenizer

@@ -1,13 +1,13 @@
 """PPO with a critic (NeMo-Aligner's ``gpt_ppo_actor.yaml`` with its critic server).
 
 Each PPO step (reference/nemo_aligner.md §3.2) takes the next ``ppo.num_rollout_samples`` prompts and:
-  1. samples one response to each from the current policy (the JAX decode loop of ``jalign.reinforce``'s
-     rollouts, ``ppo.rollout_micro_batch_size`` prompts at a time on each data-parallel rank);
+  1. samples one response to each from the current policy (``jalign.recipes.rollouts``,
+     ``ppo.rollout_micro_batch_size`` prompts at a time on each data-parallel rank);
   2. scores each prompt + response with the reward model (a jalign ``rm`` run, standardised as in
      ``jalign.score``) and reads the critic's value at every token; both run on ``critic.mesh``;
   3. takes the current (pi_old) and initial policy's log-probs, puts ``-kl_coef * |log pi_old - log
      pi_init|`` on every response token and the reward at the last one, and computes GAE advantages
-     and returns over each row, the advantages whitened over the rollout (``algos.ppo``);
+     and returns over each row, the advantages whitened over the rollout (``losses.ppo``);
   4. trains the critic one epoch over the rollout, ``critic.global_batch_size`` rows per optimizer step,
      on the clipped value loss against those returns;
   5. trains the actor one shuffled epoch over the rollout, ``num_rollout_samples / train.global_batch_size``
@@ -20,9 +20,9 @@ restored at the actor's steps. Rollout statistics go to ``metrics.jsonl`` under 
 critic's under ``critic``. Validation answers each validation prompt once with a fixed seed and reports
 ``val_reward`` (the checkpoint monitor, higher is better). A resumed run starts a fresh rollout.
 
-The critic and reward model are ``jalign.critic``'s job in the actor's process, on a mesh of their own,
-unless ``critic.server`` names a critic server (``python -m jalign.serve``, NeMo's second job), which
-``jalign.serve.critic.RemoteCritic`` reaches with the same interface.
+The critic and reward model are ``jalign.recipes.critic``'s job in the actor's process, on a mesh of
+their own, unless ``critic.server`` names a critic server (``python -m jalign.serve``, NeMo's second
+job), which ``jalign.serve.critic.RemoteCritic`` reaches with the same interface.
 """
 
 from __future__ import annotations
@@ -31,27 +31,23 @@ import functools
 
 import numpy as np
 
-from jalign import critic as critic_lib
-from jalign import reinforce, trainer
-from jalign.algos import ppo
+from jalign import specs, trainer
+from jalign.losses import ppo
+from jalign.recipes import critic as critic_lib
+from jalign.recipes import rollouts as rollouts_lib
+from jalign.serve.critic import RemoteCritic
 
-ACTOR_FIELDS = ("tokens", "targets", "positions", "segment_ids", "mask", "old_logprobs", "advantages")
+class GAEAdvantages:
+  """PPO's preparation of a scored rollout: the critic's values, KL rewards, GAE and whitened
+  advantages, and the critic trained on the returns."""
 
+  def __init__(self, c, critic: critic_lib.CriticJob):
+    self.c, self.critic = c, critic
+    self.fields = specs.get(c.algorithm).rollout.fields(c)  # what the actor's train step reads
 
-class PPORollouts(reinforce.Rollouts):
-  """The REINFORCE rollouts (one sample per prompt), scored by the reward model on the critic's mesh,
-  with values, KL rewards, GAE and whitened advantages, the critic trained on each."""
-
-  def __init__(self, *args, critic, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.critic = critic  # critic.Critic, or the client of a served one (jalign.serve.critic.RemoteCritic)
-
-  def score(self, examples) -> np.ndarray:
-    return self.critic.rewards(examples)
-
-  def prepare(self, batch: dict, stats: dict, step: int) -> dict:
+  def __call__(self, rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict, step: int) -> dict:
     p = self.c.ppo
-    old, init = self._logprobs(batch)
+    old, init = rollouts.logprobs(batch)
     mask = batch["loss_mask"]
     values = self.critic.values(batch)
     rewards, kl = ppo.rewards_with_kl(batch["rewards"], old, init, mask, kl_coef=p.kl_coef, absolute_kl=p.absolute_kl)
@@ -68,7 +64,7 @@ class PPORollouts(reinforce.Rollouts):
                  values_mean=float(values[on].mean()), values_std=float(values[on].std()))
     critic_batch = {key: batch[key] for key in ("tokens", "positions", "segment_ids")}
     critic_batch.update(mask=mask, old_values=values.astype(np.float32), returns=returns)
-    report = functools.partial(self.loop.metrics.write, step, prefix="critic")
+    report = functools.partial(rollouts.loop.metrics.write, step, prefix="critic")
     if self.c.critic.server and self.c.critic.overlap_train:  # the served critic trains beside the actor
       self.critic.train_async(critic_batch, report)
     else:
@@ -76,24 +72,27 @@ class PPORollouts(reinforce.Rollouts):
     # A response cut off by the length limit trains the critic only (NeMo's is_end mask).
     batch.update(mask=mask * batch["is_end"][:, None], old_logprobs=old.astype(np.float32),
                  advantages=np.asarray(advantages, np.float32))
-    return {key: batch[key] for key in ACTOR_FIELDS}
+    return {key: batch[key] for key in self.fields}
 
 
-def build(c, log=print) -> tuple[trainer.Trainer, PPORollouts]:
+def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   """The actor's trainer of a PPO config, fed by rollouts that also train its critic."""
-  policy = reinforce.build_policy(c, log, with_kl=True)
-  options = reinforce.trainer_options(c, bool(policy.val_prompts))
+  spec = specs.get(c.algorithm)
+  settings = spec.rollout.settings(c)
+  policy = rollouts_lib.build_policy(c, settings, log, with_kl=True)
+  options = rollouts_lib.trainer_options(c, bool(policy.val_prompts))
+  critic: critic_lib.CriticJob
   if c.critic.server:  # a critic server started by python -m jalign.serve
-    from jalign.serve.critic import RemoteCritic
     critic = RemoteCritic(c.critic.server)
   else:
     critic = critic_lib.build(c, options, vocab_size=policy.tok.vocab_size)
-  rollouts = PPORollouts(c, policy.tok, policy.prompts, None, policy.initial, policy.current, mesh=policy.mesh,
-                         rules=policy.rules, log=log, val_prompts=policy.val_prompts, critic=critic)
-  loss_fn = functools.partial(ppo.actor_train_loss, clip_eps=c.ppo.clip_eps, entropy_coef=c.ppo.entropy_coef)
-  loop = reinforce.rollout_trainer(c, rollouts, policy, loss_fn, options=options, companion=critic)
+  rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts, score=critic.rewards,
+                                   prepare=GAEAdvantages(c, critic), initial=policy.initial, current=policy.current,
+                                   mesh=policy.mesh, rules=policy.rules, log=log, val_prompts=policy.val_prompts)
+  loop = rollouts_lib.rollout_trainer(c, rollouts, policy, spec.rollout.loss(c), options=options, companion=critic)
   return loop, rollouts
 
 
 def run(c, log=print) -> dict:
-  return reinforce.run(c, log, build=build)
+  loop, _ = build(c, log)
+  return rollouts_lib.run_loop(c, loop, log)

@@ -1,0 +1,285 @@
+"""The rollout engine that REINFORCE, rejection sampling and PPO train on, and the policy they train.
+
+A rollout takes the next ``prompts`` prompts of the data (one shuffled order per pass), samples
+``per_prompt`` responses to each from the current policy (the JAX decode loop, on a copy of the weights
+in the compute dtype refitted once per rollout), scores them with the ``score`` it is given (a reward
+model, a critic job's reward model) and hands the scored batch to the algorithm's ``prepare`` (RLOO
+advantages, the best samples, PPO's values and GAE), which returns what the train step reads. The
+batch is shuffled into global batches for the shared ``Trainer``. Rollout statistics go to
+``metrics.jsonl`` with split ``rollout``; validation answers each validation prompt once with a fixed
+seed and reports ``val_reward``.
+
+Over several processes every process computes the whole rollout (one SPMD program over the job's
+devices; each data-parallel group decodes its own rows) and hands the trainer its own rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jalign import config as config_lib
+from jalign import trainer
+from jalign.data import formats
+from jalign.data.packing import build_row
+from jalign.data.sft import _example
+from jalign.losses import rloo
+from jalign.parallel import mesh as pmesh
+from jalign.recipes import build
+from jalign.rollout.generate import generate
+from jalign.specs import RolloutSettings
+from jalign.specs.base import message_format
+
+# (rollouts, scored batch, statistics to add to, step) -> the batch the train step reads
+Prepare = Callable[["Rollouts", dict, dict, int], dict]
+
+
+class Rollouts:
+  """An iterator of global batches of scored samples, sampling a new rollout from the trainer's current
+  policy whenever the last one is used up. ``loop`` (the Trainer) is set once it exists."""
+
+  def __init__(self, c, settings: RolloutSettings, tok, prompts: list[list[int]], *,
+               score: Callable[[list], np.ndarray], prepare: Prepare, initial: trainer.ReferencePass | None,
+               current, mesh, rules, log, val_prompts: list[list[int]] | None = None):
+    self.c, self.r, self.tok, self.prompts, self.val_prompts = c, settings, tok, prompts, val_prompts
+    self.score, self.prepare = score, prepare
+    self.initial, self.current = initial, current
+    self.mesh, self.rules, self.log = mesh, rules, log
+    self.loop = None
+    self.pad = tok.pad_id if tok.pad_id is not None else 0
+    self.max_new = settings.max_new_tokens or c.data.max_seq_length // 2
+    self.width = max(len(p) for p in prompts + (val_prompts or []))
+    self.generate_batch = generation_rows(settings, pmesh.data_parallel_size(mesh, rules) if mesh is not None else 1)
+    self.steps_per_rollout = settings.trained // c.train.global_batch_size
+    self._queue: list[dict] = []
+    self.last: dict | None = None
+    # Generation reads a copy of the weights in the compute dtype laid out by these rules (default:
+    # sharded over tensor only, so a decode step gathers no weights), refitted once per rollout; kept
+    # between rollouts unless settings.unload_engine_train (what the planner counts).
+    self.generation_rules = None if mesh is None else generation_rules(settings, rules)
+    self._generation_copy = None  # (step, model)
+    # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
+    turn = tok.encode(message_format(c).turn_start, add_special_tokens=False)
+    self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if not self._queue:
+      self._queue = self.rollout()
+    # Every process computes the whole rollout (one SPMD program over the job's devices) and feeds the
+    # trainer its own rows of each batch.
+    return pmesh.process_rows(self._queue.pop(0))
+
+  def _prompt_indices(self, index: int) -> np.ndarray:
+    """Rollout ``index``'s prompts: consecutive slices of one shuffled order per pass over the data."""
+    n, total = self.r.prompts, len(self.prompts)
+    positions = np.arange(index * n, (index + 1) * n)
+    orders = {}
+    out = []
+    for pos in positions:
+      epoch = int(pos // total)
+      if epoch not in orders:
+        orders[epoch] = np.random.default_rng([self.c.seed, epoch]).permutation(total)
+      out.append(orders[epoch][pos % total])
+    return np.asarray(out)
+
+  def _optimizer_away(self):
+    """With ``offload_optimizer`` the trainer keeps its optimizer state in host memory meanwhile."""
+    return self.loop.optimizer_in_host_memory() if self.r.offload_optimizer else contextlib.nullcontext()
+
+  def rollout(self) -> list[dict]:
+    with self._optimizer_away():
+      batches = self._rollout()
+    if self.r.unload_engine_train:
+      self._generation_copy = None
+    return batches
+
+  def generation_model(self):
+    """The policy generation runs: the trainer's current weights, or their generation copy (refitted
+    when the weights have changed since it was made)."""
+    if self.generation_rules is None:
+      return self.loop.model()
+    step = int(jax.device_get(self.loop.state.step))
+    if self._generation_copy is None or self._generation_copy[0] != step:
+      self._generation_copy = None  # its memory goes before the refit takes more
+      dtype = jnp.dtype(self.c.model.dtype)
+      cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+      state = self.loop.state
+      weights = jax.tree.map(cast, (state.params, state.rest))
+      weights = pmesh.place(weights, pmesh.tree_shardings(weights, self.mesh, self.generation_rules))
+      self._generation_copy = (step, nnx.merge(self.loop.graphdef, *weights))
+    return self._generation_copy[1]
+
+  def _rollout(self) -> list[dict]:
+    step = int(jax.device_get(self.loop.state.step))
+    index = step // self.steps_per_rollout
+    k = self.r.per_prompt
+    chosen = self._prompt_indices(index)
+    prompts = [self.prompts[i] for i in chosen for _ in range(k)]
+    group_ids = np.repeat(np.arange(len(chosen)), k)
+    responses, is_end = self._generate(prompts, seed=self.c.seed + 7919 * index)
+    examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
+    rows = [build_row([ex], self.c.data.max_seq_length, self.pad) for ex in examples]
+    batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    rewards = self.score(examples)
+    stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
+             "fraction_ended": float(np.mean(is_end))}
+    batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
+    self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
+    batch = self.prepare(self, batch, stats, step)
+    self.loop.metrics.write(step, stats, prefix="rollout")
+    self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
+    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
+    size = self.c.train.global_batch_size
+    return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
+
+  def validate(self) -> dict:
+    """One response to each validation prompt from the current policy (the same seed every time, so
+    that checkpoints compare on equal terms), scored: ``val_reward`` (the checkpoint monitor), lengths."""
+    with self._optimizer_away():
+      responses, is_end = self._generate(self.val_prompts, seed=self.c.seed + 1)
+      examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
+      rewards = self.score(examples)
+    return {"val_reward": float(np.mean(rewards)), "val_response_length": float(np.mean([len(x) for x in responses])),
+            "val_fraction_ended": float(np.mean(is_end))}
+
+  def _generate(self, prompts, *, seed):
+    """Responses (token lists, the stop token included when there is one) and ``is_end``."""
+    model = self.generation_model()
+    size = self.generate_batch
+    responses, ended = [], []
+    # Each data-parallel group decodes its own rows of a batch (all of them when they do not divide).
+    rules = self.generation_rules or self.rules
+    split = self.mesh is not None and size % pmesh.data_parallel_size(self.mesh, rules) == 0
+    rows = pmesh.batch_sharding(self.mesh, rules) if split else None
+    for start in range(0, len(prompts), size):
+      chunk = prompts[start:start + size]
+      out = generate(model, chunk + [chunk[0]] * (size - len(chunk)), max_new_tokens=self.max_new,
+                     min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature, top_k=self.r.top_k,
+                     top_p=self.r.top_p, stop_ids=self.stop_ids, pad_id=self.pad, seed=seed + start,
+                     prompt_width=self.width, batch_sharding=rows)
+      responses += out.responses()[:len(chunk)]
+      ended += pmesh.fetch(out.is_end)[:len(chunk)].tolist()
+    return responses, np.asarray(ended, bool)
+
+  def logprobs(self, batch):
+    """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's,
+    one global batch at a time."""
+    old, init = [], []
+    size = self.c.train.global_batch_size
+    state = self.loop.state
+    for start in range(0, len(batch["tokens"]), size):
+      part = {key: value[start:start + size] for key, value in batch.items()}
+      part = pmesh.put_global_batch(part, self.mesh, self.rules) if self.mesh is not None else part
+      old.append(pmesh.fetch(self.current(state.params, state.rest, part)["token_logprobs"]))
+      init.append(pmesh.fetch(self.initial(part, state)["token_logprobs"]))
+    return np.concatenate(old), np.concatenate(init)
+
+
+def generation_rows(settings: RolloutSettings, data_parallel: int) -> int:
+  """Rows of one generation call: NeMo's rollout micro-batch on each of ``data_parallel`` ranks, fewer
+  when a rollout's samples do not fill them."""
+  return min(settings.micro_batch, -(-settings.samples // data_parallel)) * data_parallel
+
+
+def generation_rules(settings: RolloutSettings, rules):
+  """The rules of the generation copy of the weights: the settings', or by default the training
+  ``rules`` sharded over tensor only."""
+  return settings.generation_rules or pmesh.inference_rules(rules)
+
+
+def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> list[list[int]]:
+  """The prompt file's texts (``data.train``, or ``spec``) as token ids, left-truncated to leave room for
+  the responses."""
+  path = config_lib.data_path(spec or c.data.train)
+  records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
+  keep = c.data.max_seq_length - (settings.max_new_tokens or c.data.max_seq_length // 2)
+  prompts = [tok.encode(r["text"], add_special_tokens=c.data.add_bos)[-keep:] for r in records]
+  log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, "
+      f"{sum(len(tok.encode(r['text'])) > keep for r in records)} cut to {keep} tokens")
+  if spec is None and len(prompts) < settings.prompts:
+    raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.{settings.block}.num_rollout_samples "
+                            f"{settings.prompts}")
+  return prompts
+
+
+@dataclasses.dataclass
+class Policy:
+  """The policy a rollout algorithm trains, and what its rollouts and trainer need from it."""
+  tok: object
+  prompts: list
+  val_prompts: list | None
+  graphdef: object
+  state: trainer.TrainState
+  tx: object
+  schedule: object
+  mesh: object
+  rules: tuple
+  initial: trainer.ReferencePass | None  # the starting policy's log-probs, frozen (for the KL)
+  current: object                        # the current policy's log-probs (pi_old)
+
+
+def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
+  """The run folder, the policy of ``config.model``, its prompts and optimizer state; with ``with_kl``
+  the log-prob passes of the initial and current policy."""
+  mesh, rules, _ = build.prepare_run(c)
+  model, own = build.build_model(c)
+  tok = build.build_tokenizer(c, own)
+  prompts = load_prompts(c, settings, tok, log)
+  val_prompts = load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation else None
+  t = c.train
+  micro_batches = build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
+  schedule, tx = build.build_optimizer(c)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=build.trainable_filter(c))
+  initial = current = None
+  if with_kl:
+    initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
+                                    offload=c.reference.offload, micro_batches=micro_batches)
+    current = trainer.jit_reference_pass(graphdef, rloo.token_logprobs_of, micro_batches=micro_batches)
+  return Policy(tok, prompts, val_prompts, graphdef, state, tx, schedule, mesh, rules, initial, current)
+
+
+def trainer_options(c, has_val_prompts: bool) -> trainer.TrainerOptions:
+  """The loop's options for training on rollouts: validation by the reward of generated replies,
+  checkpoints kept by the highest."""
+  t = c.train
+  validating = has_val_prompts and t.val_check_interval > 0
+  return trainer.TrainerOptions(max_steps=t.max_steps, val_check_interval=t.val_check_interval if validating else 0,
+                                save_interval=t.save_interval, keep_last=t.keep_last,
+                                keep_best=t.keep_best if validating else 0, monitor="val_reward",
+                                monitor_higher_is_better=True, max_time_s=t.max_time_s, log_every=t.log_every,
+                                resume=t.resume)
+
+
+def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=None,
+                    companion=None) -> trainer.Trainer:
+  """The shared Trainer of ``policy`` fed by ``rollouts`` (which get it as their ``loop``)."""
+  options = options or trainer_options(c, bool(policy.val_prompts))
+  graphdef = policy.graphdef
+  loop = trainer.Trainer(state=policy.state,
+                         train_step=build.train_step(c, graphdef, loss_fn, policy.schedule, policy.tx, policy.mesh,
+                                                     policy.rules),
+                         eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
+                         validator=rollouts.validate if options.val_check_interval else None,
+                         run_dir=Path(c.run_dir), options=options, mesh=policy.mesh, rules=policy.rules,
+                         wandb_project=c.train.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
+                         companion=companion)
+  rollouts.loop = loop
+  return loop
+
+
+def run_loop(c, loop: trainer.Trainer, log) -> dict:
+  """Runs a rollout algorithm's trainer; its summary, with the loss of every step run."""
+  summary = loop.run()
+  summary["losses"] = loop.losses
+  log(f"{summary['stopped']} after {summary['steps']} steps; run folder: {Path(c.run_dir).absolute()}")
+  return summary

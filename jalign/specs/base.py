@@ -1,0 +1,112 @@
+"""What an algorithm spec declares, and the helpers its validation and encoders share.
+
+A spec is data: the config blocks the algorithm owns (with their defaults), its validation, the jsonl
+formats it reads and how their records become batch rows, its loss and reference function, and for the
+algorithms that generate their own data, their rollout settings. The recipes, the config and the
+planner look a spec up by ``config.algorithm``; nothing switches on the name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from jalign.data.chat import ModelChatTemplate, NemoChatFormat
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message names the key (``config.train.max_steps: ...``)."""
+
+
+def require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def message_format(c, tok=None):
+  """How message prompts are rendered: NeMo's chat format (``data.chat_prompt_tokens``), or with
+  ``data.chat_template = "model"`` the tokenizer's own template."""
+  if c.data.chat_template == "model":
+    if tok is None or tok.chat_template is None:
+      raise ConfigError(f"config.data.chat_template: 'model', but the tokenizer "
+                        f"{getattr(tok, 'source', '')} has no chat template")
+    return ModelChatTemplate(tok)
+  return NemoChatFormat.extra_id() if c.data.chat_prompt_tokens == "extra_id" else NemoChatFormat()
+
+
+# The fields of a packed row (``data.packing.build_row``) that every train step reads.
+ROW_FIELDS = ("tokens", "targets", "positions", "segment_ids")
+
+
+def _nothing(c, check_files: bool) -> None:
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  """How a rollout algorithm samples and what it trains on, read from its config blocks."""
+  block: str                  # the config block that holds the sampling keys (for messages)
+  prompts: int                # prompts per rollout (num_rollout_samples)
+  per_prompt: int             # samples of each prompt
+  kept: int                   # samples of each prompt trained on
+  micro_batch: int            # sequences generated at once on each data-parallel rank
+  micro_batch_key: str        # the config key that sets it
+  max_new_tokens: int         # 0: data.max_seq_length // 2
+  min_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  kl_coef: float
+  absolute_kl: bool
+  generation_rules: tuple     # rules of the generation copy of the weights; empty: tensor-parallel only
+  offload_optimizer: bool     # the optimizer state in pinned host memory while a rollout runs
+  unload_engine_train: bool   # the generation copy freed while training
+
+  @property
+  def samples(self) -> int:
+    """Samples generated in one rollout."""
+    return self.prompts * self.per_prompt
+
+  @property
+  def trained(self) -> int:
+    """Samples one rollout trains on."""
+    return self.prompts * self.kept
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+  """What an algorithm that samples its own data adds: its settings, the fields of the rows its train
+  step reads (beyond tokens, targets, positions and segment ids) and its loss."""
+  settings: Callable[[Any], RolloutSettings]
+  train_fields: Callable[[Any], dict]   # name -> dtype of the per-token or per-row fields, for the planner
+  loss: Callable[[Any], Callable]
+  with_kl: bool                         # needs the current and initial policy's log-probs
+  critic: bool = False                  # a critic job (and its server) beside the actor, which scores
+  reward_model: str = "reinforce.reward_model"  # the config key of the reward model run that scores
+
+  def fields(self, c) -> tuple[str, ...]:
+    """Every field of the rows the train step reads."""
+    return ROW_FIELDS + tuple(self.train_fields(c))
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSpec:
+  """One algorithm. ``recipe`` names the job that runs it (``jalign.train`` looks it up)."""
+  name: str
+  formats: tuple[str, ...]
+  recipe: str = "train"
+  blocks: dict = dataclasses.field(default_factory=dict)   # config block name -> () -> its defaults
+  validate: Callable[[Any, bool], None] = _nothing  # (c, check_files): the checks of its own keys
+  # (c, tok, records, path) -> (examples, EncodeStats): a jsonl file's records as training examples.
+  encode: Callable | None = None
+  # (c, examples) -> [[example index, ...] per row]: which examples share a row.
+  plan: Callable | None = None
+  # (c, slots) -> (make_row, length): how a row is built; ``slots``: items the fullest row holds.
+  row: Callable | None = None
+  # (c, model) -> (model, loss_fn, reference_fn or None): what trains and how.
+  parts: Callable | None = None
+  # With LoRA, parameters that train besides the adapters (a reward model's new head).
+  lora_also_trains: Any = None
+  rollout: RolloutSpec | None = None
+  plan_jobs: tuple[str, ...] = ("train",)  # the planner's jobs for this algorithm

@@ -1,0 +1,103 @@
+"""PPO with a critic (NeMo-Aligner's ``gpt_ppo_actor.yaml`` and its critic server), NeMo's names in
+comments. The actor job (policy training, rollouts, the initial policy's log-probs) runs on ``mesh``;
+the critic job (critic training and inference, the reward model) on ``critic.mesh``, as NeMo runs them
+as two jobs."""
+
+import functools
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+
+from jalign.losses import ppo
+from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require
+
+
+def block():
+  b = ml_collections.ConfigDict()
+  b.num_rollout_samples = 512  # prompts per PPO step
+  b.rollout_micro_batch_size = 8  # prompts generated at once on each data-parallel rank
+  b.max_new_tokens = 2048      # length_params.max_length
+  b.min_new_tokens = 1         # length_params.min_length
+  b.temperature = 1.0
+  b.top_k = 0
+  b.top_p = 1.0
+  b.kl_coef = 0.01             # initial_policy_kl_penalty
+  b.absolute_kl = True         # use_absolute_kl
+  b.clip_eps = 0.2             # ratio_eps
+  b.entropy_coef = 0.0         # entropy_bonus
+  b.gamma = 1.0                # discount_factor
+  b.lam = 0.95                 # gae_lambda
+  b.normalize_advantages = True
+  b.offload_adam_states = True  # the actor's optimizer state in pinned host memory while rollouts generate and score
+  b.unload_engine_train = False  # free the generation copy of the weights while training
+  # Logical-axis rules of the generation copy of the weights and of generation's activations; empty:
+  # the training rules with parameters sharded over tensor only (replicated over data and fsdp).
+  b.generation_rules = ()
+  return b
+
+
+def critic_block():
+  b = ml_collections.ConfigDict()
+  b.init = "random"         # run:<reward model run> (NeMo starts the critic from the RM)
+  b.preset = "tiny"         # with init=random
+  b.reward_model = "random"  # run:<reward model run>; random: a model of critic.preset
+  b.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
+  b.global_batch_size = 64
+  b.micro_batch_size = 1
+  b.lr = 9e-6
+  b.min_lr = 9e-7
+  b.weight_decay = 0.1
+  b.loss_clip = 0.2         # loss_clip_val
+  b.offload_adam_states = True  # while serving values and rewards
+  # Where the critic job runs: "" in the actor's process; "host:port" the HTTP address of a critic server
+  # started by python -m jalign.serve (NeMo's remote_critic_rm.critic.{ip,port}).
+  b.server = ""
+  b.serve_address = "127.0.0.1:5556"  # what python -m jalign.serve binds (0.0.0.0:<port> for other hosts)
+  b.overlap_train = True  # with a server: the critic trains while the actor does (NeMo does not await it)
+  return b
+
+
+def settings(c) -> RolloutSettings:
+  p = c.ppo
+  return RolloutSettings(
+      block="ppo", prompts=p.num_rollout_samples, per_prompt=1, kept=1, micro_batch=p.rollout_micro_batch_size,
+      micro_batch_key="ppo.rollout_micro_batch_size", max_new_tokens=p.max_new_tokens,
+      min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, kl_coef=p.kl_coef,
+      absolute_kl=p.absolute_kl, generation_rules=tuple(tuple(r) for r in p.generation_rules),
+      offload_optimizer=p.offload_adam_states, unload_engine_train=p.unload_engine_train)
+
+
+def validate(c, check_files):
+  p, length = c.ppo, c.data.max_seq_length
+  for key, size in (("train.global_batch_size", c.train.global_batch_size),
+                    ("critic.global_batch_size", c.critic.global_batch_size)):
+    require(p.num_rollout_samples % size == 0, "ppo.num_rollout_samples",
+            f"{p.num_rollout_samples} samples do not split into global batches of {key} {size}")
+  require(p.rollout_micro_batch_size >= 1, "ppo.rollout_micro_batch_size", "must be at least 1")
+  require(p.temperature > 0, "ppo.temperature", "must be positive")
+  require(0 <= p.min_new_tokens <= p.max_new_tokens, "ppo.min_new_tokens",
+          f"{p.min_new_tokens} is not within 0..ppo.max_new_tokens {p.max_new_tokens}")
+  require(p.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
+  require(p.max_new_tokens < length, "ppo.max_new_tokens",
+          f"{p.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
+  for key in ("init", "reward_model"):
+    value = c.critic[key]
+    require(value == "random" or value.startswith("run:"), f"critic.{key}", f"{value!r} is not random or run:<folder>")
+    if value.startswith("run:") and check_files:
+      require((Path(value[4:]) / "config.json").is_file(), f"critic.{key}", f"{value[4:]} is not a jalign run folder")
+
+
+def train_fields(c) -> dict:
+  return {name: ("token", jnp.float32) for name in ("mask", "old_logprobs", "advantages")}
+
+
+def actor_loss(c):
+  return functools.partial(ppo.actor_train_loss, clip_eps=c.ppo.clip_eps, entropy_coef=c.ppo.entropy_coef)
+
+
+SPEC = AlgorithmSpec(
+    "ppo", formats=("prompt",), recipe="ppo", blocks={"ppo": block, "critic": critic_block}, validate=validate,
+    rollout=RolloutSpec(settings=settings, train_fields=train_fields, loss=actor_loss, with_kl=True, critic=True,
+                        reward_model="critic.reward_model"),
+    plan_jobs=("actor", "critic"))
