@@ -51,9 +51,9 @@ def get_config():
   c.optimizer.min_lr = 1e-8
   c.optimizer.weight_decay = 0.1
   c.optimizer.warmup_steps = 10
-  c.ppo.num_rollout_samples = 128
-  c.ppo.rollout_micro_batch_size = 8
-  c.ppo.max_new_tokens = 2048
+  c.rollout.num_prompts = 128
+  c.rollout.micro_batch_size = 8
+  c.rollout.max_new_tokens = 2048
   c.ppo.kl_coef = 3e-3
   c.ppo.generation_rules = GENERATION_RULES
   c.ppo.unload_engine_train = True

@@ -34,9 +34,9 @@ def get_config():
   c.optimizer.min_lr = 9e-8
   c.optimizer.weight_decay = 0.1
   c.optimizer.warmup_steps = 10
-  c.ppo.num_rollout_samples = 512
-  c.ppo.rollout_micro_batch_size = 8
-  c.ppo.max_new_tokens = 2048
+  c.rollout.num_prompts = 512
+  c.rollout.micro_batch_size = 8
+  c.rollout.max_new_tokens = 2048
   c.ppo.kl_coef = 0.01
   c.critic.init = "random"  # run:<reward model run>: the critic starts from the reward model
   c.critic.reward_model = "random"  # run:<reward model run>

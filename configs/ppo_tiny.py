@@ -20,9 +20,9 @@ def get_config():
   c.data.train = "bundled:prompts_train.jsonl"
   c.data.validation = "bundled:prompts_val.jsonl"
   c.data.max_seq_length = 80  # the reward model's (configs/rm_tiny.py)
-  c.ppo.num_rollout_samples = 64
-  c.ppo.rollout_micro_batch_size = 64
-  c.ppo.max_new_tokens = 24
+  c.rollout.num_prompts = 64
+  c.rollout.micro_batch_size = 64
+  c.rollout.max_new_tokens = 24
   c.ppo.kl_coef = 0.01
   c.critic.init = "run:runs/rm_tiny"  # the critic starts from the reward model, as in NeMo-Aligner
   c.critic.reward_model = "run:runs/rm_tiny"

@@ -19,10 +19,10 @@ def get_config():
   c.data.validation = "bundled:prompts_val.jsonl"
   c.data.max_seq_length = 80  # the reward model's (configs/rm_tiny.py)
   c.reinforce.reward_model = "run:runs/rm_tiny"
-  c.reinforce.num_rollout_samples = 16
-  c.reinforce.num_rollouts_per_prompt = 4
-  c.reinforce.rollout_batch_size = 64
-  c.reinforce.max_new_tokens = 24
+  c.rollout.num_prompts = 16
+  c.rollout.samples_per_prompt = 4
+  c.rollout.micro_batch_size = 64
+  c.rollout.max_new_tokens = 24
   c.reinforce.kl_coef = 0.01
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8

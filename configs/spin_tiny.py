@@ -24,8 +24,8 @@ def get_config():
   c.data.pad_to_multiple_of = 16
   c.spin.iterations = 3
   c.spin.epochs = 1
-  c.spin.max_new_tokens = 32
-  c.spin.rollout_batch_size = 64
+  c.rollout.max_new_tokens = 32
+  c.rollout.micro_batch_size = 64
   c.dpo.beta = 0.2
   c.train.global_batch_size = 16
   c.train.micro_batch_size = 8

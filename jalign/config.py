@@ -51,6 +51,16 @@ def base_config() -> ml_collections.ConfigDict:
   # The reference policy (dpo, kto) or initial policy (the KL of rollouts): a frozen copy of the
   # starting weights; offload keeps it in host memory between passes.
   c.reference = Block(dict(offload=False))
+  # How the algorithms that generate (reinforce, rs, ppo, spin) sample. A key left None takes the same
+  # setting from the algorithm's own block (reinforce.num_rollout_samples, ppo.temperature, ...), which
+  # configs written before this block set; setting both to different values is an error.
+  c.rollout = Block(dict(
+      num_prompts=config_dict.placeholder(int),         # prompts per rollout
+      samples_per_prompt=config_dict.placeholder(int),  # responses sampled for each (PPO, SPIN: 1)
+      micro_batch_size=config_dict.placeholder(int),    # sequences generated at once per data-parallel rank
+      max_new_tokens=config_dict.placeholder(int), min_new_tokens=config_dict.placeholder(int),
+      temperature=config_dict.placeholder(float), top_k=config_dict.placeholder(int),
+      top_p=config_dict.placeholder(float)))
   # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
   # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
   c.generation = Block(dict(serve=False, serve_address="127.0.0.1:5557"))

@@ -190,9 +190,9 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
     graphdef, state = job.state(model, tx, trainable=build.trainable_filter(c))
     row, length = build.abstract_row(c)
     if spin is not None:  # the iteration's replies, from the model as the last iteration left it
-      s, max_seq = spin.spin, spin.data.max_seq_length
+      s, max_seq = specs.sampling_settings(spin), spin.data.max_seq_length
       gen_graphdef, weights = job.weights(model, dtype=jnp.dtype(cfg.param_dtype))
-      _add_generation(job, "generation", model, gen_graphdef, weights, rules, s, cfg, rows=s.rollout_batch_size,
+      _add_generation(job, "generation", model, gen_graphdef, weights, rules, s, cfg, rows=s.micro_batch,
                       length=max_seq, max_new=s.max_new_tokens or max_seq // 2, resident=0, repeats=1,
                       hbm_bytes_per_s=hbm_bytes_per_s, greedy=s.greedy)
     batch = job.batch(row, t.global_batch_size)
@@ -232,7 +232,7 @@ def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *
   prompts = job.batch({"tokens": jnp.zeros((length - max_new,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
                       rows, rules)
   generate = functools.partial(generate_arrays, graphdef=graphdef, max_new_tokens=max_new,
-                               min_new_tokens=getattr(sampling, "min_new_tokens", 0), temperature=sampling.temperature,
+                               min_new_tokens=sampling.min_new_tokens, temperature=sampling.temperature,
                                top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy, stop_ids=(0,), pad_id=0)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -263,7 +263,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   REINFORCE: the KL); the train step (PPO's clipped surrogate, REINFORCE's RLOO loss, rejection
   sampling's SFT loss on the kept samples)."""
   spec = specs.get(c.algorithm)
-  settings = spec.rollout.settings(c)
+  settings = spec.sampling(c)
   rules = build.rules_of(c)
   mesh = pmesh.make_mesh(dict(c.mesh), devices=devices)
   cfg = build.model_config(c)
@@ -325,7 +325,7 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   mesh = pmesh.make_mesh(dict(c.critic.mesh), devices=devices)
   cfg, rm_cfg = critic_lib.critic_config(c, "init"), critic_lib.critic_config(c, "reward_model")
   k, length = c.critic, c.data.max_seq_length
-  settings = specs.rollout_settings(c)
+  settings = specs.sampling_settings(c)
   schedule, tx = critic_lib.critic_optimizer(c, critic_lib.critic_steps(c))
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):

@@ -59,7 +59,7 @@ def test_inference_rules_keep_tensor_parallel_only():
 def test_ppo_plan_has_actor_and_critic_jobs(offload_adam):
   c = load_config_file(ROOT / "configs" / "ppo_70b.py", {
       "model.preset": "tiny", "critic.preset": "tiny", "model.remat": "none", "data.max_seq_length": 128,
-      "ppo.max_new_tokens": 64, "ppo.num_rollout_samples": 32, "ppo.rollout_micro_batch_size": 2,
+      "rollout.max_new_tokens": 64, "rollout.num_prompts": 32, "rollout.micro_batch_size": 2,
       "ppo.offload_adam_states": offload_adam, "train.global_batch_size": 8, "critic.global_batch_size": 8})
   c.mesh.update({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
   c.critic.mesh.update({"data": 1, "fsdp": 2, "tensor": 2, "pipeline": 1})
@@ -83,8 +83,8 @@ def test_ppo_plan_has_actor_and_critic_jobs(offload_adam):
 @pytest.mark.parametrize("algorithm", ["reinforce", "rs"])
 def test_reinforce_and_rejection_sampling_plans_score_in_the_actor_job(algorithm, reward_run):
   c = load_config_file(ROOT / "configs" / f"{algorithm}_tiny.py", {
-      "reinforce.reward_model": f"run:{reward_run}", "reinforce.num_rollout_samples": 16,
-      "reinforce.num_rollouts_per_prompt": 4, "reinforce.rollout_batch_size": 4, "rs.top_n_rollouts": 1,
+      "reinforce.reward_model": f"run:{reward_run}", "rollout.num_prompts": 16,
+      "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 4, "rs.top_n_rollouts": 1,
       "train.global_batch_size": 16, "train.micro_batch_size": 2})
   c.mesh.update({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
   (actor,) = plan(c, peak_flops=1e12)
@@ -103,7 +103,7 @@ def test_reinforce_and_rejection_sampling_plans_score_in_the_actor_job(algorithm
 
 def test_spin_plan_generates_then_trains_as_dpo():
   c = load_config_file(ROOT / "configs" / "spin_tiny.py", {
-      "data.max_seq_length": 128, "spin.max_new_tokens": 32, "spin.rollout_batch_size": 8,
+      "data.max_seq_length": 128, "rollout.max_new_tokens": 32, "rollout.micro_batch_size": 8,
       "train.global_batch_size": 8, "train.micro_batch_size": 1})
   c.mesh.update({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
   (job,) = plan(c, peak_flops=1e12, hbm_bytes_per_s=1e12)

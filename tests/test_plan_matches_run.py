@@ -33,7 +33,7 @@ def test_planned_train_step_is_the_trainers(name, tmp_path):
 def test_planned_ppo_actor_step_is_the_trainers(tmp_path, reward_run):
   c = load("ppo_tiny", tmp_path / "ppo", **{
       "model.init": "random", "critic.init": "random", "critic.reward_model": f"run:{reward_run}",
-      "ppo.num_rollout_samples": 8, "ppo.rollout_micro_batch_size": 4, "ppo.max_new_tokens": 8,
+      "rollout.num_prompts": 8, "rollout.micro_batch_size": 4, "rollout.max_new_tokens": 8,
       "train.global_batch_size": 8, "critic.global_batch_size": 8, "critic.micro_batch_size": 1,
       "train.max_steps": 2, "data.validation": ""})
   c.mesh.update(SHARDED)

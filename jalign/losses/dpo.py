@@ -21,7 +21,7 @@ KL-penalty (NeMo's ``ref_policy_kl_penalty``), ``loss_type`` picks the per-pair 
   gamma = ``simpo_gamma``; ``ref_*`` may be None and are ignored. The paper uses beta around 2, not 0.2.
 
 ``orpo_loss`` is ORPO's odds-ratio objective (Hong et al. 2024; TRL ``ORPOTrainer``), which needs no
-reference either. NeMo's DPO ``sft_loss_weight`` mix is left to the caller (it adds its own NLL term).
+reference either; ``train_loss(loss_type="orpo")`` trains with it. NeMo's DPO ``sft_loss_weight`` mix is left to the caller (it adds its own NLL term).
 
 Metrics (jnp scalars): ``rewards_chosen_mean`` / ``rewards_rejected_mean`` are the beta-scaled implicit
 rewards beta rho (TRL's convention and NeMo's docs; NeMo's code logs the unscaled rho),
@@ -38,7 +38,9 @@ from jax.nn import log_sigmoid
 from jalign.kernels import token_logprobs
 
 LOSS_TYPES = ("dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "simpo")
-RPO_TYPES = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
+# What ``train_loss`` takes: the above, and ORPO. These two need no reference model.
+TRAIN_LOSS_TYPES = LOSS_TYPES + ("orpo",)
+REFERENCE_FREE = ("simpo", "orpo")
 _SMOOTHABLE = ("dpo", "simpo")
 
 
@@ -165,14 +167,15 @@ def log_odds(avg_logprob):
   return x - _log1mexp(x)
 
 
-def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, *, lam=0.1):
+def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, *, lam=0.1, weights=None):
   """ORPO: ``mean(chosen_nll) + lam * mean(-log sigma(log_odds(chosen) - log_odds(rejected)))``.
 
   ``policy_*_avg`` ``[B]`` are length-averaged response log-probs (strictly negative),
   ``chosen_nll`` the SFT term on the chosen responses, ``[B]`` or a scalar (ORPO's per-token mean NLL).
-  ``lam`` is ORPO's lambda (TRL's ``ORPOConfig.beta``, default 0.1). Returns ``(loss, metrics)`` with
-  ``nll``, ``or_loss`` (before ``lam``), ``log_odds_ratio_mean``, ``accuracy`` (log-odds ratio > 0) and
-  TRL's ``rewards_chosen_mean`` / ``rewards_rejected_mean`` = lam * average log-prob.
+  ``lam`` is ORPO's lambda (TRL's ``ORPOConfig.beta``, default 0.1). ``weights`` ``[B]`` (default all 1)
+  weight the pairs in the means; 0 marks padding pairs. Returns ``(loss, metrics)`` with ``nll``,
+  ``or_loss`` (before ``lam``), ``log_odds_ratio_mean``, ``accuracy`` (log-odds ratio > 0) and TRL's
+  ``rewards_chosen_mean`` / ``rewards_rejected_mean`` = lam * average log-prob.
   """
   if _is_number(lam) and lam < 0:
     raise ValueError(f"lam must be >= 0, got {lam}")
@@ -180,16 +183,17 @@ def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, *, lam=0.1):
   if c.shape != r.shape:
     raise ValueError(f"policy_chosen_avg {c.shape} and policy_rejected_avg {r.shape} must match")
   ratio = log_odds(c) - log_odds(r)
-  or_loss = jnp.mean(-log_sigmoid(ratio))
-  nll = jnp.mean(_float(chosen_nll))
+  mean = _weighted_mean(weights, ratio)
+  or_loss = mean(-log_sigmoid(ratio))
+  nll = mean(jnp.broadcast_to(_float(chosen_nll), ratio.shape))
   total = nll + lam * or_loss
   metrics = {
       "nll": nll,
       "or_loss": or_loss,
-      "log_odds_ratio_mean": jnp.mean(ratio),
-      "accuracy": jnp.mean((ratio > 0).astype(total.dtype)),
-      "rewards_chosen_mean": jnp.mean(lam * c),
-      "rewards_rejected_mean": jnp.mean(lam * r),
+      "log_odds_ratio_mean": mean(ratio),
+      "accuracy": mean((ratio > 0).astype(total.dtype)),
+      "rewards_chosen_mean": mean(lam * c),
+      "rewards_rejected_mean": mean(lam * r),
   }
   return total, metrics
 
@@ -236,16 +240,22 @@ def train_loss(model, batch, rng=None, *, beta=0.2, loss_type="dpo", label_smoot
   ``chosen_reward`` / ``rejected_reward``) and the reference pass's ``ref_chosen`` / ``ref_rejected``.
   Empty pair slots and padding rows weigh nothing.
   Loss = ``preference_weight`` x the preference loss + ``sft_weight`` x the chosen responses' NLL
-  (summed, or averaged per token with ``average_log_probs``), NeMo-Aligner's mix.
+  (summed, or averaged per token with ``average_log_probs``), NeMo-Aligner's mix. ``loss_type="orpo"``
+  is ``orpo_loss`` with ``lam = beta`` on the length-averaged log-probs (it has its own NLL term).
   """
   del rng
-  policy_chosen, policy_rejected = pair_logprobs(model, batch, average=average_log_probs)
+  orpo = loss_type == "orpo"
+  policy_chosen, policy_rejected = pair_logprobs(model, batch, average=average_log_probs or orpo)
   flat = lambda name: None if name not in batch else batch[name].reshape(-1)
   real = flat("pair_mask")
-  pref, metrics = loss(policy_chosen, policy_rejected, flat("ref_chosen"), flat("ref_rejected"),
-                       beta=beta, loss_type=loss_type, chosen_rewards=flat("chosen_reward"),
-                       rejected_rewards=flat("rejected_reward"), gt_reward_scale=gt_reward_scale,
-                       label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, weights=real)
+  if orpo:  # an empty slot's average log-prob is 0, whose odds are infinite: give it a finite stand-in
+    chosen_avg, rejected_avg = (jnp.where(real > 0, x, -1.0) for x in (policy_chosen, policy_rejected))
+    pref, metrics = orpo_loss(chosen_avg, rejected_avg, -chosen_avg, lam=beta, weights=real)
+  else:
+    pref, metrics = loss(policy_chosen, policy_rejected, flat("ref_chosen"), flat("ref_rejected"),
+                         beta=beta, loss_type=loss_type, chosen_rewards=flat("chosen_reward"),
+                         rejected_rewards=flat("rejected_reward"), gt_reward_scale=gt_reward_scale,
+                         label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, weights=real)
   pairs = jnp.sum(real)
   sft = -jnp.sum(real * policy_chosen) / jnp.maximum(pairs, 1e-9)
   total = preference_weight * pref + sft_weight * sft

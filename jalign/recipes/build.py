@@ -15,7 +15,8 @@ from jalign import config as config_lib
 from jalign import optim, specs, trainer
 from jalign.data import formats, pipeline
 from jalign.data.tokenizer import Tokenizer
-from jalign.models import LlamaConfig, Transformer, lora
+from jalign.models import LlamaConfig, Transformer, gguf, hf, lora
+from jalign.models.pretrained import load_smollm2, smollm2_path
 from jalign.parallel import mesh as pmesh
 from jalign.specs.base import ConfigError
 
@@ -49,10 +50,7 @@ def model_config(c) -> LlamaConfig:
   if m.init.startswith("run:"):
     return run_model_config(m.init[4:]).replace(**kwargs)
   if m.init.startswith("hf:"):
-    from jalign.models import hf
     return hf.config_from_hf(hf.read_config_file(Path(m.init[3:])), Path(m.init[3:]) / "config.json", **kwargs)
-  from jalign.models import gguf
-  from jalign.models.pretrained import smollm2_path
   path = smollm2_path() if m.init == "smollm2" else Path(m.init[5:])
   return gguf.config_from_gguf(gguf.open_reader(path)[0], path, **kwargs)
 
@@ -75,15 +73,12 @@ def build_model(c):
   if m.init == "random":
     return Transformer(model_config(c), rngs=nnx.Rngs(c.seed)), None
   if m.init == "smollm2":
-    from jalign.models.pretrained import load_smollm2
     return load_smollm2(**_model_kwargs(c))
   if m.init.startswith("gguf:"):
-    from jalign.models import gguf
     return gguf.load(m.init[5:], **_model_kwargs(c))
   if m.init.startswith("run:"):  # a model trained by jalign (e.g. SFT before DPO, or a KD teacher)
     model, tok, _ = load_trained(m.init[4:])
     return (lora.merge_lora(model) if lora.has_lora(model) else model), tok
-  from jalign.models import hf
   folder = m.init[3:]
   tok = Tokenizer.from_dir(folder) if (Path(folder) / "tokenizer.json").is_file() else None
   return hf.load(folder, **_model_kwargs(c)), tok

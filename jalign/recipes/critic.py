@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jalign import trainer
+from jalign import specs, trainer
 from jalign.losses import ppo
 from jalign.models import LlamaConfig
 from jalign.models.heads import ValueModel
@@ -154,9 +154,9 @@ def critic_config(c, key: str) -> LlamaConfig:
 
 def critic_steps(c) -> int:
   """The critic's optimizer steps over the run: one epoch of each rollout."""
-  p, t = c.ppo, c.train
-  rollouts_total = -(-t.max_steps // (p.num_rollout_samples // t.global_batch_size))
-  return rollouts_total * (p.num_rollout_samples // c.critic.global_batch_size)
+  prompts, t = specs.sampling_settings(c).prompts, c.train
+  rollouts_total = -(-t.max_steps // (prompts // t.global_batch_size))
+  return rollouts_total * (prompts // c.critic.global_batch_size)
 
 
 def critic_model(c, reward: RewardModel, reward_dir: str) -> ValueModel:

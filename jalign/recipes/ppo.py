@@ -1,6 +1,6 @@
 """PPO with a critic (NeMo-Aligner's ``gpt_ppo_actor.yaml`` with its critic server).
 
-Each PPO step (reference/nemo_aligner.md §3.2) takes the next ``ppo.num_rollout_samples`` prompts and:
+Each PPO step (NeMo-Aligner's ``PPOTrainer``) takes the next ``ppo.num_rollout_samples`` prompts and:
   1. samples one response to each from the current policy (``jalign.recipes.rollouts``,
      ``ppo.rollout_micro_batch_size`` prompts at a time on each data-parallel rank);
   2. scores each prompt + response with the reward model (a jalign ``rm`` run, standardised as in
@@ -78,7 +78,7 @@ class GAEAdvantages:
 def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   """The actor's trainer of a PPO config, fed by rollouts that also train its critic."""
   spec = specs.get(c.algorithm)
-  settings = spec.rollout.settings(c)
+  settings = spec.sampling(c)
   policy = rollouts_lib.build_policy(c, settings, log, with_kl=True)
   options = rollouts_lib.trainer_options(c, bool(policy.val_prompts))
   critic: critic_lib.CriticJob

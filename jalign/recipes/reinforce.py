@@ -74,7 +74,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   """The trainer of a REINFORCE or rejection sampling config, fed by its rollouts."""
   spec = specs.get(c.algorithm)
   prepare = PREPARE[spec.recipe]
-  settings = spec.rollout.settings(c)
+  settings = spec.sampling(c)
   policy = rollouts_lib.build_policy(c, settings, log, with_kl=spec.rollout.with_kl)
   reward = RewardModel.load_to_score(c, spec.rollout.reward_model)
   if reward.tokenizer.vocab_size != policy.tok.vocab_size:

@@ -29,6 +29,7 @@ from jalign import config as config_lib
 from jalign import trainer
 from jalign.data import formats
 from jalign.data.packing import build_row
+from jalign.data.prompts import encode_prompts
 from jalign.data.sft import _example
 from jalign.losses import rloo
 from jalign.parallel import mesh as pmesh
@@ -203,11 +204,12 @@ def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None
   path = config_lib.data_path(spec or c.data.train)
   records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
   keep = c.data.max_seq_length - (settings.max_new_tokens or c.data.max_seq_length // 2)
-  prompts = [tok.encode(r["text"], add_special_tokens=c.data.add_bos)[-keep:] for r in records]
-  log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, "
-      f"{sum(len(tok.encode(r['text'])) > keep for r in records)} cut to {keep} tokens")
+  encoded, stats = encode_prompts(records, tok, max_length=keep, add_bos=c.data.add_bos)
+  prompts = [p.tolist() for p in encoded]
+  log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, {stats.truncated} cut to "
+      f"{keep} tokens")
   if spec is None and len(prompts) < settings.prompts:
-    raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.{settings.block}.num_rollout_samples "
+    raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.{settings.keys['prompts']} "
                             f"{settings.prompts}")
   return prompts
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jalign import config as config_lib
+from jalign import specs
 from jalign.data import formats
 from jalign.data.chat import NemoChatFormat
 from jalign.data.preference import render_prompt
@@ -31,7 +32,7 @@ from jalign.data.tokenizer import Tokenizer
 from jalign.models import lora
 from jalign.recipes import build
 from jalign.rollout.generate import generate
-from jalign.specs.base import message_format
+from jalign.specs.base import RolloutSettings, message_format
 
 _ROLES = {"User": "user", "Assistant": "assistant"}
 
@@ -54,9 +55,9 @@ def prompts_and_replies(records: list[dict]) -> tuple[list[list[dict]], list[str
   return prompts, replies, skipped
 
 
-def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_format: NemoChatFormat, s, *,
-                     max_seq_length: int, seed: int) -> tuple[list[str], dict]:
-  """The model's reply text to each message prompt, and generation statistics.
+def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_format: NemoChatFormat,
+                     s: RolloutSettings, *, max_seq_length: int, seed: int) -> tuple[list[str], dict]:
+  """The model's reply text to each message prompt, sampled as ``s`` says, and generation statistics.
 
   A reply stops at the chat format's next turn start (or EOS); the end-of-turn text before it is cut,
   since the pair encoder adds it back. Prompts lose tokens from the left to leave room for the reply.
@@ -66,7 +67,7 @@ def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_form
   keep = max_seq_length - max_new
   ids = [tok.encode(render_prompt(p, chat_format)[0], add_special_tokens=False)[-keep:] for p in prompts]
   width = max(len(x) for x in ids)
-  size = s.rollout_batch_size
+  size = s.micro_batch
   texts, lengths, ended = [], [], []
   for start in range(0, len(ids), size):
     batch = ids[start:start + size]
@@ -161,7 +162,7 @@ def run(c, log=print) -> dict:
     else:
       stats = {}
       for split, (prompts, replies, skipped) in data.items():
-        generated, gen_stats = generate_replies(model, tok, prompts, chat_format, c.spin,
+        generated, gen_stats = generate_replies(model, tok, prompts, chat_format, specs.sampling_settings(c),
                                                 max_seq_length=c.data.max_seq_length, seed=c.seed + 1000 * k)
         written = write_pairs(folder / f"{split}_pairs.jsonl", prompts, replies, generated)
         stats[split] = {"records_without_reply": skipped, **gen_stats, **written}

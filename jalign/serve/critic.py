@@ -1,7 +1,7 @@
 """The critic server (NeMo-Aligner's ``serve_ppo_critic.py``, critic and reward model combined) and its
 client, ``RemoteCritic``, which PPO's actor uses in place of the in-process ``jalign.recipes.critic.Critic``.
 
-Endpoints (reference/nemo_aligner.md §3.1), HTTP, int64 tokens, float32 numbers:
+Endpoints (NeMo-Aligner's critic server protocol), HTTP, int64 tokens, float32 numbers:
   ``critic_infer``   tokens [B,S], sequence_lengths [B,1] -> values [B,S] (per token), rewards [B,1]
   ``reward_model``   tokens [B,S], sequence_lengths [B,1] -> rewards [B,1]
   ``critic_train``   tokens [N,S], returns, prev_values, mask [N,S-1] -> loss_mean [1]; one epoch, rows

@@ -22,13 +22,13 @@ def get(name: str) -> AlgorithmSpec:
   return REGISTRY[name]
 
 
-def rollout_settings(c) -> RolloutSettings:
-  """The sampling settings of a rollout algorithm's config."""
+def sampling_settings(c) -> RolloutSettings:
+  """How the algorithm of config ``c`` samples from its policy."""
   spec = get(c.algorithm)
-  if spec.rollout is None:
-    raise ConfigError(f"config.algorithm: {c.algorithm} trains on a data file; it samples no rollouts")
-  return spec.rollout.settings(c)
+  if spec.sampling is None:
+    raise ConfigError(f"config.algorithm: {c.algorithm} trains on a data file; it generates nothing")
+  return spec.sampling(c)
 
 
 __all__ = ["ALGORITHMS", "AlgorithmSpec", "ConfigError", "REGISTRY", "RolloutSettings", "RolloutSpec", "get",
-           "rollout_settings"]
+           "sampling_settings"]

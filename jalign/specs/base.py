@@ -43,25 +43,66 @@ def _nothing(c, check_files: bool) -> None:
   return None
 
 
+# The shared sampling block, ``config.rollout``: its keys, each None until set. A key left None takes
+# the same setting from the algorithm's own block (``reinforce.*``, ``ppo.*``, ``spin.*``), where configs
+# written before the shared block set it (and still may).
+SAMPLING_KEYS = ("num_prompts", "samples_per_prompt", "micro_batch_size", "max_new_tokens", "min_new_tokens",
+                 "temperature", "top_k", "top_p")
+
+
+def sampling(c, block: str, defaults, names: dict[str, str], fixed: dict | None = None) -> dict:
+  """``{key: (value, config key it came from)}`` for the shared sampling keys: ``config.rollout.<key>``
+  when set, else ``config.<block>.<names[key]>``. Setting both to different values is an error (the
+  algorithm's key at its default counts as unset); ``fixed`` keys have one possible value."""
+  out = {}
+  for key in SAMPLING_KEYS:
+    value, new = c.rollout[key], f"rollout.{key}"
+    if key in (fixed or {}):
+      require(value is None or value == fixed[key], new, f"{value}: {c.algorithm} takes only {fixed[key]}")
+      out[key] = (fixed[key], new)
+    elif key not in names:
+      require(value is None, new, f"{c.algorithm} has no such setting")
+      out[key] = (None, new)
+    else:
+      old = f"{block}.{names[key]}"
+      legacy = c[block][names[key]]
+      if value is None:
+        out[key] = (legacy, old)
+      else:
+        require(legacy == defaults[names[key]] or legacy == value, new,
+                f"{value}, and config.{old} is {legacy}: set one of them")
+        out[key] = (value, new)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
-  """How a rollout algorithm samples and what it trains on, read from its config blocks."""
-  block: str                  # the config block that holds the sampling keys (for messages)
-  prompts: int                # prompts per rollout (num_rollout_samples)
+  """How an algorithm samples (the shared ``config.rollout`` keys over its own block's) and what it
+  trains on; ``keys`` names the config key each setting was read from, for messages."""
+  keys: dict                  # setting name -> config key
+  prompts: int                # prompts per rollout
   per_prompt: int             # samples of each prompt
   kept: int                   # samples of each prompt trained on
   micro_batch: int            # sequences generated at once on each data-parallel rank
-  micro_batch_key: str        # the config key that sets it
   max_new_tokens: int         # 0: data.max_seq_length // 2
   min_new_tokens: int
   temperature: float
   top_k: int
   top_p: float
-  kl_coef: float
-  absolute_kl: bool
-  generation_rules: tuple     # rules of the generation copy of the weights; empty: tensor-parallel only
-  offload_optimizer: bool     # the optimizer state in pinned host memory while a rollout runs
-  unload_engine_train: bool   # the generation copy freed while training
+  kl_coef: float = 0.0
+  absolute_kl: bool = True
+  generation_rules: tuple = ()   # rules of the generation copy of the weights; empty: tensor-parallel only
+  offload_optimizer: bool = False  # the optimizer state in pinned host memory while a rollout runs
+  unload_engine_train: bool = False  # the generation copy freed while training
+  greedy: bool = False
+
+  @classmethod
+  def from_sampling(cls, picked: dict, **others) -> "RolloutSettings":
+    """Settings from ``sampling``'s picks (renamed to the fields) and the algorithm's own ``others``."""
+    fields = {"num_prompts": "prompts", "samples_per_prompt": "per_prompt", "micro_batch_size": "micro_batch"}
+    values = {fields.get(k, k): v for k, (v, _) in picked.items()}
+    keys = {fields.get(k, k): key for k, (_, key) in picked.items()}
+    return cls(keys=keys, **{**values, **others})
 
   @property
   def samples(self) -> int:
@@ -76,9 +117,8 @@ class RolloutSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSpec:
-  """What an algorithm that samples its own data adds: its settings, the fields of the rows its train
-  step reads (beyond tokens, targets, positions and segment ids) and its loss."""
-  settings: Callable[[Any], RolloutSettings]
+  """What an algorithm that trains on rollouts adds: the fields of the rows its train step reads
+  (beyond tokens, targets, positions and segment ids) and its loss."""
   train_fields: Callable[[Any], dict]   # name -> dtype of the per-token or per-row fields, for the planner
   loss: Callable[[Any], Callable]
   with_kl: bool                         # needs the current and initial policy's log-probs
@@ -108,5 +148,7 @@ class AlgorithmSpec:
   parts: Callable | None = None
   # With LoRA, parameters that train besides the adapters (a reward model's new head).
   lora_also_trains: Any = None
+  # How it generates (the shared config.rollout keys over its own block's); None: it generates nothing.
+  sampling: Callable[[Any], RolloutSettings] | None = None
   rollout: RolloutSpec | None = None
   plan_jobs: tuple[str, ...] = ("train",)  # the planner's jobs for this algorithm

@@ -13,8 +13,8 @@ from jalign.specs.base import AlgorithmSpec, require
 
 def block():
   b = ml_collections.ConfigDict()
-  b.beta = 0.2                 # ref_policy_kl_penalty
-  b.loss_type = "dpo"          # preference_loss: dpo | ipo | rpo_sq | rpo_fwd_kl | rpo_bwd_kl | simpo
+  b.beta = 0.2                 # ref_policy_kl_penalty (ORPO's lambda with loss_type orpo)
+  b.loss_type = "dpo"          # preference_loss: dpo | ipo | rpo_sq | rpo_fwd_kl | rpo_bwd_kl | simpo | orpo
   b.label_smoothing = 0.0      # conservative DPO
   b.gt_reward_scale = 1.0
   b.simpo_gamma = 0.5
@@ -27,7 +27,8 @@ def block():
 
 def validate(c, check_files):
   p = c.dpo
-  require(p.loss_type in dpo.LOSS_TYPES, "dpo.loss_type", f"{p.loss_type!r} is not one of {dpo.LOSS_TYPES}")
+  require(p.loss_type in dpo.TRAIN_LOSS_TYPES, "dpo.loss_type",
+          f"{p.loss_type!r} is not one of {dpo.TRAIN_LOSS_TYPES}")
   require(p.beta > 0, "dpo.beta", "must be positive")
   require(p.preference_weight > 0 or p.sft_weight > 0, "dpo.preference_weight",
           "preference_weight and sft_weight are both 0: nothing to train")
@@ -50,7 +51,7 @@ def parts(c, model):
                               average_log_probs=p.average_log_probs, preference_weight=p.preference_weight,
                               sft_weight=p.sft_weight)
   reference = None
-  if p.loss_type != "simpo":  # SimPO needs no reference
+  if p.loss_type not in dpo.REFERENCE_FREE:
     reference = functools.partial(dpo.reference_logprobs, average=p.average_log_probs)
   return model, loss_fn, reference
 

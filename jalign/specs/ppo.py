@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import ppo
-from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require
+from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, sampling
 
 
 def block():
@@ -58,34 +58,40 @@ def critic_block():
   return b
 
 
+NAMES = {"num_prompts": "num_rollout_samples", "micro_batch_size": "rollout_micro_batch_size",
+         "max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens", "temperature": "temperature",
+         "top_k": "top_k", "top_p": "top_p"}
+
+
 def settings(c) -> RolloutSettings:
+  """The sampling keys (``config.rollout`` over ``config.ppo``): one sample per prompt."""
   p = c.ppo
-  return RolloutSettings(
-      block="ppo", prompts=p.num_rollout_samples, per_prompt=1, kept=1, micro_batch=p.rollout_micro_batch_size,
-      micro_batch_key="ppo.rollout_micro_batch_size", max_new_tokens=p.max_new_tokens,
-      min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, kl_coef=p.kl_coef,
-      absolute_kl=p.absolute_kl, generation_rules=tuple(tuple(r) for r in p.generation_rules),
-      offload_optimizer=p.offload_adam_states, unload_engine_train=p.unload_engine_train)
+  picked = sampling(c, "ppo", block(), NAMES, fixed={"samples_per_prompt": 1})
+  return RolloutSettings.from_sampling(
+      picked, kept=1, kl_coef=p.kl_coef, absolute_kl=p.absolute_kl,
+      generation_rules=tuple(tuple(r) for r in p.generation_rules), offload_optimizer=p.offload_adam_states,
+      unload_engine_train=p.unload_engine_train)
 
 
 def validate(c, check_files):
-  p, length = c.ppo, c.data.max_seq_length
-  for key, size in (("train.global_batch_size", c.train.global_batch_size),
-                    ("critic.global_batch_size", c.critic.global_batch_size)):
-    require(p.num_rollout_samples % size == 0, "ppo.num_rollout_samples",
-            f"{p.num_rollout_samples} samples do not split into global batches of {key} {size}")
-  require(p.rollout_micro_batch_size >= 1, "ppo.rollout_micro_batch_size", "must be at least 1")
-  require(p.temperature > 0, "ppo.temperature", "must be positive")
-  require(0 <= p.min_new_tokens <= p.max_new_tokens, "ppo.min_new_tokens",
-          f"{p.min_new_tokens} is not within 0..ppo.max_new_tokens {p.max_new_tokens}")
-  require(p.max_new_tokens >= 1, "ppo.max_new_tokens", "must be at least 1")
-  require(p.max_new_tokens < length, "ppo.max_new_tokens",
-          f"{p.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
-  for key in ("init", "reward_model"):
-    value = c.critic[key]
-    require(value == "random" or value.startswith("run:"), f"critic.{key}", f"{value!r} is not random or run:<folder>")
+  s = settings(c)
+  length, key = c.data.max_seq_length, s.keys
+  for size_key, size in (("train.global_batch_size", c.train.global_batch_size),
+                         ("critic.global_batch_size", c.critic.global_batch_size)):
+    require(s.prompts % size == 0, key["prompts"],
+            f"{s.prompts} samples do not split into global batches of {size_key} {size}")
+  require(s.micro_batch >= 1, key["micro_batch"], "must be at least 1")
+  require(s.temperature > 0, key["temperature"], "must be positive")
+  require(0 <= s.min_new_tokens <= s.max_new_tokens, key["min_new_tokens"],
+          f"{s.min_new_tokens} is not within 0..{key['max_new_tokens']} {s.max_new_tokens}")
+  require(s.max_new_tokens >= 1, key["max_new_tokens"], "must be at least 1")
+  require(s.max_new_tokens < length, key["max_new_tokens"],
+          f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
+  for name in ("init", "reward_model"):
+    value = c.critic[name]
+    require(value == "random" or value.startswith("run:"), f"critic.{name}", f"{value!r} is not random or run:<folder>")
     if value.startswith("run:") and check_files:
-      require((Path(value[4:]) / "config.json").is_file(), f"critic.{key}", f"{value[4:]} is not a jalign run folder")
+      require((Path(value[4:]) / "config.json").is_file(), f"critic.{name}", f"{value[4:]} is not a jalign run folder")
 
 
 def train_fields(c) -> dict:
@@ -98,6 +104,7 @@ def actor_loss(c):
 
 SPEC = AlgorithmSpec(
     "ppo", formats=("prompt",), recipe="ppo", blocks={"ppo": block, "critic": critic_block}, validate=validate,
-    rollout=RolloutSpec(settings=settings, train_fields=train_fields, loss=actor_loss, with_kl=True, critic=True,
+    sampling=settings,
+    rollout=RolloutSpec(train_fields=train_fields, loss=actor_loss, with_kl=True, critic=True,
                         reward_model="critic.reward_model"),
     plan_jobs=("actor", "critic"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import rloo
-from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require
+from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, sampling
 
 
 def block():
@@ -26,37 +26,41 @@ def block():
   return b
 
 
+NAMES = {"num_prompts": "num_rollout_samples", "samples_per_prompt": "num_rollouts_per_prompt",
+         "micro_batch_size": "rollout_batch_size", "max_new_tokens": "max_new_tokens",
+         "min_new_tokens": "min_new_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p"}
+
+
 def settings(c, kept: int | None = None) -> RolloutSettings:
-  r = c.reinforce
-  return RolloutSettings(
-      block="reinforce", prompts=r.num_rollout_samples, per_prompt=r.num_rollouts_per_prompt,
-      kept=r.num_rollouts_per_prompt if kept is None else kept, micro_batch=r.rollout_batch_size,
-      micro_batch_key="reinforce.rollout_batch_size", max_new_tokens=r.max_new_tokens,
-      min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, kl_coef=r.kl_coef,
-      absolute_kl=r.absolute_kl, generation_rules=(), offload_optimizer=False, unload_engine_train=False)
+  """The sampling keys (``config.rollout`` over ``config.reinforce``); ``kept``: samples of a prompt
+  trained on (all of them by default)."""
+  picked = sampling(c, "reinforce", block(), NAMES)
+  per_prompt = picked["samples_per_prompt"][0]
+  return RolloutSettings.from_sampling(picked, kept=per_prompt if kept is None else kept,
+                                       kl_coef=c.reinforce.kl_coef, absolute_kl=c.reinforce.absolute_kl)
 
 
-def validate_sampling(c, check_files, kept: int):
-  """The checks REINFORCE and rejection sampling share; ``kept``: samples of a prompt trained on."""
-  r, length = c.reinforce, c.data.max_seq_length
+def validate_sampling(c, check_files, s: RolloutSettings):
+  """The checks REINFORCE and rejection sampling share."""
+  r, length, key = c.reinforce, c.data.max_seq_length, s.keys
   require(r.reward_model.startswith("run:"), "reinforce.reward_model",
           f"{r.reward_model!r}: name a reward model run, run:<folder>")
   if check_files:
     require((Path(r.reward_model[4:]) / "config.json").is_file(), "reinforce.reward_model",
             f"{r.reward_model[4:]} is not a jalign run folder")
-  require(r.num_rollouts_per_prompt >= 2, "reinforce.num_rollouts_per_prompt",
+  require(s.per_prompt >= 2, key["per_prompt"],
           "must be at least 2 (the baseline, or the choice, is among a prompt's samples)")
-  require(r.num_rollout_samples * kept % c.train.global_batch_size == 0, "reinforce.num_rollout_samples",
-          f"{r.num_rollout_samples} x {kept} samples to train on do not split into global batches of "
+  require(s.trained % c.train.global_batch_size == 0, key["prompts"],
+          f"{s.prompts} x {s.kept} samples to train on do not split into global batches of "
           f"{c.train.global_batch_size}")
-  require(0 <= r.max_new_tokens < length and 0 <= r.min_new_tokens <= (r.max_new_tokens or length // 2),
-          "reinforce.max_new_tokens",
-          f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {length}")
-  require(r.temperature > 0, "reinforce.temperature", "must be positive")
+  require(s.micro_batch >= 1, key["micro_batch"], "must be at least 1")
+  require(0 <= s.max_new_tokens < length and 0 <= s.min_new_tokens <= (s.max_new_tokens or length // 2),
+          key["max_new_tokens"], f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {length}")
+  require(s.temperature > 0, key["temperature"], "must be positive")
 
 
 def validate(c, check_files):
-  validate_sampling(c, check_files, c.reinforce.num_rollouts_per_prompt)
+  validate_sampling(c, check_files, settings(c))
 
 
 def train_fields(c) -> dict:
@@ -65,5 +69,6 @@ def train_fields(c) -> dict:
 
 SPEC = AlgorithmSpec(
     "reinforce", formats=("prompt",), recipe="reinforce", blocks={"reinforce": block}, validate=validate,
-    rollout=RolloutSpec(settings=settings, train_fields=train_fields, loss=lambda c: rloo.train_loss, with_kl=True),
+    sampling=settings,
+    rollout=RolloutSpec(train_fields=train_fields, loss=lambda c: rloo.train_loss, with_kl=True),
     plan_jobs=("actor",))

@@ -20,14 +20,15 @@ def settings(c):
 
 
 def validate(c, check_files):
-  kept, per_prompt = c.rs.top_n_rollouts, c.reinforce.num_rollouts_per_prompt
-  require(1 <= kept <= per_prompt, "rs.top_n_rollouts",
-          f"{kept} is not within 1..reinforce.num_rollouts_per_prompt {per_prompt}")
-  reinforce.validate_sampling(c, check_files, kept)
+  s = settings(c)
+  require(1 <= s.kept <= s.per_prompt, "rs.top_n_rollouts",
+          f"{s.kept} is not within 1..{s.keys['per_prompt']} {s.per_prompt}")
+  reinforce.validate_sampling(c, check_files, s)
 
 
 SPEC = AlgorithmSpec(
     "rs", formats=("prompt",), recipe="rs", blocks={"rs": block}, validate=validate,
-    rollout=RolloutSpec(settings=settings, train_fields=lambda c: {"loss_mask": ("token", jnp.float32)},
+    sampling=settings,
+    rollout=RolloutSpec(train_fields=lambda c: {"loss_mask": ("token", jnp.float32)},
                         loss=lambda c: sft.loss, with_kl=False),
     plan_jobs=("actor",))

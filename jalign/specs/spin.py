@@ -3,7 +3,7 @@ the model at each iteration's start being the reference (``dpo.beta`` and ``dpo.
 
 import ml_collections
 
-from jalign.specs.base import AlgorithmSpec, require
+from jalign.specs.base import AlgorithmSpec, RolloutSettings, require, sampling
 
 
 def block():
@@ -19,16 +19,26 @@ def block():
   return b
 
 
+NAMES = {"micro_batch_size": "rollout_batch_size", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+         "top_k": "top_k", "top_p": "top_p"}
+
+
+def settings(c) -> RolloutSettings:
+  """How each iteration generates (``config.rollout`` over ``config.spin``): one reply to each prompt."""
+  picked = sampling(c, "spin", block(), NAMES, fixed={"samples_per_prompt": 1, "min_new_tokens": 0})
+  return RolloutSettings.from_sampling(picked, kept=1, greedy=c.spin.greedy)
+
+
 def validate(c, check_files):
-  s, length = c.spin, c.data.max_seq_length
-  require(s.iterations >= 1, "spin.iterations", "must be at least 1")
-  require(s.epochs > 0, "spin.epochs", "must be positive")
-  require(s.rollout_batch_size >= 1, "spin.rollout_batch_size", "must be at least 1")
-  require(0 <= s.max_new_tokens < length, "spin.max_new_tokens",
+  s, length = settings(c), c.data.max_seq_length
+  require(c.spin.iterations >= 1, "spin.iterations", "must be at least 1")
+  require(c.spin.epochs > 0, "spin.epochs", "must be positive")
+  require(s.micro_batch >= 1, s.keys["micro_batch"], "must be at least 1")
+  require(0 <= s.max_new_tokens < length, s.keys["max_new_tokens"],
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
-  require(s.greedy or s.temperature > 0, "spin.temperature", "must be positive (or spin.greedy)")
+  require(s.greedy or s.temperature > 0, s.keys["temperature"], "must be positive (or spin.greedy)")
   require(c.dpo.beta > 0, "dpo.beta", "must be positive")
 
 
 SPEC = AlgorithmSpec("spin", formats=("chat",), recipe="spin", blocks={"spin": block}, validate=validate,
-                     plan_jobs=("spin",))
+                     sampling=settings, plan_jobs=("spin",))

@@ -100,6 +100,31 @@ def test_averaged_log_probs_divide_by_the_response_length():
   np.testing.assert_allclose(averaged, np.asarray(summed) / lengths, rtol=1e-6)
 
 
+def test_orpo_trains_on_each_pairs_averaged_log_probs_and_ignores_empty_slots():
+  """``train_loss(loss_type="orpo")`` on packed rows with empty slots: ORPO written out in numpy (TRL's
+  log-odds, the chosen responses' per-token NLL averaged over pairs) on each pair's own log-probs, and
+  finite gradients although an empty slot's average log-prob is 0."""
+  model = Transformer(CFG, rngs=nnx.Rngs(4))
+  pairs = _pairs(5)
+  plan = preference.plan_item_rows(pairs, 256, pack=True)
+  max_pairs = max(len(r) for r in plan)
+  batch, _ = _rows(pairs, plan, 256, max_pairs)
+  assert np.asarray(batch["pair_mask"]).sum() < batch["pair_mask"].size  # some slots are empty
+  lam = 0.3
+  total, count, sums = dpo.train_loss(model, batch, loss_type="orpo", beta=lam)
+  avg = np.array([[direct_logprob(model, p.chosen) / p.chosen.loss_mask[1:].sum(),
+                   direct_logprob(model, p.rejected) / p.rejected.loss_mask[1:].sum()] for p in pairs])
+  log_odds = lambda x: x - np.log1p(-np.exp(x))  # noqa: E731
+  ratio = log_odds(avg[:, 0]) - log_odds(avg[:, 1])
+  want = np.mean(-avg[:, 0]) + lam * np.mean(np.log1p(np.exp(-ratio)))
+  assert float(count) == len(pairs)
+  np.testing.assert_allclose(float(total) / float(count), want, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["accuracy"]) / float(count), np.mean(ratio > 0), atol=1e-6)
+  graphdef, state = nnx.split(model)
+  grads = jax.grad(lambda st: dpo.train_loss(nnx.merge(graphdef, st), batch, loss_type="orpo")[0])(state)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
 def test_rewards_are_read_at_each_responses_last_token():
   model = ValueModel(CFG, rngs=nnx.Rngs(2))
   pairs = _pairs()

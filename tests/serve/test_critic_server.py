@@ -55,7 +55,7 @@ def _free(port) -> bool:
 def overrides(run_dir, reward_run, sft_run, address):
   return {"run_dir": str(run_dir), "model.init": f"run:{sft_run}", "critic.init": f"run:{reward_run}",
           "critic.reward_model": f"run:{reward_run}", "critic.serve_address": address,
-          "ppo.num_rollout_samples": 16, "ppo.rollout_micro_batch_size": 16, "ppo.max_new_tokens": 12,
+          "rollout.num_prompts": 16, "rollout.micro_batch_size": 16, "rollout.max_new_tokens": 12,
           "train.global_batch_size": 8, "train.micro_batch_size": 1, "critic.global_batch_size": 8,
           "critic.micro_batch_size": 1, "train.max_steps": 4, "train.save_interval": 2,
           "train.val_check_interval": 2, "train.log_every": 1000, "generation.serve": True}

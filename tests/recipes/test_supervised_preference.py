@@ -13,6 +13,7 @@ from jalign import trainer
 from jalign.recipes.build import build_trainer
 from jalign.train import run
 
+from jalign.plan import plan
 from tests.conftest import load, quiet
 
 
@@ -46,6 +47,23 @@ def test_shared_prompt_rows_train_like_separate_sequences(tmp_path):
   shared = run(load("dpo_tiny", tmp_path / "b", **small, **{"dpo.share_prompt": True}), log=quiet)["losses"]
   assert shared[1] == pytest.approx(math.log(2), abs=1e-6)
   np.testing.assert_allclose(list(shared.values()), list(plain.values()), rtol=2e-5)
+
+
+def test_orpo_trains_without_a_reference_toward_the_chosen_answers(tmp_path):
+  """dpo.loss_type = "orpo" (beta as ORPO's lambda): no reference pass is built or planned, and both
+  ORPO's terms fall, the odds-ratio one with the chosen answers' log-odds pulling ahead."""
+  c = load("dpo_tiny", tmp_path / "orpo", **{"dpo.loss_type": "orpo", "dpo.beta": 5.0, "train.max_steps": 50,
+                                              "train.val_check_interval": 50, "train.save_interval": 0})
+  loop = build_trainer(c, log=quiet)
+  assert loop.reference is None
+  before = loop.validate()
+  loop.run()
+  after = loop.last_val
+  assert after["val_nll"] < before["val_nll"] and after["val_or_loss"] < before["val_or_loss"] - 0.01, after
+  assert after["val_log_odds_ratio_mean"] > before["val_log_odds_ratio_mean"], after
+  c.mesh.update({"data": 8, "fsdp": 1, "tensor": 1, "pipeline": 1})
+  [job] = plan(c, peak_flops=1e12)
+  assert [s.name for s in job.steps] == ["train"]
 
 
 def test_over_length_pairs_are_dropped_or_truncated_and_counted(tmp_path):

@@ -23,7 +23,7 @@ N = 16  # rollout samples; two actor and two critic optimizer steps of 8 per rol
 def ppo_config(tmp_path, reward_run, sft_run, **overrides):
   return load("ppo_tiny", tmp_path / "ppo", **{
       "model.init": f"run:{sft_run}", "critic.init": f"run:{reward_run}", "critic.reward_model": f"run:{reward_run}",
-      "ppo.num_rollout_samples": N, "ppo.rollout_micro_batch_size": N, "ppo.max_new_tokens": 12,
+      "rollout.num_prompts": N, "rollout.micro_batch_size": N, "rollout.max_new_tokens": 12,
       "ppo.kl_coef": 0.5, "train.global_batch_size": 8, "train.micro_batch_size": 1,
       "critic.global_batch_size": 8, "critic.micro_batch_size": 1, "train.max_steps": 4, "train.save_interval": 2,
       "train.val_check_interval": 2, **overrides})
@@ -134,8 +134,8 @@ def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, s
 def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: 'random'; PPO training needs"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"critic.reward_model": "random"}), log=quiet)
-  with pytest.raises(config_lib.ConfigError, match="config.ppo.num_rollout_samples: 12 samples do not split"):
-    run(ppo_config(tmp_path, reward_run, sft_run, **{"ppo.num_rollout_samples": 12}), log=quiet)
+  with pytest.raises(config_lib.ConfigError, match="config.rollout.num_prompts: 12 samples do not split"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"rollout.num_prompts": 12}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
 

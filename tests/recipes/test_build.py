@@ -15,8 +15,8 @@ from jalign.models import Transformer
 from jalign.config import load_config_file
 from jalign.recipes.build import load_trained
 from jalign.train import run
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "sft_tiny_before_recipes"
 
 

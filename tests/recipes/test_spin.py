@@ -31,7 +31,7 @@ def spin_config(tmp_path, **overrides):
   train, val = small_data(tmp_path)
   return load("spin_tiny", tmp_path / "spin", **{
       "data.train": train, "data.validation": val, "data.max_seq_length": 64, "spin.iterations": 2,
-      "spin.epochs": 2, "spin.max_new_tokens": 8, "spin.greedy": True, "spin.rollout_batch_size": 8,
+      "spin.epochs": 2, "rollout.max_new_tokens": 8, "spin.greedy": True, "rollout.micro_batch_size": 8,
       "train.val_check_interval": 2, "train.save_interval": 2, **overrides})
 
 

@@ -17,8 +17,8 @@ from tests.conftest import load, quiet
 
 def reinforce_config(tmp_path, reward_run, sft_run, **overrides):
   return load("reinforce_tiny", tmp_path / "rf", **{
-      "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}", "reinforce.num_rollout_samples": 8,
-      "reinforce.num_rollouts_per_prompt": 4, "reinforce.rollout_batch_size": 32, "reinforce.max_new_tokens": 12,
+      "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}", "rollout.num_prompts": 8,
+      "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 32, "rollout.max_new_tokens": 12,
       "reinforce.kl_coef": 0.5, "train.max_steps": 4, "train.save_interval": 2, "train.val_check_interval": 2,
       **overrides})
 
@@ -76,8 +76,8 @@ def test_a_reward_model_is_required_and_must_fit(tmp_path, reward_run, sft_run):
 def test_rejection_sampling_trains_on_each_prompts_best_sample(tmp_path, reward_run, sft_run):
   c = load("rs_tiny", tmp_path / "rs", **{
       "model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}",
-      "reinforce.num_rollout_samples": 16, "reinforce.num_rollouts_per_prompt": 4,
-      "reinforce.rollout_batch_size": 32, "reinforce.max_new_tokens": 12, "rs.top_n_rollouts": 2,
+      "rollout.num_prompts": 16, "rollout.samples_per_prompt": 4,
+      "rollout.micro_batch_size": 32, "rollout.max_new_tokens": 12, "rs.top_n_rollouts": 2,
       "train.max_steps": 4, "train.save_interval": 4, "train.val_check_interval": 4})
   loop, rollouts = reinforce.build(c, log=quiet)
   batches = rollouts.rollout()
