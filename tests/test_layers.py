@@ -16,7 +16,7 @@ LAYERS = [
     ("losses",),
     ("specs",),
     ("config", "optim"),
-    ("trainer", "rollout"),
+    ("trainer", "metrics", "rollout"),
     ("serve.critic", "serve.generation", "serve.triton"),
     ("recipes",),
     ("train", "plan", "score", "export", "distill", "steerlm", "demo", "cli", "serve.__main__"),

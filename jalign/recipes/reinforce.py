@@ -78,7 +78,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   policy = rollouts_lib.build_policy(c, settings, log, with_kl=spec.rollout.with_kl)
   reward = RewardModel.load_to_score(c, spec.rollout.reward_model)
   if reward.tokenizer.vocab_size != policy.tok.vocab_size:
-    raise ConfigError(f"config.reinforce.reward_model: its tokenizer ({reward.tokenizer.vocab_size} "
+    raise ConfigError(f"config.{spec.rollout.reward_model}: its tokenizer ({reward.tokenizer.vocab_size} "
                       f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")
   # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
   reward.place(policy.mesh, policy.rules)

@@ -123,7 +123,7 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
 
 
 class RemoteCritic:
-  """The client of a critic server at ``address`` (``host:port``), with ``jalign.critic.Critic``'s
+  """The client of a critic server at ``address`` (``host:port``), with ``jalign.recipes.critic.Critic``'s
   interface; waits up to ``init_timeout_s`` for the server's models to be ready.
 
   ``train_async`` sends an epoch of critic training and returns at once, as NeMo's actor does not
