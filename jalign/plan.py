@@ -138,9 +138,10 @@ class _Job:
                                                           else x.dtype), state)
     return graphdef, _abstract(state, pmesh.tree_shardings(state, self.mesh, rules or self.rules))
 
-  def add(self, name, jitted, args, *, donate=False, resident=0, flops=0.0, seconds=None, repeats=1):
-    """Lowers and compiles ``jitted`` (a ``jax.jit`` function, as the run jits it) on abstract ``args``."""
-    lowered = jitted.lower(*args)
+  def add(self, name, jitted, args, *, static=None, donate=False, resident=0, flops=0.0, seconds=None, repeats=1):
+    """Lowers and compiles ``jitted`` (a ``jax.jit`` function, as the run jits it) on abstract ``args``
+    (and the ``static`` keyword arguments it takes)."""
+    lowered = jitted.lower(*args, **(static or {}))
     memory = lowered.compile().memory_analysis()
     per_device = flops / self.devices
     self.steps.append(StepPlan(name=name, argument_bytes=int(memory.argument_size_in_bytes),
@@ -225,15 +226,15 @@ def _rollout_rows(settings, data_parallel: int) -> tuple[int, int]:
 
 def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *, rows, length, max_new, resident,
                     repeats, hbm_bytes_per_s, greedy=False):
-  """A generation call of ``rows`` prompts of ``length - max_new`` tokens: the decode loop compiled for
-  the job's mesh with ``weights`` laid out by ``rules``, timed at the memory bandwidth (weights and KV
-  cache read once per new token)."""
+  """A generation call of ``rows`` prompts of ``length - max_new`` tokens: the decode loop the run calls
+  (``generate_arrays``) compiled for the job's mesh with ``weights`` laid out by ``rules``, timed at the
+  memory bandwidth (weights and KV cache read once per new token)."""
   mesh = job.mesh
   prompts = job.batch({"tokens": jnp.zeros((length - max_new,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
                       rows, rules)
-  generate = functools.partial(generate_arrays, graphdef=graphdef, max_new_tokens=max_new,
-                               min_new_tokens=sampling.min_new_tokens, temperature=sampling.temperature,
-                               top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy, stop_ids=(0,), pad_id=0)
+  static = dict(graphdef=graphdef, max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy,
+                stop_ids=(0,), pad_id=0)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   with pmesh.use(mesh, rules):
@@ -241,7 +242,7 @@ def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *
   cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), rules), cache.k.shape, mesh)
   decode_read = per_device_bytes(weights) + per_device_bytes(cache, [jax.sharding.NamedSharding(mesh, cache_spec)] * 2)
   with pmesh.use(mesh, rules):
-    job.add(name, jax.jit(lambda w, b, k: generate(w, b["tokens"], b["lengths"], k)), (weights, prompts, key),
+    job.add(name, generate_arrays, (weights, prompts["tokens"], prompts["lengths"], key), static=static,
             resident=resident, flops=_flops(cfg, rows * length, length, backward=False),
             seconds=max_new * decode_read / hbm_bytes_per_s, repeats=repeats)
 
