@@ -39,7 +39,7 @@ def get_config():
   c.model.remat = "full"
   c.tokenizer = "tiny"
   c.data.format = "prompt"
-  c.data.train = "prompts_train.jsonl"  # {"text": prompt} per line
+  c.data.train = "bundled:prompts_train.jsonl"  # {"text": prompt} per line
   c.data.validation = ""
   c.data.max_seq_length = 4096
   c.mesh.update({"data": 16, "fsdp": 2, "tensor": 8, "pipeline": 1})
