@@ -267,20 +267,10 @@ class Trainer:
     self._jit(batch)
     return self._train_step.lower(self.state, batch)
 
-  @contextlib.contextmanager
   def optimizer_in_host_memory(self):
     """The optimizer state waits in pinned host memory (NeMo's offload of the Adam states) while the
     block runs, such as a rollout's generation and scoring, and is back on the devices after it."""
-    if self.state_sharding is None:
-      yield
-      return
-    on_devices = self.state_sharding.opt_state
-    in_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_devices)
-    self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, in_host))
-    try:
-      yield
-    finally:
-      self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, on_devices))
+    return optimizer_in_host_memory(self)
 
   def model(self):
     """The model with the current parameters (needs the ``graphdef`` the trainer was given)."""
@@ -398,6 +388,23 @@ class Trainer:
       self.metrics.close()
     return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
+
+
+@contextlib.contextmanager
+def optimizer_in_host_memory(holder):
+  """Within the block, ``holder.state.opt_state`` (of a ``Trainer`` or PPO's critic, which hold a placed
+  ``TrainState`` and its ``state_sharding``) waits in pinned host memory; it is back on the devices,
+  laid out as before, after it. Without shardings (no mesh) nothing moves."""
+  if holder.state_sharding is None:
+    yield
+    return
+  on_devices = holder.state_sharding.opt_state
+  in_host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), on_devices)
+  holder.state = holder.state.replace(opt_state=jax.device_put(holder.state.opt_state, in_host))
+  try:
+    yield
+  finally:
+    holder.state = holder.state.replace(opt_state=jax.device_put(holder.state.opt_state, on_devices))
 
 
 def checkpoint_manager(directory, o: TrainerOptions, *, name: str | None = None) -> ocp.CheckpointManager:

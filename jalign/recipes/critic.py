@@ -6,6 +6,7 @@ in the actor's process, or behind ``python -m jalign.serve`` (PyTriton), whose c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Protocol
@@ -76,11 +77,17 @@ class Critic:
                                               out_sharding=pmesh.batch_sharding(self.mesh, rules))
     self.directory = Path(c.run_dir) / "critic" / "checkpoints"
     self.checkpoints = trainer.checkpoint_manager(self.directory, options, name="critic")
+    self.offload_optimizer = cc.offload_adam_states
+
+  def _optimizer_away(self):
+    """With ``critic.offload_adam_states`` the optimizer state waits in host memory while the critic
+    serves values and rewards (NeMo's critic offloads its Adam states so), on the devices to train."""
+    return trainer.optimizer_in_host_memory(self) if self.offload_optimizer else contextlib.nullcontext()
 
   def values(self, batch: dict) -> np.ndarray:
     """``[N,T]`` values of a rollout's rows, ``critic.global_batch_size`` rows at a time."""
     out = []
-    with pmesh.use(self.mesh, self.rules):
+    with pmesh.use(self.mesh, self.rules), self._optimizer_away():
       for part in _parts({k: batch[k] for k in ("tokens", "positions", "segment_ids")}, self.batch_size):
         part = pmesh.put_global_batch(part, self.mesh, self.rules)
         out.append(pmesh.fetch(self._values(self.state.params, self.state.rest, part)["values"]))
@@ -88,7 +95,7 @@ class Critic:
 
   def rewards(self, examples) -> np.ndarray:
     """``[N]`` standardised rewards of prompt + response examples (token lists)."""
-    with pmesh.use(self.mesh, self.rules):
+    with pmesh.use(self.mesh, self.rules), self._optimizer_away():
       return self.reward.rewards(examples, batch_size=self.batch_size)
 
   def train(self, batch: dict) -> dict:

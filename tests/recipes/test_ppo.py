@@ -10,6 +10,8 @@ import pytest
 
 from jalign import config as config_lib
 from jalign import trainer
+from jalign.data.packing import build_row
+from jalign.recipes import critic as critic_lib
 from jalign.recipes import ppo, rollouts
 from jalign.data.sft import Example
 from jalign.recipes.build import load_trained
@@ -129,6 +131,38 @@ def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, s
   shutil.rmtree(folder / "critic" / "checkpoints" / "6")
   with pytest.raises(trainer.TrainingError, match="no critic checkpoint at step 6"):
     run(config(tmp_path, reward_run, sft_run, **{"train.max_steps": 8}), log=quiet)
+
+
+def test_the_critic_keeps_its_optimizer_in_host_memory_while_it_serves(tmp_path, reward_run, sft_run):
+  """critic.offload_adam_states (what the planner counts): the critic's Adam state waits in pinned host
+  memory while it gives values and rewards and is on the devices to train; values, training and the
+  values after it are bitwise what they are without the offload."""
+  tokens = np.asarray([[(7 * i + 3 * t) % 400 + 10 for t in range(40)] for i in range(16)])  # two critic steps
+  rows = [build_row([Example(row, np.ones(len(row), bool))], 80, 0) for row in tokens]
+  batch = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "positions", "segment_ids")}
+  mask = np.stack([r["loss_mask"] for r in rows])
+  train_batch = {**batch, "mask": mask, "old_values": np.zeros_like(mask), "returns": mask * 0.5}
+  results = []
+  for offload in (True, False):
+    c = ppo_config(tmp_path / str(offload), reward_run, sft_run, **{"critic.offload_adam_states": offload})
+    critic = critic_lib.build(c, rollouts.trainer_options(c, False))
+    kinds, values_pass = [], critic._values
+
+    def watched(params, rest, part, critic=critic, kinds=kinds, values_pass=values_pass):
+      kinds.append({x.sharding.memory_kind for x in jax.tree.leaves(critic.state.opt_state)})
+      return values_pass(params, rest, part)
+
+    critic._values = watched
+    before = critic.values(batch)
+    metrics = critic.train(train_batch)
+    results.append((before, metrics, critic.values(batch)))
+    assert kinds[0] == ({"pinned_host"} if offload else {"device"})
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(critic.state.opt_state)} == {"device"}
+    assert critic.rewards([Example(tokens[0], np.zeros(40, bool))]).shape == (1,)
+  (a_before, a_metrics, a_after), (b_before, b_metrics, b_after) = results
+  np.testing.assert_array_equal(a_before, b_before)
+  np.testing.assert_array_equal(a_after, b_after)
+  assert a_metrics == b_metrics and np.abs(a_after - a_before).max() > 0
 
 
 def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
