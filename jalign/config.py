@@ -124,6 +124,13 @@ def read_saved(path: Path) -> ml_collections.ConfigDict:
   return c
 
 
+def value_at(c, key: str):
+  """The value of dotted ``key`` (``"critic.reward_model"``) in config ``c``."""
+  for part in key.split("."):
+    c = c[part]
+  return c
+
+
 def load_config_file(path: str | Path, overrides: dict | None = None) -> ml_collections.ConfigDict:
   """``get_config()`` of a config file, with dotted-key overrides (``{"train.max_steps": 10}``)."""
   path = Path(path)

@@ -290,8 +290,8 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
 
     if not spec.rollout.critic:  # the reward model scores in the actor's job (PPO: in the critic's)
-      block, key = spec.rollout.reward_model.split(".")
-      rm_cfg = build.run_model_config(c[block][key][4:]).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+      rm_run = config_lib.value_at(c, spec.rollout.reward_model)[4:]
+      rm_cfg = build.run_model_config(rm_run).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
       rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                             dtype=jnp.dtype(c.model.dtype))
       job.add("rewards", jax.jit(functools.partial(_value_pass, rm_graphdef)),

@@ -267,10 +267,10 @@ class Trainer:
     self._jit(batch)
     return self._train_step.lower(self.state, batch)
 
-  def optimizer_in_host_memory(self):
+  def optimizer_in_host_memory(self, enabled: bool = True):
     """The optimizer state waits in pinned host memory (NeMo's offload of the Adam states) while the
     block runs, such as a rollout's generation and scoring, and is back on the devices after it."""
-    return optimizer_in_host_memory(self)
+    return optimizer_in_host_memory(self, enabled)
 
   def model(self):
     """The model with the current parameters (needs the ``graphdef`` the trainer was given)."""
@@ -391,11 +391,11 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def optimizer_in_host_memory(holder):
+def optimizer_in_host_memory(holder, enabled: bool = True):
   """Within the block, ``holder.state.opt_state`` (of a ``Trainer`` or PPO's critic, which hold a placed
   ``TrainState`` and its ``state_sharding``) waits in pinned host memory; it is back on the devices,
-  laid out as before, after it. Without shardings (no mesh) nothing moves."""
-  if holder.state_sharding is None:
+  laid out as before, after it. Not ``enabled``, or without shardings (no mesh), nothing moves."""
+  if not enabled or holder.state_sharding is None:
     yield
     return
   on_devices = holder.state_sharding.opt_state

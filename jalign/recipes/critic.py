@@ -6,7 +6,6 @@ in the actor's process, or behind ``python -m jalign.serve`` (PyTriton), whose c
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 from typing import Protocol
@@ -82,7 +81,7 @@ class Critic:
   def _optimizer_away(self):
     """With ``critic.offload_adam_states`` the optimizer state waits in host memory while the critic
     serves values and rewards (NeMo's critic offloads its Adam states so), on the devices to train."""
-    return trainer.optimizer_in_host_memory(self) if self.offload_optimizer else contextlib.nullcontext()
+    return trainer.optimizer_in_host_memory(self, self.offload_optimizer)
 
   def values(self, batch: dict) -> np.ndarray:
     """``[N,T]`` values of a rollout's rows, ``critic.global_batch_size`` rows at a time."""

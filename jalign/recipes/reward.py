@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jalign import config as config_lib
 from jalign.data import preference
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
@@ -116,7 +117,7 @@ class RewardModel:
   def load_to_score(cls, c, key: str) -> "RewardModel":
     """The reward model run that config ``c``'s ``key`` names (``run:<folder>``), checked to score
     sequences of the config's ``data.max_seq_length``."""
-    spec = c[key.split(".")[0]][key.split(".")[1]]
+    spec = config_lib.value_at(c, key)
     reward = cls.load(spec[4:])
     if reward.config.data.max_seq_length < c.data.max_seq_length:
       raise ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "

@@ -15,7 +15,6 @@ devices; each data-parallel group decodes its own rows) and hands the trainer it
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +94,7 @@ class Rollouts:
 
   def _optimizer_away(self):
     """With ``offload_optimizer`` the trainer keeps its optimizer state in host memory meanwhile."""
-    return self.loop.optimizer_in_host_memory() if self.r.offload_optimizer else contextlib.nullcontext()
+    return self.loop.optimizer_in_host_memory(self.r.offload_optimizer)
 
   def rollout(self) -> list[dict]:
     with self._optimizer_away():

@@ -136,7 +136,7 @@ def run(c, log=print) -> dict:
   summary_path = run_dir / "spin.json"
   done = json.loads(summary_path.read_text())["iterations"] if summary_path.is_file() else []
 
-  chat_format = message_format(c)
+  chat_format, sampling = message_format(c), specs.sampling_settings(c)
   data = {"train": prompts_and_replies(_load_records(c, c.data.train, log))}
   if c.data.validation:
     data["val"] = prompts_and_replies(_load_records(c, c.data.validation, log))
@@ -162,7 +162,7 @@ def run(c, log=print) -> dict:
     else:
       stats = {}
       for split, (prompts, replies, skipped) in data.items():
-        generated, gen_stats = generate_replies(model, tok, prompts, chat_format, specs.sampling_settings(c),
+        generated, gen_stats = generate_replies(model, tok, prompts, chat_format, sampling,
                                                 max_seq_length=c.data.max_seq_length, seed=c.seed + 1000 * k)
         written = write_pairs(folder / f"{split}_pairs.jsonl", prompts, replies, generated)
         stats[split] = {"records_without_reply": skipped, **gen_stats, **written}
