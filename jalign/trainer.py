@@ -52,11 +52,20 @@ class TrainState:
   rng: jax.Array        # uint32[2], split once per step
 
 
-def init_state(model, tx: optax.GradientTransformation, seed: int = 0, trainable=nnx.Param):
+def init_state(model, tx: optax.GradientTransformation, seed: int = 0, trainable=nnx.Param, *, mesh=None,
+               rules=pmesh.DEFAULT_RULES):
   """``(graphdef, TrainState)`` for an NNX model; ``trainable`` (an NNX filter, e.g. ``LoRAParam``)
-  picks the parameters the optimizer updates, everything else stays fixed in ``rest``."""
+  picks the parameters the optimizer updates, everything else stays fixed in ``rest``. With ``mesh``,
+  the optimizer state is created by a jitted ``tx.init`` straight into the shardings ``rules`` give
+  it (the parameters keep theirs)."""
   graphdef, params, rest = nnx.split(model, trainable, ...)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+  if mesh is None:
+    opt_state = tx.init(params)
+  else:
+    with pmesh.use(mesh, rules):
+      shardings = pmesh.tree_shardings(jax.eval_shape(tx.init, params), mesh, rules)
+      opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state,
                      rng=jax.random.PRNGKey(seed))
   return graphdef, state
 
@@ -161,10 +170,10 @@ class ReferencePass:
   the same function of the same parameters gives bitwise the same arrays every time. The fixed part
   of the model (``state.rest``) is the trainer's current one, passed in on each call, so with LoRA
   (``reference_params=lora.without_adapters``: the base model, adapters off) no copy of the base
-  weights exists. With ``offload`` the frozen copy lives in host memory (numpy) and is moved to the
-  devices for each pass, as NeMo-Aligner swaps its reference weights in from CPU. The batch goes
-  through in ``micro_batches`` parts (those of the train step), so that the pass holds one
-  micro-batch's activations at a time.
+  weights exists. With ``offload`` the frozen copy lives in host memory (pinned, laid out as on the
+  devices; numpy without a mesh) and is moved to the devices for each pass, as NeMo-Aligner swaps its
+  reference weights in from CPU. The batch goes through in ``micro_batches`` parts (those of the train
+  step), so that the pass holds one micro-batch's activations at a time.
   """
 
   def __init__(self, graphdef, state: TrainState, fn, *, mesh=None, rules=pmesh.DEFAULT_RULES,
@@ -172,8 +181,10 @@ class ReferencePass:
     self.offload = offload
     self.sharding = pmesh.tree_shardings(state.params, mesh, rules) if mesh is not None else None
     params = state.params if reference_params is None else reference_params(state.params)
-    if offload:
+    if offload and self.sharding is None:
       self.params = jax.device_get(params)
+    elif offload:  # each device's part in pinned host memory, never gathered whole
+      self.params = jax.device_put(params, jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), self.sharding))
     else:  # its own buffers: the train step donates the state's
       placed = params if self.sharding is None else pmesh.place(params, self.sharding)
       self.params = jax.tree.map(jnp.copy, placed)

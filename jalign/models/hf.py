@@ -253,7 +253,9 @@ def _host_value(reader, m: TensorMap, cfg: LlamaConfig, dtype, index=None) -> np
   """Our-layout value of one parameter (or the ``index`` slice of it), read layer by layer."""
   if not m.per_layer:
     full = m.to_ours(reader.get(m.hf), cfg)
-    return np.asarray(full[index] if index else full, dtype=dtype)
+    # A copy, never a view: a device buffer may alias the array it is made from, and a view would keep
+    # the whole tensor alive for every device's slice.
+    return np.array(full[index] if index else full, dtype=dtype, copy=True)
   layers = range(cfg.num_layers)
   rest: tuple = ()
   if index:
@@ -262,7 +264,7 @@ def _host_value(reader, m: TensorMap, cfg: LlamaConfig, dtype, index=None) -> np
   parts = []
   for i in layers:
     value = m.to_ours(reader.get(m.hf.format(i=i)), cfg)
-    parts.append(np.asarray(value[rest] if rest else value, dtype=dtype))
+    parts.append(np.array(value[rest] if rest else value, dtype=dtype, copy=True))
   return np.stack(parts)
 
 

@@ -3,8 +3,8 @@
 Reads top to bottom: the config and its presets, then the modules from the smallest up (norm, rotary
 embedding, attention, MLP, decoder layer, the stacked transformer). Parameters carry logical axis
 names (``jalign.parallel.logical``) in their ``logical_axes`` metadata; one rules table maps them to
-the mesh. (Not Flax's ``out_sharding``: Flax would read names without a rule as mesh axes.) Layers are created with ``nnx.vmap`` and run with ``nnx.scan``, so compile time does not
-grow with depth.
+the mesh. (Not Flax's ``out_sharding``: Flax would read names without a rule as mesh axes.) Layers are
+created and run with ``nnx.scan``, so compile time does not grow with depth.
 
 Weight layouts (H hidden, Hq/Hkv heads, D head dim, F MLP width, V vocabulary, L layers):
   embed [V,H]; per layer q [H,Hq,D], k/v [H,Hkv,D], o [Hq,D,H], gate/up [H,F], down [F,H];
@@ -127,6 +127,16 @@ PRESETS: dict[str, LlamaConfig] = {
                                 num_layers=30, num_heads=9, num_kv_heads=3, rope_theta=100000.0,
                                 tie_word_embeddings=True, max_position_embeddings=8192,
                                 bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    # Between the two: a model of ~2 GB of float32 parameters, for memory tests of sharded building.
+    "llama-500m": LlamaConfig(vocab_size=32768, hidden_size=1536, intermediate_size=4096, num_layers=16,
+                              num_heads=12, num_kv_heads=4, max_position_embeddings=4096,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "llama3.2-1b": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                               num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
+                               **dict(_LLAMA31, rope_scaling=RopeScaling(factor=32.0))),
+    "llama3.2-3b": LlamaConfig(hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
+                               num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
+                               **dict(_LLAMA31, rope_scaling=RopeScaling(factor=32.0))),
     "llama3-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_layers=32,
                              num_heads=32, num_kv_heads=8, max_position_embeddings=8192, **_LLAMA3),
     "llama3-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_layers=80,
@@ -322,8 +332,10 @@ class Transformer(nnx.Module):
     self.embed = _param(rngs, (config.vocab_size, config.hidden_size), (VOCAB, EMBED),
                         config.param_dtype, config.initializer_range)
 
+    # One layer at a time (a scan, not a vmap), so that an initialiser jitted over the stack holds
+    # one layer's random draws at a time besides its outputs.
     @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=0, out_axes=0,
+    @nnx.scan(in_axes=(0,), out_axes=0, length=config.num_layers,
               transform_metadata={nnx.PARTITION_NAME: LAYERS, "logical_axes": LAYERS})
     def make_layers(rngs):
       return DecoderLayer(config, rngs=rngs)

@@ -152,7 +152,7 @@ def add_lora(model: nnx.Module, *, targets: str | Iterable[str] = DEFAULT_TARGET
       sub, kernel, n_in, n_out = PROJECTIONS[target]
       module = getattr(layer, sub)
       w = getattr(module, kernel)
-      lead = w.ndim - n_in - n_out  # stacked layer axes (1 for nnx.vmap-created layers)
+      lead = w.ndim - n_in - n_out  # stacked layer axes (1 for the scanned layers)
       if lead < 0:
         raise ValueError(f"{kernel} has shape {w.shape}: expected {n_in} input and {n_out} output axes")
       axes = tuple(w.get_metadata().get("logical_axes") or (None,) * w.ndim)

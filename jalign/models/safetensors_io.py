@@ -1,7 +1,8 @@
 """Streaming reads and writes of safetensors files with numpy (bfloat16 through ml_dtypes).
 
-Reading memory-maps each file, so a tensor (or a slice of one) is read from disk only when asked
-for; writing streams one tensor at a time. Neither needs a whole checkpoint in host memory.
+Reading reads one tensor when it is asked for, into memory of its own that is freed with it (not a
+memory map, whose pages would stay in the process's resident memory until the file is closed);
+writing streams one tensor at a time. Neither needs a whole checkpoint in host memory.
 Format: 8-byte little-endian header size, a JSON header ``{name: {dtype, shape, data_offsets}}``,
 then the raw bytes.
 """
@@ -34,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-  """One memory-mapped safetensors file."""
+  """One safetensors file: its header, and its tensors read on demand."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
@@ -62,7 +63,6 @@ class SafetensorsFile:
       if self._start + end > size:
         raise CheckpointError(f"{self.path}: tensor {name!r} runs past the end of the file "
                               f"(truncated download?)")
-    self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
 
   def keys(self) -> list[str]:
     return list(self.header)
@@ -74,14 +74,14 @@ class SafetensorsFile:
     return DTYPES[self.header[name]["dtype"]]
 
   def get(self, name: str) -> np.ndarray:
-    """A read-only view of the tensor; bytes are read from disk as they are touched."""
+    """The tensor, read from disk into a new array."""
     info = self.header[name]
     begin, end = info["data_offsets"]
     dtype = DTYPES[info["dtype"]]
     if end == begin:
       return np.zeros(info["shape"], dtype)
-    raw = self._map[self._start + begin:self._start + end]
-    return raw.view(dtype).reshape(info["shape"])
+    value = np.fromfile(self.path, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self._start + begin)
+    return value.reshape(info["shape"])
 
 
 class SafetensorsReader:

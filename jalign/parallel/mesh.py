@@ -97,6 +97,31 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def create_sharded(make, mesh: Mesh | None, rules=DEFAULT_RULES):
+  """The NNX module ``make()`` builds, each variable created straight into its sharding by ``rules``, so
+  that no device or host ever holds a whole parameter the mesh splits. Shapes come from
+  ``nnx.eval_shape``; each variable's value from a jitted ``make`` that returns only it, laid out by its
+  sharding. They run in decreasing order of their scratch memory (a random draw's bits), so that the
+  largest scratch is needed while few values are held. Without a mesh, ``make()``."""
+  if mesh is None:
+    return make()
+  with use(mesh, rules):
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shapes, treedef = jax.tree.flatten(abstract)
+    shardings = jax.tree.leaves(tree_shardings(abstract, mesh, rules))
+    programs = [jax.jit(lambda i=i: jax.tree.leaves(nnx.split(make())[1])[i], out_shardings=sharding).lower()
+                .compile() for i, sharding in enumerate(shardings)]
+    values = [None] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: -_scratch_bytes(programs[i])):
+      values[i] = programs[i]()
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+
+
+def _scratch_bytes(compiled) -> int:
+  memory = compiled.memory_analysis()
+  return 0 if memory is None else int(memory.temp_size_in_bytes)
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   """Rows over the mesh axes the ``batch`` rule names (the sharding of ``[B]`` per-row arrays)."""
   return NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules)[0]))
@@ -146,6 +171,8 @@ def place(tree, shardings):
   processes are resharded by a compiled copy, host or single-device values placed from each process's
   own (equal) copy; a shardings prefix tree (one per ``nnx.Variable``) is allowed."""
   def one(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:  # already there: no copy
+      return x
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return jax.jit(lambda v: v, out_shardings=sharding)(x)
     if sharding.is_fully_addressable:

@@ -67,21 +67,40 @@ def read_run_config(run_dir):
   return config_lib.read_saved(config_file)
 
 
-def build_model(c):
-  """``(model, tokenizer or None)`` from ``config.model``."""
+def build_model(c, mesh=None, rules=None):
+  """``(model, tokenizer or None)`` from ``config.model``; with ``mesh``, every parameter is created or
+  read straight into its sharding by ``rules`` (default: the config's), never whole on one device."""
+  m = c.model
+  rules = rules_of(c) if rules is None else rules
+  if m.init == "random":
+    cfg = model_config(c)
+    return pmesh.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(c.seed)), mesh, rules), None
+  if m.init.startswith("run:"):  # a model trained by jalign (e.g. SFT before DPO, or a KD teacher)
+    model, tok, _ = load_trained(m.init[4:], mesh=mesh, rules=rules)
+    return (lora.merge_lora(model) if lora.has_lora(model) else model), tok
+  with pmesh.use(mesh, rules):  # the readers place each tensor by the rules active here
+    if m.init == "smollm2":
+      return load_smollm2(mesh=mesh, **_model_kwargs(c))
+    if m.init.startswith("gguf:"):
+      return gguf.load(m.init[5:], mesh=mesh, **_model_kwargs(c))
+    folder = m.init[3:]
+    return hf.load(folder, mesh=mesh, **_model_kwargs(c)), own_tokenizer(c)
+
+
+def own_tokenizer(c) -> Tokenizer | None:
+  """The tokenizer that ``config.model``'s checkpoint ships (None: a random model, or a Hugging Face
+  folder without ``tokenizer.json``), read without its weights."""
   m = c.model
   if m.init == "random":
-    return Transformer(model_config(c), rngs=nnx.Rngs(c.seed)), None
-  if m.init == "smollm2":
-    return load_smollm2(**_model_kwargs(c))
-  if m.init.startswith("gguf:"):
-    return gguf.load(m.init[5:], **_model_kwargs(c))
-  if m.init.startswith("run:"):  # a model trained by jalign (e.g. SFT before DPO, or a KD teacher)
-    model, tok, _ = load_trained(m.init[4:])
-    return (lora.merge_lora(model) if lora.has_lora(model) else model), tok
-  folder = m.init[3:]
-  tok = Tokenizer.from_dir(folder) if (Path(folder) / "tokenizer.json").is_file() else None
-  return hf.load(folder, **_model_kwargs(c)), tok
+    return None
+  if m.init.startswith("run:"):
+    saved = read_run_config(m.init[4:])
+    return build_tokenizer(saved, own_tokenizer(saved))
+  if m.init.startswith("hf:"):
+    folder = Path(m.init[3:])
+    return Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
+  path = smollm2_path() if m.init == "smollm2" else Path(m.init[5:])
+  return gguf.tokenizer_from_gguf(*gguf.open_reader(path))
 
 
 def build_tokenizer(c, own: Tokenizer | None) -> Tokenizer:
@@ -132,13 +151,18 @@ def abstract_row(c) -> tuple[dict, int]:
   return make_row([], length, 0), length
 
 
-def algorithm_parts(c, model):
+def algorithm_parts(c, model, mesh=None, rules=None):
   """``(model, loss_fn, reference_fn or None)`` of the algorithm's spec (a reward model puts a value
-  head on the model); ``config.lora`` adds adapters (``trainable_filter`` says what then trains)."""
+  head on the model); ``config.lora`` adds adapters (``trainable_filter`` says what then trains). With
+  ``mesh``, what they add is placed by ``rules`` beside the parameters already there."""
   model, loss_fn, reference_fn = specs.get(c.algorithm).parts(c, model)
   if c.lora.rank:
     lora.add_lora(model, targets=c.lora.targets.split(","), rank=c.lora.rank, alpha=c.lora.alpha or None,
                   rngs=nnx.Rngs(c.seed + 1))
+  if mesh is not None:
+    rules = rules_of(c) if rules is None else rules
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, pmesh.place(state, pmesh.tree_shardings(state, mesh, rules)))
   return model, loss_fn, reference_fn
 
 
@@ -191,8 +215,8 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
     raise ConfigError(f"config.algorithm: {c.algorithm} generates its own data; jalign.train.run "
                       f"(or jalign.recipes.{specs.get(c.algorithm).recipe}.run) runs it")
   mesh, rules, run_dir = prepare_run(c)
-  model, own_tokenizer = (model, tokenizer) if model is not None else build_model(c)
-  tok = tokenizer or build_tokenizer(c, own_tokenizer)
+  model, own = (model, tokenizer) if model is not None else build_model(c, mesh, rules)
+  tok = tokenizer or build_tokenizer(c, own)
   if tok.vocab_size > model.config.vocab_size:
     raise ConfigError(f"config.tokenizer: {tok.vocab_size} tokens, more than the model's "
                       f"vocabulary of {model.config.vocab_size}")
@@ -201,10 +225,10 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   train_batches, val_batches, train_stats = build_data(c, tok, pad_id, log)
   (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
   lm_config = model.config
-  model, loss_fn, reference_fn = algorithm_parts(c, model)
+  model, loss_fn, reference_fn = algorithm_parts(c, model, mesh, rules)
 
   schedule, tx = build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c))
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c), mesh=mesh, rules=rules)
   log(f"training {trainer.count(state.params):,} of {trainer.count(state.params) + trainer.count(state.rest):,} "
       "parameters")
   reference = None
@@ -223,20 +247,31 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
                          reference=reference)
 
 
-def load_trained(run_dir: str | Path, step: int | None = None):
+def load_trained(run_dir: str | Path, step: int | None = None, *, mesh=None, rules=None):
   """``(model, tokenizer, config)`` of a training run folder: its saved config rebuilt, the trained
-  parameters of checkpoint ``step`` (default: the latest) restored."""
+  parameters of checkpoint ``step`` (default: the latest) restored, with ``mesh`` straight into their
+  shardings by ``rules`` (default: the run's). Only the parameters are read, not the optimizer state;
+  the weights the run started from are loaded only when they stayed frozen (LoRA's base)."""
   run_dir = Path(run_dir)
   c = read_run_config(run_dir)
-  model, own_tokenizer = build_model(c)
-  tok = build_tokenizer(c, own_tokenizer)
-  model, _, _ = algorithm_parts(c, model)
-  _, tx = build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c))
+  rules = rules_of(c) if rules is None else rules
   manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint to load")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.replace(rest=None))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return nnx.merge(graphdef, restored.state.params, state.rest, copy=True), tok, c
+  tok = build_tokenizer(c, own_tokenizer(c))
+  if c.lora.rank:
+    model = algorithm_parts(c, build_model(c, mesh, rules)[0], mesh, rules)[0]
+  else:  # every parameter comes from the checkpoint: only shapes are needed
+    cfg = model_config(c)
+    model = nnx.eval_shape(lambda: algorithm_parts(c, Transformer(cfg, rngs=nnx.Rngs(0)))[0])
+  graphdef, params, rest = nnx.split(model, trainable_filter(c), ...)
+  if mesh is None:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), params)
+  else:
+    shardings = pmesh.tree_shardings(params, mesh, rules)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+  item = {"params": target}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  return nnx.merge(graphdef, restored.state["params"], rest, copy=True), tok, c

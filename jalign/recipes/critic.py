@@ -60,13 +60,13 @@ class Critic:
   reward model beside it."""
 
   def __init__(self, c, model: ValueModel, reward: RewardModel, *, total_steps: int,
-               options: trainer.TrainerOptions, rules):
+               options: trainer.TrainerOptions, rules, mesh=None):
     cc = c.critic
-    self.mesh, self.rules = pmesh.make_mesh(dict(cc.mesh)), rules
+    self.mesh, self.rules = mesh or pmesh.make_mesh(dict(cc.mesh)), rules
     self.reward = reward.place(self.mesh, rules)
     self.batch_size = cc.global_batch_size
     schedule, tx = critic_optimizer(c, total_steps)
-    graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1)
+    graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1, mesh=self.mesh, rules=rules)
     self.state_sharding = pmesh.tree_shardings(state, self.mesh, rules)
     self.state = pmesh.place(state, self.state_sharding)
     micro = build_lib.micro_batches(cc.global_batch_size, cc.micro_batch_size, self.mesh, rules)
@@ -165,14 +165,16 @@ def critic_steps(c) -> int:
   return rollouts_total * (prompts // c.critic.global_batch_size)
 
 
-def critic_model(c, reward: RewardModel, reward_dir: str) -> ValueModel:
-  """The critic ``critic.init`` names: a copy of a reward model run's (NeMo's start), or a random one."""
+def critic_model(c, reward: RewardModel, reward_dir: str, mesh=None, rules=None) -> ValueModel:
+  """The critic ``critic.init`` names: a copy of a reward model run's (NeMo's start), or a random one;
+  with ``mesh``, made or read straight into its shardings by ``rules``."""
   cc = c.critic
   if cc.init == "random":
-    return ValueModel(critic_config(c, "init"), 1, rngs=nnx.Rngs(c.seed + 2))
+    cfg = critic_config(c, "init")
+    return pmesh.create_sharded(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(c.seed + 2)), mesh, rules)
   if Path(cc.init[4:]).absolute() == Path(reward_dir).absolute():
     return reward.critic()
-  return RewardModel.load(cc.init[4:]).critic()
+  return RewardModel.load(cc.init[4:], mesh=mesh, rules=rules).critic()
 
 
 def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) -> Critic:
@@ -183,10 +185,11 @@ def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) 
   if not cc.reward_model.startswith("run:"):
     raise ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
                       "model run, run:<folder>")
-  reward = RewardModel.load_to_score(c, "critic.reward_model")
-  value_model = critic_model(c, reward, cc.reward_model[4:])
+  mesh, rules = pmesh.make_mesh(dict(cc.mesh)), build_lib.rules_of(c)
+  reward = RewardModel.load_to_score(c, "critic.reward_model", mesh, rules)
+  value_model = critic_model(c, reward, cc.reward_model[4:], mesh, rules)
   for key, other in (("reward_model", reward.model), ("init", value_model)):
     if vocab_size is not None and other.config.vocab_size < vocab_size:
       raise ConfigError(f"config.critic.{key}: a vocabulary of {other.config.vocab_size} tokens, fewer "
                         f"than the policy's tokenizer's {vocab_size}; it reads the policy's tokens")
-  return Critic(c, value_model, reward, total_steps=critic_steps(c), options=options, rules=build_lib.rules_of(c))
+  return Critic(c, value_model, reward, total_steps=critic_steps(c), options=options, rules=rules, mesh=mesh)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from flax import nnx
-
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import build
 from jalign.rollout.generate import Rollout, generate
@@ -19,12 +17,10 @@ class GenerationJob:
   own rows when the batch divides over them."""
 
   def __init__(self, c):
-    model, own = build.build_model(c)
+    self.mesh, self.rules = pmesh.make_mesh(dict(c.mesh)), build.rules_of(c)
+    self.model, own = build.build_model(c, self.mesh, self.rules)
     self.tokenizer = build.build_tokenizer(c, own)
     self.add_bos = c.data.add_bos
-    self.mesh, self.rules = pmesh.make_mesh(dict(c.mesh)), tuple(tuple(r) for r in c.sharding_rules)
-    graphdef, state = nnx.split(model)
-    self.model = nnx.merge(graphdef, pmesh.place(state, pmesh.tree_shardings(state, self.mesh, self.rules)))
     self.data_parallel = pmesh.data_parallel_size(self.mesh, self.rules)
     self._rows = pmesh.batch_sharding(self.mesh, self.rules)
     self.pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0

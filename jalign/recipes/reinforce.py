@@ -76,12 +76,11 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   prepare = PREPARE[spec.recipe]
   settings = spec.sampling(c)
   policy = rollouts_lib.build_policy(c, settings, log, with_kl=spec.rollout.with_kl)
-  reward = RewardModel.load_to_score(c, spec.rollout.reward_model)
+  # The reward model scores inside the trainer's mesh, so its weights are read onto it (by the same rules).
+  reward = RewardModel.load_to_score(c, spec.rollout.reward_model, policy.mesh, policy.rules)
   if reward.tokenizer.vocab_size != policy.tok.vocab_size:
     raise ConfigError(f"config.{spec.rollout.reward_model}: its tokenizer ({reward.tokenizer.vocab_size} "
                       f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")
-  # The reward model scores inside the trainer's mesh, so its weights live there too (by the same rules).
-  reward.place(policy.mesh, policy.rules)
   rows = rollouts_lib.generation_rows(settings, pmesh.data_parallel_size(policy.mesh, policy.rules))
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts,
                                    score=functools.partial(reward.rewards, batch_size=rows), prepare=prepare,

@@ -27,7 +27,7 @@ from jalign.data.sft import Example
 from jalign.losses import rm
 from jalign.models.heads import ValueModel, merge_attributes
 from jalign.parallel import mesh as pmesh
-from jalign.recipes.build import load_trained
+from jalign.recipes.build import load_trained, rules_of
 from jalign.specs.base import ConfigError, message_format
 
 STANDARDIZATION_FILE = "reward_standardization.json"
@@ -102,23 +102,26 @@ class RewardModel:
     return self
 
   @classmethod
-  def load(cls, run_dir, *, attribute_weights=None) -> "RewardModel":
+  def load(cls, run_dir, *, attribute_weights=None, mesh=None, rules=None) -> "RewardModel":
+    """The reward model of a run folder; with ``mesh``, read straight onto it by ``rules`` (default: the
+    run's)."""
     run_dir = Path(run_dir)
-    model, tok, c = load_trained(run_dir)
+    model, tok, c = load_trained(run_dir, mesh=mesh, rules=rules)
     if not isinstance(model, ValueModel):
       raise ConfigError(f"{run_dir}: a {c.algorithm} run, not a reward model (algorithm rm)")
     if attribute_weights is not None and len(attribute_weights) != model.head.kernel.shape[-1]:
       raise ValueError(f"{len(attribute_weights)} attribute weights for a reward model of "
                        f"{model.head.kernel.shape[-1]} outputs ({run_dir})")
     mean, std = read_standardization(run_dir)
-    return cls(model, tok, c, mean, std, None if attribute_weights is None else tuple(attribute_weights))
+    reward = cls(model, tok, c, mean, std, None if attribute_weights is None else tuple(attribute_weights))
+    return reward if mesh is None else reward.place(mesh, rules or rules_of(c))
 
   @classmethod
-  def load_to_score(cls, c, key: str) -> "RewardModel":
+  def load_to_score(cls, c, key: str, mesh=None, rules=None) -> "RewardModel":
     """The reward model run that config ``c``'s ``key`` names (``run:<folder>``), checked to score
-    sequences of the config's ``data.max_seq_length``."""
+    sequences of the config's ``data.max_seq_length``; with ``mesh``, read onto it by ``rules``."""
     spec = config_lib.value_at(c, key)
-    reward = cls.load(spec[4:])
+    reward = cls.load(spec[4:], mesh=mesh, rules=rules)
     if reward.config.data.max_seq_length < c.data.max_seq_length:
       raise ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "
                                    f"fewer than data.max_seq_length {c.data.max_seq_length}")

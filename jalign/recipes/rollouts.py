@@ -111,11 +111,8 @@ class Rollouts:
     step = int(jax.device_get(self.loop.state.step))
     if self._generation_copy is None or self._generation_copy[0] != step:
       self._generation_copy = None  # its memory goes before the refit takes more
-      dtype = jnp.dtype(self.c.model.dtype)
-      cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
       state = self.loop.state
-      weights = jax.tree.map(cast, (state.params, state.rest))
-      weights = pmesh.place(weights, pmesh.tree_shardings(weights, self.mesh, self.generation_rules))
+      weights = generation_weights(self.c, (state.params, state.rest), self.mesh, self.generation_rules)
       self._generation_copy = (step, nnx.merge(self.loop.graphdef, *weights))
     return self._generation_copy[1]
 
@@ -197,6 +194,15 @@ def generation_rules(settings: RolloutSettings, rules):
   return settings.generation_rules or pmesh.inference_rules(rules)
 
 
+def generation_weights(c, weights, mesh, rules):
+  """The generation copy of ``weights``: cast to ``model.dtype`` and laid out by the generation ``rules``
+  in one compiled copy, shard to shard."""
+  dtype = jnp.dtype(c.model.dtype)
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  shardings = pmesh.tree_shardings(jax.eval_shape(lambda w: jax.tree.map(cast, w), weights), mesh, rules)
+  return jax.jit(lambda w: jax.tree.map(cast, w), out_shardings=shardings)(weights)
+
+
 def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> list[list[int]]:
   """The prompt file's texts (``data.train``, or ``spec``) as token ids, left-truncated to leave room for
   the responses."""
@@ -233,14 +239,15 @@ def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
   """The run folder, the policy of ``config.model``, its prompts and optimizer state; with ``with_kl``
   the log-prob passes of the initial and current policy."""
   mesh, rules, _ = build.prepare_run(c)
-  model, own = build.build_model(c)
+  model, own = build.build_model(c, mesh, rules)
   tok = build.build_tokenizer(c, own)
   prompts = load_prompts(c, settings, tok, log)
   val_prompts = load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation else None
   t = c.train
   micro_batches = build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
   schedule, tx = build.build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=build.trainable_filter(c))
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=build.trainable_filter(c), mesh=mesh,
+                                       rules=rules)
   initial = current = None
   if with_kl:
     initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,

@@ -30,6 +30,7 @@ from jalign.data.chat import NemoChatFormat
 from jalign.data.preference import render_prompt
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import lora
+from jalign.parallel import mesh as pmesh
 from jalign.recipes import build
 from jalign.rollout.generate import generate
 from jalign.specs.base import RolloutSettings, message_format
@@ -189,9 +190,11 @@ def run(c, log=print) -> dict:
 
 
 def _starting_model(c, previous: Path | None):
-  """The model an iteration starts from: the config's, or a finished iteration's (after a rerun)."""
+  """The model an iteration starts from: the config's, or a finished iteration's (after a rerun), placed
+  on the config's mesh as it is read."""
+  mesh = pmesh.make_mesh(dict(c.mesh))
   if previous is None:
-    model, own = build.build_model(c)
+    model, own = build.build_model(c, mesh)
     return model, build.build_tokenizer(c, own)
-  model, tok, _ = build.load_trained(previous)
+  model, tok, _ = build.load_trained(previous, mesh=mesh, rules=build.rules_of(c))
   return (lora.merge_lora(model) if lora.has_lora(model) else model), tok
