@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
       preset="tiny",          # LlamaConfig.preset name, for init=random
       dtype="float32",        # compute dtype (bfloat16 with float32 master weights is the GPU norm)
       param_dtype="float32",
-      remat="none"))
+      remat="none",
+      allow_random=False))    # train random weights of a preset larger than tiny (benchmarks do)
   c.tokenizer = "model"       # model (the checkpoint's own) | tiny | <folder with tokenizer.json>
   c.data = _data_block()
   # LoRA (rank 0: off): only the adapters train and are saved; the DPO reference is the base model with
@@ -210,6 +211,15 @@ def _validate_model(c, check_files: bool) -> None:
           f"{c.tokenizer!r} is not 'model', 'tiny' or a folder")
   require(c.tokenizer != "model" or init != "random", "tokenizer",
           "a randomly initialised model has no tokenizer of its own; use 'tiny' or a folder")
+
+
+def require_training_start(c) -> None:
+  """A training run starts from trained weights: random ones only for the tiny preset, or when
+  ``model.allow_random`` says so (benchmarks). The planner plans either."""
+  m = c.model
+  require(m.init != "random" or m.preset == "tiny" or m.allow_random, "model.init",
+          f"random weights of the {m.preset} preset: name the checkpoint to train (hf:<folder>, gguf:<file>, "
+          "run:<folder>), or set model.allow_random=True to train random weights (benchmarks)")
 
 
 def _validate_data(c, check_files: bool) -> None:

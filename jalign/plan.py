@@ -110,6 +110,16 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def planned_state(model, tx, mesh, rules, trainable=nnx.Param):
+  """``(graphdef, abstract TrainState)`` of an abstract model (``nnx.eval_shape``) as the planner counts
+  it: every array with the sharding ``rules`` give it on ``mesh``, as the run lays it out."""
+  graphdef, abstract_state = nnx.split(model)
+  state = jax.eval_shape(lambda s: trainer.init_state(nnx.merge(graphdef, s), tx, trainable=trainable)[1],
+                         abstract_state)
+  graphdef = nnx.split(model, trainable, ...)[0]
+  return graphdef, _abstract(state, pmesh.tree_shardings(state, mesh, rules))
+
+
 class _Job:
   """Compiles steps on one mesh and collects their plans."""
 
@@ -124,11 +134,7 @@ class _Job:
     return _abstract(arrays, pmesh.batch_shardings(arrays, self.mesh, rules or self.rules))
 
   def state(self, model, tx, trainable=nnx.Param):
-    graphdef, abstract_state = nnx.split(model)
-    state = jax.eval_shape(lambda s: trainer.init_state(nnx.merge(graphdef, s), tx, trainable=trainable)[1],
-                           abstract_state)
-    graphdef = nnx.split(model, trainable, ...)[0]
-    return graphdef, _abstract(state, pmesh.tree_shardings(state, self.mesh, self.rules))
+    return planned_state(model, tx, self.mesh, self.rules, trainable)
 
   def weights(self, model, rules=None, dtype=None):
     """``(graphdef, abstract state)`` of a model's weights for inference (cast to ``dtype``)."""

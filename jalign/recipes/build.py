@@ -25,6 +25,7 @@ def prepare_run(c):
   """``(mesh, rules, run folder)`` of a config about to run: validated for this job's processes and
   devices, its folder made and the resolved config saved there as ``config.json``."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
+  config_lib.require_training_start(c)
   mesh = pmesh.make_mesh(dict(c.mesh))
   run_dir = Path(c.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
