@@ -5,7 +5,7 @@ time; the frozen reference in host memory between reference passes, as NeMo-Alig
 
 python -m jalign.plan --config=configs/dpo_llama3_70b.py   # memory and FLOPs, no GPU needed
 python -m jalign.train --config=configs/dpo_llama3_70b.py \\
-    --config.model.init=hf:/path/to/Llama-3-70B-SFT --config.tokenizer=model --config.data.train=pairs.jsonl
+    --config.model.init=hf:/path/to/Llama-3-70B-SFT --config.data.train=pairs.jsonl
 """
 
 from jalign.config import base_config
@@ -20,7 +20,8 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"  # with hf:<folder>, "model" takes the checkpoint's tokenizer
+  c.tokenizer = "model"  # the checkpoint's own
+  c.data.chat_template = "model"  # and its own chat template
   c.data.format = "comparison"
   c.data.train = "bundled:pref_train.jsonl"
   c.data.validation = "bundled:pref_val.jsonl"

@@ -5,7 +5,7 @@ python -m jalign.plan --config=configs/kd_llama3_8b.py   # memory and FLOPs, no 
 python -m jalign.distill --config=configs/kd_llama3_8b.py \\
     --config.kd.teacher=hf:/path/to/Llama-3-70B-Instruct --config.data.train=chats.jsonl   # on the teacher's GPUs
 python -m jalign.train --config=configs/kd_llama3_8b.py \\
-    --config.model.init=hf:/path/to/Llama-3-8B --config.tokenizer=model --config.data.train=chats.jsonl
+    --config.model.init=hf:/path/to/Llama-3-8B --config.data.train=chats.jsonl
 """
 
 from jalign.config import base_config
@@ -20,7 +20,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"
+  c.tokenizer = "model"  # the checkpoint's own
   c.data.format = "chat"
   c.data.train = "bundled:sft_chat_train.jsonl"
   c.data.validation = "bundled:sft_chat_val.jsonl"

@@ -4,7 +4,7 @@ memory between reference passes.
 
 python -m jalign.plan --config=configs/kto_llama3_8b.py   # memory and FLOPs, no GPU needed
 python -m jalign.train --config=configs/kto_llama3_8b.py \\
-    --config.model.init=hf:/path/to/Llama-3-8B-SFT --config.tokenizer=model --config.data.train=feedback.jsonl
+    --config.model.init=hf:/path/to/Llama-3-8B-SFT --config.data.train=feedback.jsonl
 """
 
 from jalign.config import base_config
@@ -19,7 +19,8 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"
+  c.tokenizer = "model"  # the checkpoint's own
+  c.data.chat_template = "model"  # and its own chat template
   c.data.format = "kto"
   c.data.train = "bundled:kto_train.jsonl"
   c.data.validation = "bundled:kto_val.jsonl"

@@ -37,7 +37,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"
+  c.tokenizer = "model"  # the checkpoint's own
   c.data.format = "prompt"
   c.data.train = "bundled:prompts_train.jsonl"  # {"text": prompt} per line
   c.data.validation = ""

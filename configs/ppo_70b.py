@@ -5,8 +5,16 @@ inside a node, FSDP across nodes; 512 rollouts per step, 64 per optimizer step (
 
 python -m jalign.plan --config=configs/ppo_70b.py   # memory, FLOPs and step times, no GPU needed
 
-PPO training runs in one process for now (configs/ppo_tiny.py); for this size the planner compiles
-every step the two jobs run.
+Training takes the SFT policy and a reward model run (algorithm rm, e.g. configs/rm_llama3_70b.py),
+and runs as two jobs: the critic job serves the critic and the reward model, the actor job trains
+against it. scripts/ppo_critic.sbatch and scripts/ppo_actor.sbatch launch them (docs/scale.md); each
+runs, on every process of its job:
+
+python -m jalign.serve --config=configs/ppo_70b.py --config.critic.init=run:<rm run> \
+    --config.critic.reward_model=run:<rm run> --config.critic.serve_address=0.0.0.0:5556
+python -m jalign.train --config=configs/ppo_70b.py --config.model.init=hf:/path/to/Llama-3-70B-SFT \
+    --config.critic.init=run:<rm run> --config.critic.reward_model=run:<rm run> \
+    --config.critic.server=<critic job's first node>:5556
 """
 
 from jalign.config import base_config
@@ -21,7 +29,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"
+  c.tokenizer = "model"  # the checkpoint's own
   c.data.format = "prompt"
   c.data.train = "bundled:prompts_train.jsonl"  # {"text": prompt} per line
   c.data.validation = ""

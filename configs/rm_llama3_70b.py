@@ -4,7 +4,7 @@
 
 python -m jalign.plan --config=configs/rm_llama3_70b.py   # memory and FLOPs, no GPU needed
 python -m jalign.train --config=configs/rm_llama3_70b.py \\
-    --config.model.init=hf:/path/to/Llama-3-70B-SFT --config.tokenizer=model \\
+    --config.model.init=hf:/path/to/Llama-3-70B-SFT \\
     --config.data.train=helpsteer2_train.jsonl --config.data.validation=helpsteer2_val.jsonl
 """
 
@@ -20,7 +20,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"
+  c.tokenizer = "model"  # the checkpoint's own
   c.data.format = "regression"  # {"text": conversation, "label": [9 floats]}
   c.data.train = "bundled:regression_train.jsonl"
   c.data.validation = "bundled:regression_val.jsonl"

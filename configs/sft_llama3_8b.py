@@ -17,7 +17,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"  # with hf:<folder>, "model" takes the checkpoint's tokenizer
+  c.tokenizer = "model"  # the checkpoint's own
   c.mesh.update({"data": 1, "fsdp": 8, "tensor": 1, "pipeline": 1})
   c.data.max_seq_length = 4096
   c.data.pack = True

@@ -4,7 +4,7 @@ tensor parallelism (FSDP 2 x tensor 4) to keep the attention's working set small
 
 python -m jalign.plan --config=configs/steerlm2_llama3_8b.py   # memory and FLOPs, no GPU needed
 python -m jalign.train --config=configs/steerlm2_llama3_8b.py \\
-    --config.model.init=hf:/path/to/Llama-3-8B-SteerLM --config.tokenizer=model --config.data.train=groups.jsonl
+    --config.model.init=hf:/path/to/Llama-3-8B-SteerLM --config.data.train=groups.jsonl
 """
 
 from jalign.config import base_config
@@ -19,7 +19,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
-  c.tokenizer = "tiny"
+  c.tokenizer = "model"  # the checkpoint's own
   c.data.format = "steerlm2"
   c.data.train = "bundled:steerlm2_train.jsonl"
   c.data.validation = "bundled:steerlm2_val.jsonl"

@@ -9,6 +9,7 @@ runs before anything is built or compiled; its errors name the key, e.g.
 from __future__ import annotations
 
 import importlib.util
+import math
 import json
 from importlib import resources
 from pathlib import Path
@@ -209,8 +210,6 @@ def _validate_model(c, check_files: bool) -> None:
     require(c.model[key] in DTYPES, f"model.{key}", f"{c.model[key]!r} is not float32, bfloat16 or float16")
   require(c.tokenizer in ("model", "tiny") or Path(c.tokenizer).is_dir() or not check_files, "tokenizer",
           f"{c.tokenizer!r} is not 'model', 'tiny' or a folder")
-  require(c.tokenizer != "model" or init != "random", "tokenizer",
-          "a randomly initialised model has no tokenizer of its own; use 'tiny' or a folder")
 
 
 def require_training_start(c) -> None:
@@ -220,6 +219,8 @@ def require_training_start(c) -> None:
   require(m.init != "random" or m.preset == "tiny" or m.allow_random, "model.init",
           f"random weights of the {m.preset} preset: name the checkpoint to train (hf:<folder>, gguf:<file>, "
           "run:<folder>), or set model.allow_random=True to train random weights (benchmarks)")
+  require(c.tokenizer != "model" or m.init != "random", "tokenizer",
+          "a randomly initialised model has no tokenizer of its own; use 'tiny' or a folder")
 
 
 def _validate_data(c, check_files: bool) -> None:
@@ -237,6 +238,20 @@ def _validate_data(c, check_files: bool) -> None:
           f"'model' renders the message prompts of comparison and kto data; {d.format} data uses NeMo's chat format")
   require("{input}" in d.prompt_template and "{output}" in d.prompt_template, "data.prompt_template",
           "must contain {input} and {output}")
+
+
+def nominal_device_count(sizes) -> int:
+  """The devices a mesh's fixed axis sizes name (a -1 axis counted as 1)."""
+  return math.prod(max(1, int(n)) for n in dict(sizes).values())
+
+
+def require_mesh_fits(c, key: str, device_count: int) -> None:
+  """The mesh at ``key`` (``mesh``, ``critic.mesh``) splits the ``device_count`` devices of the job that
+  runs it."""
+  try:
+    mesh_shape(dict(value_at(c, key)), device_count)
+  except ValueError as e:
+    raise ConfigError(f"config.{key}: {e}") from None
 
 
 def _validate_mesh(c, device_count: int) -> tuple[int, dict]:

@@ -84,12 +84,28 @@ def test_saved_configs_without_newer_keys_read_with_their_defaults(tmp_path):
     read_saved(tmp_path / "config.json")
 
 
+# The runs that shipped configs start from (run:runs/...), as the tests make them.
+EARLIER_RUNS = {"runs/sft_tiny": "sft_run", "runs/rm_tiny": "reward_run"}
+
+
+def _run_references(tree) -> set[str]:
+  if isinstance(tree, dict):
+    return set().union(*(_run_references(v) for v in tree.values()))
+  return {tree[4:]} if isinstance(tree, str) and tree.startswith("run:") else set()
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
-def test_every_shipped_config_validates(path):
-  """On the devices its mesh names (one for -1 axes), data and model files aside."""
+def test_every_shipped_config_validates_with_its_files(path, tmp_path, monkeypatch, request):
+  """On the devices its mesh names (one for -1 axes), its data and model files checked; the runs it
+  starts from (``runs/sft_tiny`` and ``runs/rm_tiny``, which its docstring trains first) made as the
+  tests make them."""
   import math
   from jalign import config as config_lib
   from jalign.config import load_config_file
   c = load_config_file(path)
+  for run in _run_references(c.to_dict()):
+    (tmp_path / run).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / run).symlink_to(request.getfixturevalue(EARLIER_RUNS[run]))
+  monkeypatch.chdir(tmp_path)
   devices = math.prod(max(1, size) for size in dict(c.mesh).values())
-  config_lib.validate(c, process_count=1, device_count=devices, check_files=False)
+  config_lib.validate(c, process_count=1, device_count=devices, check_files=True)

@@ -42,6 +42,10 @@ def _serves_critic(c) -> bool:
 def _jobs(c) -> dict:
   """The jobs a config serves, built alike on every process of the server job."""
   jobs = {}
+  # Each served model runs on this job's own devices, whatever the actor's job has.
+  config_lib.require_mesh_fits(c, "critic.mesh" if _serves_critic(c) else "mesh", jax.device_count())
+  if c.generation.serve and _serves_critic(c):
+    config_lib.require_mesh_fits(c, "mesh", jax.device_count())
   if _serves_critic(c):
     # The critic's checkpoints are kept as the actor's are: validation reward, keep_last, keep_best.
     jobs["critic"] = critic_lib.build(c, rollouts.trainer_options(c, bool(c.data.validation)))
@@ -58,7 +62,9 @@ def serve(c, log=print):
   if not critic and not c.generation.serve:
     raise config_lib.ConfigError(f"config.algorithm: a {c.algorithm} config names no server (ppo's critic "
                                  "and reward model do; config.generation.serve=True serves the policy)")
-  config_lib.validate(c)
+  # The config as its actor's job sees it; the served meshes are checked on this job's devices when
+  # they start (``_jobs``).
+  config_lib.validate(c, device_count=config_lib.nominal_device_count(c.mesh))
   key = "critic.serve_address" if critic else "generation.serve_address"
   host, port = triton.parse_address(c.critic.serve_address if critic else c.generation.serve_address, key)
   dist = c.distributed
