@@ -3,8 +3,8 @@ into their shardings, on 8 fake CPU devices (``tests/test_memory.py`` runs it, o
 
 python tests/memory_probe.py <mode> <folder> writes <folder>/<mode>.json. Modes:
   random   a random ~2 GB model (preset llama-500m) on fsdp 4 x tensor 2, then its optimizer state;
-           each array's per-device bytes beside the planner's
-  save-hf  writes that model to <folder>/hf as a ~1 GB bfloat16 Hugging Face folder (set-up)
+           each array's per-device bytes beside the planner's; then (set-up for hf) writes the model
+           to <folder>/hf as a ~1 GB bfloat16 Hugging Face folder
   hf       that folder read onto the same mesh
   rm-run   trains a reward model of the smollm2-135m shape for one step into <folder>/rm (set-up)
   ppo      a PPO job's actor with its optimizer state and reference copy, critic with its optimizer
@@ -69,24 +69,19 @@ def random_model(folder: Path) -> dict:
   mesh, rules = pmesh.make_mesh(MESH), build.rules_of(c)
   model, model_peak = measured(lambda: build.build_model(c, mesh, rules)[0])
   _, tx = build.build_optimizer(c)
-  (_, state), optimizer_peak = measured(lambda: trainer.init_state(model, tx, mesh=mesh, rules=rules))
+  (graphdef, state), optimizer_peak = measured(lambda: trainer.init_state(model, tx, mesh=mesh, rules=rules))
   abstract = nnx.eval_shape(lambda: Transformer(build.model_config(c), rngs=nnx.Rngs(0)))
   _, planned = plan.planned_state(abstract, tx, mesh, rules)
   run_leaves = jax.tree_util.tree_leaves_with_path(state.replace(rest=None))
   differ = [jax.tree_util.keystr(path) for (path, x), p in zip(run_leaves, jax.tree.leaves(planned.replace(rest=None)))
             if x.addressable_shards[0].data.nbytes != plan.per_device_bytes([p])]
+  hf.save(nnx.merge(graphdef, state.params, state.rest), folder / "hf", dtype="bfloat16")
   return {"params_bytes": nbytes(state.params), "params_peak": model_peak,
+          "hf_bytes": sum(f.stat().st_size for f in (folder / "hf").iterdir()),
           "optimizer_bytes": nbytes(state.opt_state), "optimizer_peak": optimizer_peak,
           "arrays": len(run_leaves), "differ_from_planner": differ,
           "planned_params_per_device": plan.per_device_bytes(planned.params),
           "params_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.params))}
-
-
-def save_hf(folder: Path) -> dict:
-  c = config("sft_tiny", folder)
-  model = build.build_model(c, pmesh.make_mesh(MESH), build.rules_of(c))[0]
-  hf.save(model, folder / "hf", dtype="bfloat16")
-  return {"bytes": sum(f.stat().st_size for f in (folder / "hf").iterdir())}
 
 
 def hf_model(folder: Path) -> dict:
@@ -123,7 +118,7 @@ def ppo(folder: Path) -> dict:
   return {"bytes": parts, "total_bytes": sum(parts.values()), "peak": peak}
 
 
-MODES = {"random": random_model, "save-hf": save_hf, "hf": hf_model, "rm-run": rm_run, "ppo": ppo}
+MODES = {"random": random_model, "hf": hf_model, "rm-run": rm_run, "ppo": ppo}
 
 if __name__ == "__main__":
   mode, out = sys.argv[1], Path(sys.argv[2])

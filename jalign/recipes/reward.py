@@ -11,6 +11,7 @@ model with its own copy of the weights that outputs a value per token, how PPO's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -56,6 +57,18 @@ def write_standardization(run_dir: Path, mean: float, std: float, **info) -> Pat
   return path
 
 
+@functools.lru_cache(maxsize=16)
+def _last_token_scorer(graphdef):
+  """One jitted scorer per model structure, so that scoring rollout after rollout compiles once."""
+
+  @jax.jit
+  def score(state, batch):
+    values = nnx.merge(graphdef, state, copy=True)(batch["tokens"], positions=batch["positions"],
+                                                   segment_ids=batch["segment_ids"])
+    return rm.gather_last(values, batch["length"])
+  return score
+
+
 def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_length: int,
                       batch_size: int = 8, mesh=None, rules=pmesh.DEFAULT_RULES) -> np.ndarray:
   """``[N, A]``: a value model's outputs at each example's last token, ``batch_size`` rows of
@@ -63,13 +76,7 @@ def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_le
   data-parallel group scores its own rows when ``batch_size`` divides over them."""
   split = mesh is not None and batch_size % pmesh.data_parallel_size(mesh, rules) == 0
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, batch):
-    values = nnx.merge(graphdef, state, copy=True)(batch["tokens"], positions=batch["positions"],
-                                                   segment_ids=batch["segment_ids"])
-    return rm.gather_last(values, batch["length"])
-
+  score = _last_token_scorer(graphdef)
   pad = tok.pad_id if tok.pad_id is not None else 0
   out = []
   for start in range(0, len(examples), batch_size):

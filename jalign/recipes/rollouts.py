@@ -65,6 +65,7 @@ class Rollouts:
     # between rollouts unless settings.unload_engine_train (what the planner counts).
     self.generation_rules = None if mesh is None else generation_rules(settings, rules)
     self._generation_copy = None  # (step, model)
+    self._refit = None  # the compiled copy that makes it
     # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
     turn = tok.encode(message_format(c).turn_start, add_special_tokens=False)
     self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
@@ -112,7 +113,10 @@ class Rollouts:
     if self._generation_copy is None or self._generation_copy[0] != step:
       self._generation_copy = None  # its memory goes before the refit takes more
       state = self.loop.state
-      weights = generation_weights(self.c, (state.params, state.rest), self.mesh, self.generation_rules)
+      weights = (state.params, state.rest)
+      if self._refit is None:
+        self._refit = generation_copy(self.c, weights, self.mesh, self.generation_rules)
+      weights = self._refit(weights)
       self._generation_copy = (step, nnx.merge(self.loop.graphdef, *weights))
     return self._generation_copy[1]
 
@@ -194,13 +198,13 @@ def generation_rules(settings: RolloutSettings, rules):
   return settings.generation_rules or pmesh.inference_rules(rules)
 
 
-def generation_weights(c, weights, mesh, rules):
-  """The generation copy of ``weights``: cast to ``model.dtype`` and laid out by the generation ``rules``
-  in one compiled copy, shard to shard."""
+def generation_copy(c, weights, mesh, rules):
+  """The jitted refit: weights like ``weights`` to their generation copy, cast to ``model.dtype`` and laid
+  out by the generation ``rules`` in one compiled copy, shard to shard."""
   dtype = jnp.dtype(c.model.dtype)
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
   shardings = pmesh.tree_shardings(jax.eval_shape(lambda w: jax.tree.map(cast, w), weights), mesh, rules)
-  return jax.jit(lambda w: jax.tree.map(cast, w), out_shardings=shardings)(weights)
+  return jax.jit(lambda w: jax.tree.map(cast, w), out_shardings=shardings)
 
 
 def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> list[list[int]]:
