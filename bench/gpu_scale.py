@@ -3,8 +3,9 @@ weights, bf16 compute and float32 master weights, 4096-token packed rows.
 
   python bench/gpu_scale.py [--out bench/results/gpu_scale.json] [--tiny] [--parts sft-1b,gen-1b,...]
 
-Each part runs in a process of its own (its own peak memory), built and run by the same builders as
-``python -m jalign.train`` (``model.allow_random`` opts in to random weights):
+Each part runs in a process of its own (its own peak memory) over the visible devices (one GPU; one CPU
+device in the test), built and run by the same builders as ``python -m jalign.train``
+(``model.allow_random`` opts in to random weights):
   sft-1b, sft-3b  the SFT train step: tokens/s and MFU, (6 N + attention) FLOPs per token over the
                   card's dense bf16 peak; the planner's peak memory beside the measured peak
                   (``memory_stats()["peak_bytes_in_use"]``)

@@ -87,3 +87,23 @@ def sft_run(tmp_path_factory, worker_id):
   """A briefly fine-tuned tiny policy: it ends most replies with the chat format's turn start."""
   return _shared_run(tmp_path_factory, worker_id, "sft", "sft_tiny",
                      {"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0})
+
+
+@pytest.fixture(scope="module")
+def one_heavy_module_at_a_time(tmp_path_factory, worker_id):
+  """For modules whose processes take several GB each (the memory probes, the real-size local runs):
+  under pytest-xdist one such module runs at a time over all workers, so that two of them never
+  share the machine's memory."""
+  from filelock import FileLock
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if worker_id != "master" else base
+  with FileLock(str(root / "heavy_module.lock")):
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_after_each_module():
+  """Models and their compiled steps hang in reference cycles: freed after each module, not whenever."""
+  yield
+  import gc
+  gc.collect()

@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from jalign.models import gguf, hf
-from jalign.train import run
-from tests.conftest import ROOT, load, quiet
+from tests.conftest import ROOT
 
 SCRIPTS = ROOT / "scripts"
+pytestmark = pytest.mark.usefixtures("one_heavy_module_at_a_time")
 SHORT = ["--config.data.max_seq_length=64", "--config.train.log_every=1", "--config.data.validation="]
 
 
@@ -25,6 +25,7 @@ def smollm2_folder(tmp_path_factory, smollm2_file):
   folder = tmp_path_factory.mktemp("smollm2") / "hf"
   model, tokenizer = gguf.load(smollm2_file)
   hf.save(model, folder, dtype="bfloat16", tokenizer=tokenizer)
+  del model
   return folder
 
 
@@ -83,12 +84,11 @@ def test_dpo_llama3_70b_trains_the_pretrained_folder_with_its_reference_in_host_
 
 
 def test_ppo_70b_trains_against_its_critic_served_by_a_second_job(tmp_path, smollm2_folder):
-  # A reward model on the policy's vocabulary: one step from the same folder (in this process: it is
-  # the critic job's input, not what this test is about).
-  reward_run = tmp_path / "rm"
-  run(load("rm_tiny", reward_run, **{"model.init": f"hf:{smollm2_folder}", "tokenizer": "model",
-                                     "data.max_seq_length": 64, "data.validation": "", "train.max_steps": 1,
-                                     "train.global_batch_size": 8, "train.val_check_interval": 0}), log=quiet)
+  reward_run = tmp_path / "rm"  # a reward model on the policy's vocabulary: one step from the same folder
+  train("--config=configs/rm_tiny.py", f"--config.model.init=hf:{smollm2_folder}", "--config.tokenizer=model",
+        f"--config.run_dir={reward_run}", "--config.train.max_steps=1", "--config.train.global_batch_size=8",
+        "--config.train.micro_batch_size=1", "--config.train.val_check_interval=0",
+        "--config.mesh.data=1", "--config.mesh.fsdp=8", *SHORT)  # sharded: 8 replicas would take 17 GB
   import portpicker
   env = local_env(CRITIC_ADDRESS_FILE=str(tmp_path / "critic_address"), CRITIC_PORT=str(portpicker.pick_unused_port()))
   run_dir = tmp_path / "ppo"
