@@ -9,8 +9,8 @@ runs before anything is built or compiled; its errors name the key, e.g.
 from __future__ import annotations
 
 import importlib.util
-import math
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
