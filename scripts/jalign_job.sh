@@ -28,6 +28,10 @@ launch() {
     return 2
   fi
   local each=$((devices / n))
+  # Fake CPU devices keep their buffers in the process's heap, where glibc holds on to freed ones (a
+  # PPO job on SmolLM2-135M peaked at 13.6 GB instead of 7.0); buffers of 1 MiB and more are mapped
+  # and go back to the system when freed.
+  export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-1048576}"
   if [ "$n" -eq 1 ]; then
     JAX_PLATFORMS=cpu XLA_FLAGS= "$PYTHON" -m "$module" "$@" "--config.distributed.local_device_count=$each"
     return

@@ -10,12 +10,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("JALIGN_CACHE", str(ROOT / ".cache"))
+# Compiled programs are shared through the persistent cache by the test processes and every process
+# they start (the CLI, multi-process jobs, servers), which read these from the environment.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+# Modules whose processes take several GB each (the memory probes, the real-size local runs): under
+# pytest-xdist's loadfile they make one unit of work, run one after another on one worker and handed
+# out first, so that no two of them share the machine's memory and the longest unit does not end the run.
+HEAVY_MODULES = ("tests/test_memory.py", "tests/test_scale_scripts.py")
+HEAVY = "heavy modules"
+
+
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  class HeavyModulesTogether(LoadFileScheduling):
+    def _split_scope(self, nodeid):
+      module = super()._split_scope(nodeid)
+      return HEAVY if module in HEAVY_MODULES else module
+
+    def _assign_work_unit(self, node):
+      if HEAVY in self.workqueue:
+        self.workqueue.move_to_end(HEAVY, last=False)
+      super()._assign_work_unit(node)
+
+  return HeavyModulesTogether(config, log)
 
 
 def load(name, run_dir, **overrides):
@@ -87,18 +116,6 @@ def sft_run(tmp_path_factory, worker_id):
   """A briefly fine-tuned tiny policy: it ends most replies with the chat format's turn start."""
   return _shared_run(tmp_path_factory, worker_id, "sft", "sft_tiny",
                      {"train.max_steps": 120, "train.val_check_interval": 0, "train.save_interval": 0})
-
-
-@pytest.fixture(scope="module")
-def one_heavy_module_at_a_time(tmp_path_factory, worker_id):
-  """For modules whose processes take several GB each (the memory probes, the real-size local runs):
-  under pytest-xdist one such module runs at a time over all workers, so that two of them never
-  share the machine's memory."""
-  from filelock import FileLock
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if worker_id != "master" else base
-  with FileLock(str(root / "heavy_module.lock")):
-    yield
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 PROBE = Path(__file__).parent / "memory_probe.py"
-pytestmark = pytest.mark.usefixtures("one_heavy_module_at_a_time")
 LIMIT = 1.2
 
 

@@ -1,6 +1,8 @@
 """The real-size configs run as their docstrings and docs/scale.md say, through the scripts' local mode
 (``JALIGN_LOCAL``: processes with fake CPU devices): ``model.init`` at the SmolLM2-135M Hugging Face
-folder, each config's own mesh scaled to 8 devices, a few short steps."""
+folder, each config's own mesh scaled to 8 devices, a few short steps. PPO's critic and reward model
+run as a served job in a second process, which the actor finds through the address file the critic's
+script writes."""
 
 import json
 import os
@@ -13,7 +15,6 @@ from jalign.models import gguf, hf
 from tests.conftest import ROOT
 
 SCRIPTS = ROOT / "scripts"
-pytestmark = pytest.mark.usefixtures("one_heavy_module_at_a_time")
 SHORT = ["--config.data.max_seq_length=64", "--config.train.log_every=1", "--config.data.validation="]
 
 
@@ -80,3 +81,32 @@ def test_dpo_llama3_70b_trains_the_pretrained_folder_with_its_reference_in_host_
   assert config["reference"]["offload"] and config["tokenizer"] == "model" and config["data"]["chat_template"] == "model"
   assert saved_mesh(run_dir)["tensor"] == 4
 
+
+def test_ppo_70b_trains_against_its_critic_served_by_a_second_job(tmp_path, smollm2_folder):
+  reward_run = tmp_path / "rm"  # a reward model on the policy's vocabulary: one step from the same folder
+  train("--config=configs/rm_tiny.py", f"--config.model.init=hf:{smollm2_folder}", "--config.tokenizer=model",
+        f"--config.run_dir={reward_run}", "--config.train.max_steps=1", "--config.train.global_batch_size=8",
+        "--config.train.micro_batch_size=1", "--config.train.val_check_interval=0",
+        "--config.mesh.data=1", "--config.mesh.fsdp=8", *SHORT)  # sharded: 8 replicas would take 17 GB
+  import portpicker
+  env = local_env(CRITIC_ADDRESS_FILE=str(tmp_path / "critic_address"), CRITIC_PORT=str(portpicker.pick_unused_port()))
+  run_dir = tmp_path / "ppo"
+  args = ["--config=configs/ppo_70b.py", f"--config.model.init=hf:{smollm2_folder}", f"--config.run_dir={run_dir}",
+          f"--config.critic.init=run:{reward_run}", f"--config.critic.reward_model=run:{reward_run}",
+          "--config.rollout.max_new_tokens=16", "--config.rollout.num_prompts=8", "--config.rollout.micro_batch_size=8",
+          "--config.train.global_batch_size=8", "--config.critic.global_batch_size=8", "--config.train.max_steps=1",
+          "--config.mesh.fsdp=2", "--config.mesh.tensor=4",  # the actor's 8 x 8 scaled to 2 x 4
+          "--config.critic.mesh.fsdp=2", "--config.critic.mesh.tensor=4", *SHORT]  # the critic's 4 x 8
+  critic = script("ppo_critic.sbatch", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                  start_new_session=True)
+  try:
+    out = finished(script("ppo_actor.sbatch", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  finally:
+    os.killpg(critic.pid, 15)
+    critic_out = critic.communicate(timeout=120)[0]
+  assert "serving" in critic_out and "critic" in critic_out, critic_out[-3000:]
+  assert "finished after 1 steps" in out
+  rollout = metrics(run_dir, "rollout")[0]
+  assert rollout["response_length"] > 0 and "values_mean" in rollout
+  assert [r["step"] for r in metrics(run_dir)] == [1]
+  assert (run_dir / "checkpoints" / "1").is_dir() and (run_dir / "critic" / "checkpoints" / "1").is_dir()
