@@ -1,13 +1,16 @@
 """``python -m jalign.distill --config=configs/kd_tiny.py``: the teacher's top-K logits for every token
-of a KD config's data (``jalign.recipes.distill``), which ``python -m jalign.train`` then trains on."""
+of a KD config's data (``jalign.recipes.distill``), which ``python -m jalign.train`` then trains on.
+Like ``jalign.train`` it runs as one job over several processes (``config.distributed``)."""
 
 from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, logging
 from ml_collections import config_flags
 
+from jalign.parallel import distributed
 from jalign.recipes.distill import run
 from jalign.specs.base import ConfigError
 
@@ -19,8 +22,10 @@ def main(argv, config_flag):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if config_flag.value is None:
     raise app.UsageError("--config=configs/<name>.py (a kd config) is required")
+  dist = config_flag.value.distributed
+  distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
   try:
-    run(config_flag.value)
+    run(config_flag.value, log=print if jax.process_index() == 0 else (lambda *_: None))
   except (ConfigError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

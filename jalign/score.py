@@ -8,8 +8,9 @@ were (its chat format; a prompt too long loses its left end; a response that alo
 ``null``). ``--fit_standardization`` computes the mean and std over every response of the input and
 writes the run's ``reward_standardization.json``, so that later inference (this command, the reward
 model of PPO and REINFORCE) gives rewards of mean 0 and std 1 on such data. A multi-attribute
-(regression) model's outputs are merged by ``attribute_weights`` (default uniform). The scoring itself
-is ``jalign.recipes.reward``.
+(regression) model's outputs are merged by ``attribute_weights`` (default uniform). The model is read
+sharded over every device of the process; ``--batch-size`` rows (a multiple of the devices) are scored
+at a time. The scoring itself is ``jalign.recipes.reward``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from jalign.data import formats
+from jalign.recipes.build import tool_mesh
 from jalign.recipes.reward import STANDARDIZATION_FILE, RewardModel, score_comparisons, write_standardization
 from jalign.specs.base import ConfigError
 
@@ -35,7 +37,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   try:
     weights = [float(w) for w in args.attribute_weights.split(",")] if args.attribute_weights else None
-    reward_model = RewardModel.load(args.rm, attribute_weights=weights)
+    reward_model = RewardModel.load(args.rm, attribute_weights=weights, mesh=tool_mesh())
     records, report = formats.read_jsonl(Path(args.input), "comparison")
     scored, summary = score_comparisons(reward_model, records, fit_standardization=args.fit_standardization,
                                         batch_size=args.batch_size)

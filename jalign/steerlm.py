@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jalign.data import formats
 from jalign.data.chat import STEERLM_ATTRIBUTES
-from jalign.recipes.build import load_trained
+from jalign.recipes.build import load_trained, rules_of, tool_mesh
 from jalign.recipes.steerlm import annotate
 from jalign.specs.base import ConfigError
 
@@ -25,14 +25,15 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=8)
   args = p.parse_args(argv)
   try:
-    model, tok, c = load_trained(args.rm)
+    mesh = tool_mesh()  # the model sharded over every device of this process
+    model, tok, c = load_trained(args.rm, mesh=mesh)
     outputs = model.head.kernel.shape[-1]
     names = args.attributes.split(",") if args.attributes else list(STEERLM_ATTRIBUTES)
     if len(names) != outputs:
       raise ValueError(f"--attributes names {len(names)} attributes; the model in {args.rm} has {outputs} outputs")
     records, report = formats.read_jsonl(Path(args.input), "chat")
     labelled = annotate(records, model, tok, attributes=names, max_length=c.data.max_seq_length,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, mesh=mesh, rules=rules_of(c))
   except (FileNotFoundError, ValueError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -179,20 +179,6 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(loop.state.params))
 
 
-@pytest.mark.slow
-def test_smollm2_sft_config_trains(tmp_path, smollm2_file):
-  spec = importlib.util.spec_from_file_location("sft_smollm2", ROOT / "configs" / "sft_smollm2.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.run_dir = str(tmp_path / "run")
-  c.data.max_seq_length = 64
-  c.train.global_batch_size, c.train.micro_batch_size, c.train.max_steps = 8, 1, 2
-  c.train.val_check_interval = c.train.save_interval = 0
-  summary = run(c, log=quiet)
-  assert summary["steps"] == 2 and all(0 < v < 10 for v in summary["losses"].values())
-
-
 def test_a_validator_with_a_reward_keeps_the_highest_checkpoint(tmp_path):
   """``validator`` replaces the validation loss; ``monitor_higher_is_better`` keeps the best by maximum."""
   model = Transformer(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0))

@@ -37,6 +37,12 @@ def rules_of(c) -> tuple:
   return tuple(tuple(r) for r in c.sharding_rules)
 
 
+def tool_mesh():
+  """The mesh of a command that reads a trained run to use it (scoring, labelling, export): every
+  device of this process, the parameters sharded over all of them (fsdp) and the rows split so."""
+  return pmesh.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "pipeline": 1}, devices=jax.local_devices())
+
+
 def _model_kwargs(c) -> dict:
   m = c.model
   return dict(dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat, **config_lib.pipeline_fields(c))

@@ -18,6 +18,7 @@ import numpy as np
 
 from jalign.data.chat import NemoChatFormat, steerlm_label
 from jalign.data.sft import Example
+from jalign.parallel import mesh as pmesh
 from jalign.recipes.reward import last_token_values
 
 
@@ -34,8 +35,10 @@ def turn_texts(record: dict, chat_format: NemoChatFormat) -> list[tuple[int, str
 
 
 def annotate(records: list[dict], model, tok, *, attributes: list[str], max_length: int, batch_size: int = 8,
-             chat_format: NemoChatFormat | None = None, low: float = 0.0, high: float = 4.0) -> list[dict]:
-  """Copies of chat ``records`` with a SteerLM label on every assistant turn (see the module docstring)."""
+             chat_format: NemoChatFormat | None = None, low: float = 0.0, high: float = 4.0, mesh=None,
+             rules=pmesh.DEFAULT_RULES) -> list[dict]:
+  """Copies of chat ``records`` with a SteerLM label on every assistant turn (see the module docstring);
+  ``mesh``: the one the model is placed on, whose data-parallel groups split the rows."""
   chat_format = chat_format or NemoChatFormat.extra_id()
   if len(attributes) != model.head.kernel.shape[-1]:
     raise ValueError(f"{len(attributes)} attribute names for a reward model of {model.head.kernel.shape[-1]} outputs")
@@ -45,7 +48,8 @@ def annotate(records: list[dict], model, tok, *, attributes: list[str], max_leng
   for _, _, text in jobs:
     ids = tok.encode(text, add_special_tokens=False)[-max_length:]
     examples.append(Example(np.asarray(ids, np.int32), np.zeros(len(ids), bool)))
-  scores = last_token_values(model, tok, examples, max_length=max_length, batch_size=batch_size)
+  scores = last_token_values(model, tok, examples, max_length=max_length, batch_size=batch_size, mesh=mesh,
+                             rules=rules)
   out = copy.deepcopy(records)
   for (r, i, _), values in zip(jobs, scores):
     clipped = {name: float(np.clip(np.round(v), low, high)) for name, v in zip(attributes, values)}

@@ -36,6 +36,24 @@ def test_config_read_from_the_file(smollm2):
   assert tok.eos_token == "<|im_end|>" and tok.bos_id == 1
 
 
+def test_read_onto_a_mesh_each_device_gets_its_shard_of_the_same_weights(smollm2, smollm2_file):
+  import jax
+  from flax import nnx
+
+  from jalign.parallel import mesh as pmesh
+  mesh = pmesh.make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
+  with pmesh.use(mesh, pmesh.DEFAULT_RULES):
+    sharded, _ = jgguf.load(smollm2_file, mesh=mesh)
+  whole = nnx.state(smollm2[0], nnx.Param)
+  placed = nnx.state(sharded, nnx.Param)
+  expected = pmesh.tree_shardings(placed, mesh, pmesh.DEFAULT_RULES)
+  for a, b, s in zip(jax.tree.leaves(whole), jax.tree.leaves(placed), jax.tree.leaves(expected)):
+    assert b.sharding.is_equivalent_to(s, b.ndim)
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+  embed = sharded.embed[...]
+  assert embed.addressable_shards[0].data.size * 8 == embed.size  # vocabulary x hidden over all 8 devices
+
+
 def test_logits_match_transformers_on_the_same_file(smollm2, reference):
   model, tok = smollm2
   ids = np.array([tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)])

@@ -1,5 +1,6 @@
 """Knowledge distillation: the offline top-K step and a student trained on it through the shared loop."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,3 +53,29 @@ def test_distill_command_needs_a_config():
   script = Path(sys.executable).parent / "jalign"
   done = subprocess.run([str(script), "distill"], capture_output=True, text=True, timeout=120)
   assert done.returncode != 0 and "--config=configs/<name>.py (a kd config) is required" in done.stderr
+
+
+def test_the_teacher_on_the_configs_mesh_gives_one_devices_top_k(tmp_path, teacher):
+  from flax import nnx
+
+  from jalign.data.sft import Example
+  from jalign.parallel import mesh as pmesh
+  from jalign.recipes import build
+  c = kd_config(tmp_path, teacher, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  mesh, rules = pmesh.make_mesh(dict(c.mesh)), build.rules_of(c)
+  sharded, _ = build.build_model(distill.teacher_config(c), mesh, rules)
+  weights = nnx.state(sharded, nnx.Param)
+  expected = pmesh.tree_shardings(weights, mesh, rules)
+  assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(weights), jax.tree.leaves(expected)))
+  embedding = sharded.embed[...]
+  assert embedding.addressable_shards[0].data.size < embedding.size  # not whole on any device
+  whole, _ = build.build_model(distill.teacher_config(c))
+  rng = np.random.default_rng(0)
+  examples = [Example(rng.integers(1, 200, n).astype(np.int32), np.zeros(n, bool)) for n in (9, 17, 5, 12, 3)]
+  ids, logits, offsets = distill.teacher_topk(sharded, examples, k=5, batch_rows=3, mesh=mesh, rules=rules)
+  assert offsets.tolist() == [0, 9, 26, 31, 43, 46]
+  for ex, start in zip(examples, offsets):
+    full = np.asarray(whole(ex.tokens[None]), np.float64)[0]  # one row, no padding: the reference
+    top = np.argsort(-full, axis=-1)[:, :5]
+    np.testing.assert_array_equal(ids[start:start + len(ex)], top)
+    np.testing.assert_allclose(logits[start:start + len(ex)], np.take_along_axis(full, top, -1), atol=1e-4, rtol=1e-4)
