@@ -92,7 +92,9 @@ def planned_peak(c, devices: int) -> int:
           "print(json.dumps(max(j.peak_bytes for j in plan.plan(c, peak_flops=989e12))))")
   with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
     f.write(c.to_json_best_effort())
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  from jalign import plan  # its XLA flags, which python -m jalign.plan sets (importing it starts no backend)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {plan.XLA_FLAGS}")
   out = subprocess.run([sys.executable, "-c", code, f.name], cwd=ROOT, env=env, capture_output=True, text=True)
   os.unlink(f.name)
   if out.returncode != 0:
