@@ -245,21 +245,18 @@ def nominal_device_count(sizes) -> int:
   return math.prod(max(1, int(n)) for n in dict(sizes).values())
 
 
-def require_mesh_fits(c, key: str, device_count: int) -> None:
-  """The mesh at ``key`` (``mesh``, ``critic.mesh``) splits the ``device_count`` devices of the job that
-  runs it."""
+def require_mesh_fits(c, key: str, device_count: int) -> dict:
+  """The axis sizes of the mesh at ``key`` (``mesh``, ``critic.mesh``), checked to split the
+  ``device_count`` devices of the job that runs it."""
   try:
-    mesh_shape(dict(value_at(c, key)), device_count)
+    return mesh_shape(dict(value_at(c, key)), device_count)
   except ValueError as e:
     raise ConfigError(f"config.{key}: {e}") from None
 
 
 def _validate_mesh(c, device_count: int) -> tuple[int, dict]:
   """``(data-parallel ranks, mesh axis sizes)`` of a valid mesh and rules table."""
-  try:
-    shape = mesh_shape(dict(c.mesh), device_count)
-  except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
+  shape = require_mesh_fits(c, "mesh", device_count)
   require("batch" in {r[0] for r in c.sharding_rules}, "sharding_rules", "needs a rule for 'batch'")
   for logical, axes in c.sharding_rules:
     for a in (axes if isinstance(axes, (tuple, list)) else (axes,)):
