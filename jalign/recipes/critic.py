@@ -17,7 +17,7 @@ from flax import nnx
 
 from jalign import specs, trainer
 from jalign.losses import ppo
-from jalign.models import LlamaConfig
+from jalign.models import LlamaConfig, hf_value
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import build as build_lib
@@ -185,7 +185,9 @@ def critic_model(c, reward: RewardModel, mesh=None, rules=None) -> ValueModel:
   if cc.init.startswith("hf:"):
     if same and c.model.param_dtype == c.model.dtype:
       return reward.critic()
-    return RewardModel.load_hf(cc.init[3:], c, mesh=mesh, rules=rules).critic()
+    m = c.model
+    with pmesh.use(mesh, rules):  # the reader places each tensor by the rules active here
+      return hf_value.load(cc.init[3:], dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat, mesh=mesh)
   if same:
     return reward.critic()
   return RewardModel.load(cc.init[4:], mesh=mesh, rules=rules).critic()

@@ -171,13 +171,15 @@ class RewardModel:
     spec = config_lib.value_at(c, key)
     if not spec.startswith(SOURCES):
       raise ConfigError(f"config.{key}: {spec!r}; name a reward model, run:<folder> or hf:<folder>")
-    if spec.startswith("hf:"):
-      reward = cls.load_hf(spec[3:], c, dtype=c.model.dtype, mesh=mesh, rules=rules)
-      limit = reward.model.config.max_position_embeddings
+    if spec.startswith("hf:"):  # checked before minutes of reading weights
+      limit = reward_model_config(spec).max_position_embeddings
       if limit < c.data.max_seq_length:
         raise ConfigError(f"config.{key}: it reads up to {limit} positions (max_position_embeddings), fewer "
                           f"than data.max_seq_length {c.data.max_seq_length}")
-      return reward
+      if not (Path(spec[3:]) / "tokenizer.json").is_file():
+        raise ConfigError(f"config.{key}: {spec[3:]} has no tokenizer.json; a Hugging Face reward model is "
+                          "read with its own tokenizer")
+      return cls.load_hf(spec[3:], c, dtype=c.model.dtype, mesh=mesh, rules=rules)
     reward = cls.load(spec[4:], mesh=mesh, rules=rules)
     if reward.config.data.max_seq_length < c.data.max_seq_length:
       raise ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "

@@ -4,8 +4,10 @@ transformers model's scores (mean 0, std 1), its critic starts from the same val
 and validation take such a folder."""
 
 import json
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ import transformers as tr
 from jalign import config as config_lib
 from jalign.data.tokenizer import Tokenizer
 from jalign.plan import critic_job
+from jalign.recipes import critic as critic_lib
 from jalign.recipes import ppo, rollouts as rollouts_lib
 from jalign.recipes.reward import RewardModel
 from tests.conftest import load, quiet
@@ -88,6 +91,29 @@ def test_rewards_follow_the_loading_configs_data_settings(tmp_path, hf_rm):
   np.testing.assert_allclose(reward.rewards([example]), torch_values(torch_model, example.tokens)[-1:], rtol=1e-5)
   with pytest.raises(config_lib.ConfigError, match=r"config.critic.reward_model: it reads up to 256 positions"):
     RewardModel.load_to_score(ppo_config(tmp_path, folder, **{"data.max_seq_length": 300}), "critic.reward_model")
+  bare = tmp_path / "bare"
+  shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+  with pytest.raises(config_lib.ConfigError, match=r"config.critic.reward_model: .*bare has no tokenizer.json"):
+    RewardModel.load_to_score(ppo_config(tmp_path, bare), "critic.reward_model")
+
+
+def test_the_critic_starts_from_the_folders_weights_in_the_parameter_dtype(tmp_path, hf_rm):
+  folder, torch_model = hf_rm
+  embed, score = torch_model.model.embed_tokens.weight.detach().numpy(), torch_model.score.weight.detach().numpy()
+  # The reward model only scores, in the compute dtype; the critic trains, in the parameter dtype.
+  c = ppo_config(tmp_path, folder, **{"model.dtype": "bfloat16"})
+  reward = RewardModel.load_to_score(c, "critic.reward_model")
+  critic = critic_lib.critic_model(c, reward)
+  assert reward.model.backbone.embed[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(critic.backbone.embed[...], embed)
+  np.testing.assert_array_equal(critic.head.kernel[...], score.T)
+  # One dtype: the critic is a copy of the reward model's weights, which training leaves alone.
+  c = ppo_config(tmp_path, folder)
+  reward = RewardModel.load_to_score(c, "critic.reward_model")
+  critic = critic_lib.critic_model(c, reward)
+  np.testing.assert_array_equal(critic.backbone.embed[...], embed)
+  critic.head.kernel.set_value(critic.head.kernel[...] + 1)
+  np.testing.assert_array_equal(reward.model.head.kernel[...], score.T)
 
 
 def test_validation_and_the_planner_take_a_hugging_face_folder(tmp_path, hf_rm):
