@@ -186,6 +186,21 @@ class RewardModel:
                                    f"fewer than data.max_seq_length {c.data.max_seq_length}")
     return reward
 
+  def check_reads(self, tok, key: str) -> None:
+    """Refuses to score the token ids of ``tok`` (the policy's tokenizer) unless this reward model reads
+    each as the same token: it scores the policy's ids as they are. Tokens it has beyond them (a pad
+    token added to a public reward model's vocabulary) do no harm."""
+    ours = self.tokenizer.backend.get_vocab(with_added_tokens=True)
+    theirs = tok.backend.get_vocab(with_added_tokens=True)
+    differ = sorted(i for token, i in theirs.items() if ours.get(token) != i)
+    if differ:
+      raise ConfigError(f"config.{key}: its tokenizer ({self.tokenizer.vocab_size} tokens) reads {len(differ)} of "
+                        f"the policy's {tok.vocab_size} token ids as other tokens (first: {differ[0]}, "
+                        f"{tok.id_to_token(differ[0])!r}); it scores the policy's tokens")
+    if self.model.config.vocab_size < tok.vocab_size:
+      raise ConfigError(f"config.{key}: a vocabulary of {self.model.config.vocab_size} tokens, fewer than the "
+                        f"policy's tokenizer's {tok.vocab_size}; it reads the policy's tokens")
+
   def encode(self, prompt, response: str) -> Example | None:
     """A prompt and response as the reward model's training pairs were encoded (None: does not fit)."""
     d = self.config.data

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers as tr
+from tokenizers.models import WordLevel
 
 from jalign import config as config_lib
 from jalign.data.tokenizer import Tokenizer
@@ -114,6 +116,22 @@ def test_the_critic_starts_from_the_folders_weights_in_the_parameter_dtype(tmp_p
   np.testing.assert_array_equal(critic.backbone.embed[...], embed)
   critic.head.kernel.set_value(critic.head.kernel[...] + 1)
   np.testing.assert_array_equal(reward.model.head.kernel[...], score.T)
+
+
+def test_the_reward_model_must_read_the_policys_token_ids(tmp_path, hf_rm):
+  folder, _ = hf_rm
+  reward = RewardModel.load_to_score(ppo_config(tmp_path, folder), "critic.reward_model")
+  key = "reinforce.reward_model"
+  padded = Tokenizer.tiny()
+  padded.backend.add_special_tokens(["[PAD]"])  # as public reward models add a pad token
+  reward.tokenizer = padded
+  reward.check_reads(Tokenizer.tiny(), key)  # a token beyond the policy's ids does no harm
+  with pytest.raises(config_lib.ConfigError, match="a vocabulary of 512 tokens, fewer than the policy's tokenizer's 513"):
+    reward.check_reads(padded, key)
+  reward.tokenizer = Tokenizer(tokenizers.Tokenizer(WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>")))
+  with pytest.raises(config_lib.ConfigError, match=r"config.reinforce.reward_model: its tokenizer \(2 tokens\) reads "
+                                                   r"51\d of the policy's 512 token ids as other tokens \(first: 0,"):
+    reward.check_reads(Tokenizer.tiny(), key)
 
 
 def test_validation_and_the_planner_take_a_hugging_face_folder(tmp_path, hf_rm):
