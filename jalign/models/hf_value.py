@@ -35,11 +35,6 @@ VALUE_CLASS = {hf.ARCHITECTURES[causal]: value for value, causal in ARCHITECTURE
 SCORE = "score.weight"
 
 
-def is_value_config(config: dict) -> bool:
-  """Whether a Hugging Face ``config.json`` dict describes a sequence classification (reward) model."""
-  return any(a in ARCHITECTURES for a in config.get("architectures") or [])
-
-
 def num_labels(config: dict) -> int:
   """The outputs of the score layer, as transformers counts them (``num_labels``, else its labels, else
   its default of 2)."""
