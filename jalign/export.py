@@ -1,9 +1,12 @@
-"""Export a trained policy: ``python -m jalign.export --run=<run folder> --format=hf|trtllm --out=<folder>``.
+"""Export a trained policy or reward model: ``python -m jalign.export --run=<run folder> --format=hf|trtllm
+--out=<folder>``.
 
 ``hf`` writes a Hugging Face folder (transformers, vLLM and others load it); ``trtllm`` a TensorRT-LLM
 checkpoint split for ``--tp_size`` x ``--pp_size`` GPUs, which ``trtllm-build`` turns into an engine.
-The run's latest checkpoint is exported unless ``--step`` names another; LoRA adapters are merged in;
-the run's tokenizer is saved alongside.
+A reward model run (algorithm ``rm``) exports to ``hf`` only, as a LlamaForSequenceClassification folder
+(which PPO and REINFORCE also read back, ``hf:<folder>``); a head with a bias, a regression reward
+model's, has no place there and is refused. The run's latest checkpoint is exported unless ``--step``
+names another; LoRA adapters are merged in; the run's tokenizer is saved alongside.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 from jalign.models import Transformer, hf, lora
+from jalign.models.heads import ValueModel
 from jalign.models.safetensors_io import CheckpointError
 from jalign.recipes.build import load_trained
 from jalign.specs.base import ConfigError
@@ -22,7 +26,8 @@ FORMATS = ("hf", "trtllm")
 
 def export(run_dir, out, *, format: str = "hf", step: int | None = None, dtype: str | None = None,
            tp_size: int = 1, pp_size: int = 1, overwrite: bool = False) -> Path:
-  """Write the policy of jalign run folder ``run_dir`` to ``out``; returns the folder written."""
+  """Write the policy (or reward model) of jalign run folder ``run_dir`` to ``out``; returns the folder
+  written."""
   if format not in FORMATS:
     raise ValueError(f"--format={format!r}: one of {', '.join(FORMATS)}")
   if format == "hf" and (tp_size, pp_size) != (1, 1):
@@ -31,9 +36,11 @@ def export(run_dir, out, *, format: str = "hf", step: int | None = None, dtype: 
   if out.exists() and any(out.iterdir()) and not overwrite:  # before the minutes a restore can take
     raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
   model, tokenizer, c = load_trained(run_dir, step)
-  if not isinstance(model, Transformer):
-    raise ValueError(f"{run_dir}: a {c.algorithm} run trains a {type(model).__name__}, not a policy; only "
-                     "language models are exported")
+  if isinstance(model, ValueModel) and format != "hf":
+    raise ValueError(f"{run_dir}: a {c.algorithm} run trains a reward model; --format=hf exports it, "
+                     f"{format} takes language models only")
+  if not isinstance(model, (Transformer, ValueModel)):
+    raise ValueError(f"{run_dir}: a {c.algorithm} run trains a {type(model).__name__}, which is not exported")
   if lora.has_lora(model):
     model = lora.merge_lora(model)
   if format == "hf":

@@ -44,12 +44,14 @@ from jalign.data.packing import build_row
 from jalign.losses import rloo
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
+from jalign.models.safetensors_io import CheckpointError
 from jalign.parallel import mesh as pmesh
 from jalign.parallel.logical import fit_spec, logical_to_spec
 from jalign.recipes import build
 from jalign.recipes import critic as critic_lib
 from jalign.recipes import rollouts
 from jalign.recipes import spin as spin_lib
+from jalign.recipes.reward import reward_model_config
 from jalign.rollout.generate import generate_arrays
 from jalign.specs.base import ROW_FIELDS, ConfigError
 
@@ -296,8 +298,8 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
 
     if not spec.rollout.critic:  # the reward model scores in the actor's job (PPO: in the critic's)
-      rm_run = config_lib.value_at(c, spec.rollout.reward_model)[4:]
-      rm_cfg = build.run_model_config(rm_run).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+      rm_spec = config_lib.value_at(c, spec.rollout.reward_model)
+      rm_cfg = reward_model_config(rm_spec).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
       rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                             dtype=jnp.dtype(c.model.dtype))
       job.add("rewards", jax.jit(functools.partial(_value_pass, rm_graphdef)),
@@ -432,7 +434,7 @@ def main(argv, config_flag, peak_flag, hbm_flag, devices_flag):
   jax.config.update("jax_num_cpu_devices", needed)
   try:
     plans = plan(c, peak_flops=peak_flag.value * 1e12, hbm_bytes_per_s=hbm_flag.value * 1e12)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print("\n\n".join(format_plan(p) for p in plans))

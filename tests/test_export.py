@@ -1,8 +1,10 @@
 """``python -m jalign.export``: a trained run's policy as a Hugging Face folder that transformers runs with
-the run's logits, and as a TensorRT-LLM checkpoint whose ranks give them too."""
+the run's logits, and as a TensorRT-LLM checkpoint whose ranks give them too; a reward model run as a
+LlamaForSequenceClassification folder with the run's scores."""
 
 import numpy as np
 import pytest
+import torch
 import transformers as tr
 
 from jalign import export as export_lib
@@ -33,9 +35,20 @@ def test_trtllm_export_ranks_give_the_runs_logits(sft_run, trained_logits, tmp_p
   assert rel_err(run_checkpoint(out, TOKENS), trained_logits) < 1e-5
 
 
+def test_reward_model_export_scores_in_transformers_as_the_run_does(reward_run, tmp_path):
+  out = export_lib.export(reward_run, tmp_path / "rm")
+  reloaded = tr.LlamaForSequenceClassification.from_pretrained(out).eval()
+  with torch.no_grad():
+    scores = reloaded(torch.tensor(TOKENS)).logits.numpy()
+  model, _, _ = load_trained(reward_run)
+  np.testing.assert_allclose(scores, model.score(TOKENS, [TOKENS.shape[1]] * 2), rtol=1e-5, atol=1e-5)
+  assert np.abs(scores).max() > 1e-3
+  assert (out / "tokenizer.json").is_file()
+
+
 def test_what_cannot_be_exported_is_refused_clearly(sft_run, reward_run, tmp_path, capsys):
-  with pytest.raises(ValueError, match="rm run trains a ValueModel, not a policy"):
-    export_lib.export(reward_run, tmp_path / "rm")
+  with pytest.raises(ValueError, match="rm run trains a reward model; --format=hf exports it, trtllm"):
+    export_lib.export(reward_run, tmp_path / "rm", format="trtllm")
   with pytest.raises(ValueError, match="a Hugging Face folder is whole"):
     export_lib.export(sft_run, tmp_path / "x", tp_size=2)
   (tmp_path / "full").mkdir()

@@ -5,6 +5,8 @@ tensor to this package's layout as it is read: with a mesh, every device reads o
 straight into its sharding, so a 70B checkpoint never needs two full copies in host memory.
 ``save(model, path)`` writes a folder that ``transformers`` loads with the same logits; it writes
 into a temporary folder first and renames it at the end, so a failure leaves nothing half-written.
+Reward models (sequence classification folders, ``ValueModel``) are ``jalign.models.hf_value``'s;
+``save`` hands a ``ValueModel`` to it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from jalign.models.heads import ValueModel
 from jalign.models.llama import LlamaConfig, RopeScaling, Transformer
 from jalign.models.safetensors_io import CheckpointError, SafetensorsReader, new_folder, write_file_lazy
 from jalign.parallel.logical import variable_spec
@@ -46,6 +49,9 @@ def config_from_hf(hf: dict, source: Path | str = "config.json", **overrides) ->
     model_type = hf.get("model_type")
     if not archs and model_type in HF_CLASS:
       arch = HF_CLASS[model_type]
+    elif any(a.endswith("ForSequenceClassification") for a in archs):
+      raise CheckpointError(f"{source}: {archs[0]} is a reward model, not a language model; name it where a "
+                            "reward model goes (critic.reward_model, critic.init, reinforce.reward_model: hf:<folder>)")
     else:
       raise CheckpointError(f"{source}: unsupported architecture {archs or model_type!r}; "
                             f"supported: {sorted(ARCHITECTURES)}")
@@ -280,18 +286,29 @@ def _place(reader, m: TensorMap, cfg, var, dtype, mesh):
 def load_weights(reader: SafetensorsReader, cfg: LlamaConfig, *, mesh=None, with_lm_head=True,
                  source: Path | str = "") -> Transformer:
   """Build a Transformer from tensors with Hugging Face names."""
-  maps = tensor_maps(cfg, with_lm_head=with_lm_head)
-  _check_tensors(reader, maps, cfg, Path(source))
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), with_lm_head=with_lm_head))
+  return read_module(reader, abstract, tensor_maps(cfg, with_lm_head=with_lm_head), cfg, mesh=mesh, source=source)
+
+
+def read_module(reader: SafetensorsReader, abstract: nnx.Module, maps: list[TensorMap], cfg: LlamaConfig, *,
+                mesh=None, source: Path | str = "", zeros: tuple[tuple[str, ...], ...] = ()) -> nnx.Module:
+  """``abstract`` (an ``nnx.eval_shape`` module) with every parameter read from ``reader`` by ``maps`` in
+  its own dtype, or made zero (``zeros``: parameters the checkpoint has no tensor for); with ``mesh``,
+  each straight into its sharding."""
+  _check_tensors(reader, maps, cfg, Path(source))
   graphdef, state = nnx.split(abstract)
   variables = dict(nnx.to_flat_state(state))
-  unmapped = set(variables) - {m.ours for m in maps}
+  unmapped = set(variables) - {m.ours for m in maps} - set(zeros)
   if unmapped:
     raise CheckpointError(f"{source}: no Hugging Face tensor maps to {sorted(unmapped)}")
-  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
   for m in maps:
     var = variables[m.ours]
-    var.set_value(_place(reader, m, cfg, var, dtype, mesh))
+    var.set_value(_place(reader, m, cfg, var, np.dtype(var.dtype), mesh))
+  for path in zeros:
+    var = variables[path]
+    value = np.zeros(var.shape, np.dtype(var.dtype))
+    var.set_value(jnp.asarray(value) if mesh is None else jax.make_array_from_callback(
+        var.shape, NamedSharding(mesh, variable_spec(var, mesh=mesh)), lambda idx, value=value: value[idx]))
   return nnx.merge(graphdef, state)
 
 
@@ -337,18 +354,33 @@ def hf_tensors(model: Transformer, out_dtype) -> dict[str, tuple[tuple[int, ...]
   return out
 
 
-def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+def save(model: Transformer | ValueModel, path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          tokenizer=None, overwrite: bool = False) -> Path:
-  """Write ``model`` as a Hugging Face folder (config.json, safetensors shards, index).
+  """Write ``model`` as a Hugging Face folder (config.json, safetensors shards, index); a ``ValueModel``
+  (a reward model, a critic) as a sequence classification model (``jalign.models.hf_value``).
 
   ``dtype`` defaults to the parameter dtype. ``tokenizer`` (a ``jalign.data.Tokenizer``) is saved
   alongside when given. The folder appears only once complete.
   """
-  path = Path(path)
+  if isinstance(model, ValueModel):
+    from jalign.models import hf_value  # it builds on this module
+    return hf_value.save(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer,
+                         overwrite=overwrite)
   cfg = model.config
   out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-  entries = [(name, shape, out_dtype, produce) for name, (shape, produce) in hf_tensors(model, out_dtype).items()]
+  gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config_to_hf(cfg, "")["eos_token_id"],
+         "pad_token_id": cfg.pad_token_id}
+  return write_folder(path, hf_tensors(model, out_dtype), out_dtype,
+                      {"config.json": config_to_hf(cfg, str(out_dtype)), "generation_config.json": gen},
+                      max_shard_bytes=max_shard_bytes, tokenizer=tokenizer, overwrite=overwrite)
 
+
+def write_folder(path, tensors: dict, out_dtype, files: dict[str, dict], *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer=None, overwrite: bool = False) -> Path:
+  """A checkpoint folder of ``tensors`` (``hf_tensors``' ``name: (shape, produce)``) written as
+  ``out_dtype`` in shards of at most ``max_shard_bytes``, the JSON ``files`` and the ``tokenizer``."""
+  path = Path(path)
+  entries = [(name, shape, out_dtype, produce) for name, (shape, produce) in tensors.items()]
   shards, current, size = [], [], 0
   for e in entries:
     nbytes = int(np.prod(e[1])) * out_dtype.itemsize
@@ -370,10 +402,8 @@ def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT
     if len(shards) > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, str(out_dtype)), indent=2))
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config_to_hf(cfg, "")["eos_token_id"],
-           "pad_token_id": cfg.pad_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    for name, content in files.items():
+      (tmp / name).write_text(json.dumps(content, indent=2))
     if tokenizer is not None:
       tokenizer.save(tmp)
   return path

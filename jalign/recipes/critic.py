@@ -17,11 +17,11 @@ from flax import nnx
 
 from jalign import specs, trainer
 from jalign.losses import ppo
-from jalign.models import LlamaConfig
+from jalign.models import LlamaConfig, hf_value
 from jalign.models.heads import ValueModel
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import build as build_lib
-from jalign.recipes.reward import RewardModel
+from jalign.recipes.reward import SOURCES, RewardModel, reward_model_config
 from jalign.specs.base import ConfigError
 
 
@@ -149,12 +149,12 @@ def critic_train_step(c, graphdef, schedule, tx, mesh, rules):
 
 
 def critic_config(c, key: str) -> LlamaConfig:
-  """The model config of the critic (``key="init"``) or reward model (``"reward_model"``): a run's, or
-  ``critic.preset``'s for a random one, in the config's dtypes."""
+  """The model config of the critic (``key="init"``) or reward model (``"reward_model"``): a run's or a
+  Hugging Face reward model's, or ``critic.preset``'s for a random one, in the config's dtypes."""
   kwargs = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
   init = c.critic[key]
-  if init.startswith("run:"):
-    return build_lib.run_model_config(init[4:]).replace(**kwargs)
+  if init.startswith(SOURCES):
+    return reward_model_config(init).replace(**kwargs)
   return LlamaConfig.preset(c.critic.preset, **kwargs)
 
 
@@ -165,29 +165,45 @@ def critic_steps(c) -> int:
   return rollouts_total * (prompts // c.critic.global_batch_size)
 
 
-def critic_model(c, reward: RewardModel, reward_dir: str, mesh=None, rules=None) -> ValueModel:
-  """The critic ``critic.init`` names: a copy of a reward model run's (NeMo's start), or a random one;
-  with ``mesh``, made or read straight into its shardings by ``rules``."""
+def _same_model(a: str, b: str) -> bool:
+  """Whether two ``run:``/``hf:`` names are the same folder."""
+  kind_a, _, folder_a = a.partition(":")
+  kind_b, _, folder_b = b.partition(":")
+  return kind_a == kind_b and Path(folder_a).absolute() == Path(folder_b).absolute()
+
+
+def critic_model(c, reward: RewardModel, mesh=None, rules=None) -> ValueModel:
+  """The critic ``critic.init`` names: a copy of a reward model's, a run's or a Hugging Face folder's
+  (NeMo's start), or a random one; with ``mesh``, made or read straight into its shardings by ``rules``.
+  It trains in ``model.param_dtype``, where a Hugging Face reward model that only scores is kept in the
+  compute dtype: from the same folder it is read again unless the two are one dtype."""
   cc = c.critic
   if cc.init == "random":
     cfg = critic_config(c, "init")
     return pmesh.create_sharded(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(c.seed + 2)), mesh, rules)
-  if Path(cc.init[4:]).absolute() == Path(reward_dir).absolute():
+  same = _same_model(cc.init, cc.reward_model)
+  if cc.init.startswith("hf:"):
+    if same and c.model.param_dtype == c.model.dtype:
+      return reward.critic()
+    m = c.model
+    with pmesh.use(mesh, rules):  # the reader places each tensor by the rules active here
+      return hf_value.load(cc.init[3:], dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat, mesh=mesh)
+  if same:
     return reward.critic()
   return RewardModel.load(cc.init[4:], mesh=mesh, rules=rules).critic()
 
 
 def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) -> Critic:
-  """The critic job a PPO config names: its reward model (``critic.reward_model``, a ``run:`` folder),
-  its start (``critic.init``) and an optimizer scheduled over the run's rollouts. ``vocab_size``: the
-  policy tokenizer's, which both models must cover."""
+  """The critic job a PPO config names: its reward model (``critic.reward_model``: a ``run:`` folder or
+  a Hugging Face ``hf:`` one), its start (``critic.init``) and an optimizer scheduled over the run's
+  rollouts. ``vocab_size``: the policy tokenizer's, which both models must cover."""
   cc = c.critic
-  if not cc.reward_model.startswith("run:"):
+  if not cc.reward_model.startswith(SOURCES):
     raise ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
-                      "model run, run:<folder>")
+                      "model, run:<folder> or hf:<folder>")
   mesh, rules = pmesh.make_mesh(dict(cc.mesh)), build_lib.rules_of(c)
   reward = RewardModel.load_to_score(c, "critic.reward_model", mesh, rules)
-  value_model = critic_model(c, reward, cc.reward_model[4:], mesh, rules)
+  value_model = critic_model(c, reward, mesh, rules)
   for key, other in (("reward_model", reward.model), ("init", value_model)):
     if vocab_size is not None and other.config.vocab_size < vocab_size:
       raise ConfigError(f"config.critic.{key}: a vocabulary of {other.config.vocab_size} tokens, fewer "

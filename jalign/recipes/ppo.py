@@ -86,6 +86,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
     critic = RemoteCritic(c.critic.server)
   else:
     critic = critic_lib.build(c, options, vocab_size=policy.tok.vocab_size)
+    critic.reward.check_reads(policy.tok, "critic.reward_model")
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts, score=critic.rewards,
                                    prepare=GAEAdvantages(c, critic), initial=policy.initial, current=policy.current,
                                    mesh=policy.mesh, rules=policy.rules, log=log, val_prompts=policy.val_prompts)

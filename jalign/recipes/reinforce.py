@@ -3,8 +3,9 @@ rejection sampling (``gpt_rs_actor.yaml``): the policy samples, a reward model s
 trains on what it sampled.
 
 A rollout (``jalign.recipes.rollouts``) samples ``reinforce.num_rollouts_per_prompt`` responses to each
-of ``reinforce.num_rollout_samples`` prompts and the reward model (a jalign ``rm`` run) scores each
-prompt + response as tokens, standardised as in ``jalign.score``. Then REINFORCE:
+of ``reinforce.num_rollout_samples`` prompts and the reward model (a jalign ``rm`` run, or a Hugging Face
+reward model folder) scores each prompt + response as tokens, standardised as in ``jalign.score``. Then
+REINFORCE:
   - takes the policy's log-probs now (pi_old) and the initial policy's (the starting weights, frozen):
     each sample's KL is the masked mean of ``|log pi_old - log pi_init|``, its reward R = r - kl_coef * KL;
   - the baseline of a sample is the mean R of the other samples of its prompt that ended
@@ -29,7 +30,6 @@ from jalign.losses import rloo
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import rollouts as rollouts_lib
 from jalign.recipes.reward import RewardModel
-from jalign.specs.base import ConfigError
 
 
 def rloo_advantages(rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict, step: int) -> dict:
@@ -78,9 +78,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   policy = rollouts_lib.build_policy(c, settings, log, with_kl=spec.rollout.with_kl)
   # The reward model scores inside the trainer's mesh, so its weights are read onto it (by the same rules).
   reward = RewardModel.load_to_score(c, spec.rollout.reward_model, policy.mesh, policy.rules)
-  if reward.tokenizer.vocab_size != policy.tok.vocab_size:
-    raise ConfigError(f"config.{spec.rollout.reward_model}: its tokenizer ({reward.tokenizer.vocab_size} "
-                      f"tokens) is not the policy's ({policy.tok.vocab_size}); it scores the policy's tokens")
+  reward.check_reads(policy.tok, spec.rollout.reward_model)
   rows = rollouts_lib.generation_rows(settings, pmesh.data_parallel_size(policy.mesh, policy.rules))
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts,
                                    score=functools.partial(reward.rewards, batch_size=rows), prepare=prepare,

@@ -4,8 +4,12 @@ attributes, and the critic a reward model starts.
 
 ``RewardModel.load(run_dir)`` reads a reward-model run (``algorithm = "rm"``): rewards come out as
 ``(r - mean) / std`` with ``mean`` and ``std`` from the run folder's standardisation file (none: 0 and 1),
-which ``score_comparisons(..., fit_standardization=True)`` fits. ``RewardModel.critic()`` is a value
-model with its own copy of the weights that outputs a value per token, how PPO's critic starts.
+which ``score_comparisons(..., fit_standardization=True)`` fits. ``RewardModel.load_hf(folder, c)`` reads
+a Hugging Face reward model folder (LlamaForSequenceClassification, ``jalign.models.hf_value``) with its
+own tokenizer; it was not trained by this package, so the config that loads it says how prompts and
+responses are encoded, and its rewards are its raw scores (mean 0, std 1) unless the folder holds a
+standardisation file. ``RewardModel.critic()`` is a value model with its own copy of the weights that
+outputs a value per token, how PPO's critic starts.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from jalign import config as config_lib
 from jalign.data import preference
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
+from jalign.data.tokenizer import Tokenizer
 from jalign.losses import rm
+from jalign.models import LlamaConfig, hf_value
 from jalign.models.heads import ValueModel, merge_attributes
 from jalign.parallel import mesh as pmesh
-from jalign.recipes.build import load_trained, rules_of
+from jalign.recipes.build import load_trained, rules_of, run_model_config
 from jalign.specs.base import ConfigError, message_format
 
 STANDARDIZATION_FILE = "reward_standardization.json"
@@ -55,6 +61,18 @@ def write_standardization(run_dir: Path, mean: float, std: float, **info) -> Pat
   tmp.write_text(json.dumps({"mean": mean, "std": std, **info}, indent=2))
   tmp.replace(path)
   return path
+
+
+# How a config names a reward model: a jalign rm run folder, or a Hugging Face reward model folder.
+SOURCES = ("run:", "hf:")
+
+
+def reward_model_config(spec: str) -> LlamaConfig:
+  """The trunk config of the reward model ``spec`` names (``run:<folder>`` or ``hf:<folder>``), read
+  without its weights."""
+  if spec.startswith("hf:"):
+    return hf_value.read_config(spec[3:])[0]
+  return run_model_config(spec[4:])
 
 
 @functools.lru_cache(maxsize=16)
@@ -124,15 +142,64 @@ class RewardModel:
     return reward if mesh is None else reward.place(mesh, rules or rules_of(c))
 
   @classmethod
+  def load_hf(cls, folder, c, *, dtype: str | None = None, attribute_weights=None, mesh=None,
+              rules=None) -> "RewardModel":
+    """The Hugging Face reward model in ``folder`` with the folder's tokenizer, encoding and scoring as
+    config ``c``'s data settings say (``data.max_seq_length``, chat template, ``add_eos``); parameters
+    in ``dtype`` (default ``model.param_dtype``), computing in ``model.dtype``; with ``mesh``, read
+    straight onto it by ``rules`` (default: ``c``'s)."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+      raise ConfigError(f"{folder}: no tokenizer.json; a Hugging Face reward model is read with its own tokenizer")
+    rules = rules_of(c) if rules is None else rules
+    m = c.model
+    with pmesh.use(mesh, rules):  # the reader places each tensor by the rules active here
+      model = hf_value.load(folder, dtype=dtype or m.param_dtype, compute_dtype=m.dtype, remat=m.remat, mesh=mesh)
+    outputs = model.head.kernel.shape[-1]
+    if attribute_weights is not None and len(attribute_weights) != outputs:
+      raise ValueError(f"{len(attribute_weights)} attribute weights for a reward model of {outputs} outputs ({folder})")
+    mean, std = read_standardization(folder)
+    reward = cls(model, Tokenizer.from_dir(folder), c, mean, std,
+                 None if attribute_weights is None else tuple(attribute_weights))
+    return reward if mesh is None else reward.place(mesh, rules)
+
+  @classmethod
   def load_to_score(cls, c, key: str, mesh=None, rules=None) -> "RewardModel":
-    """The reward model run that config ``c``'s ``key`` names (``run:<folder>``), checked to score
-    sequences of the config's ``data.max_seq_length``; with ``mesh``, read onto it by ``rules``."""
+    """The reward model that config ``c``'s ``key`` names (``run:<folder>`` or ``hf:<folder>``), checked
+    to score sequences of the config's ``data.max_seq_length``; with ``mesh``, read onto it by ``rules``.
+    A Hugging Face one only scores: its weights are kept in the compute dtype (``model.dtype``)."""
     spec = config_lib.value_at(c, key)
+    if not spec.startswith(SOURCES):
+      raise ConfigError(f"config.{key}: {spec!r}; name a reward model, run:<folder> or hf:<folder>")
+    if spec.startswith("hf:"):  # checked before minutes of reading weights
+      limit = reward_model_config(spec).max_position_embeddings
+      if limit < c.data.max_seq_length:
+        raise ConfigError(f"config.{key}: it reads up to {limit} positions (max_position_embeddings), fewer "
+                          f"than data.max_seq_length {c.data.max_seq_length}")
+      if not (Path(spec[3:]) / "tokenizer.json").is_file():
+        raise ConfigError(f"config.{key}: {spec[3:]} has no tokenizer.json; a Hugging Face reward model is "
+                          "read with its own tokenizer")
+      return cls.load_hf(spec[3:], c, dtype=c.model.dtype, mesh=mesh, rules=rules)
     reward = cls.load(spec[4:], mesh=mesh, rules=rules)
     if reward.config.data.max_seq_length < c.data.max_seq_length:
       raise ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "
                                    f"fewer than data.max_seq_length {c.data.max_seq_length}")
     return reward
+
+  def check_reads(self, tok, key: str) -> None:
+    """Refuses to score the token ids of ``tok`` (the policy's tokenizer) unless this reward model reads
+    each as the same token: it scores the policy's ids as they are. Tokens it has beyond them (a pad
+    token added to a public reward model's vocabulary) do no harm."""
+    ours = self.tokenizer.backend.get_vocab(with_added_tokens=True)
+    theirs = tok.backend.get_vocab(with_added_tokens=True)
+    differ = sorted(i for token, i in theirs.items() if ours.get(token) != i)
+    if differ:
+      raise ConfigError(f"config.{key}: its tokenizer ({self.tokenizer.vocab_size} tokens) reads {len(differ)} of "
+                        f"the policy's {tok.vocab_size} token ids as other tokens (first: {differ[0]}, "
+                        f"{tok.id_to_token(differ[0])!r}); it scores the policy's tokens")
+    if self.model.config.vocab_size < tok.vocab_size:
+      raise ConfigError(f"config.{key}: a vocabulary of {self.model.config.vocab_size} tokens, fewer than the "
+                        f"policy's tokenizer's {tok.vocab_size}; it reads the policy's tokens")
 
   def encode(self, prompt, response: str) -> Example | None:
     """A prompt and response as the reward model's training pairs were encoded (None: does not fit)."""

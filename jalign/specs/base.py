@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jalign.data.chat import ModelChatTemplate, NemoChatFormat
@@ -33,6 +34,19 @@ def message_format(c, tok=None):
                         f"{getattr(tok, 'source', '')} has no chat template")
     return ModelChatTemplate(tok)
   return NemoChatFormat.extra_id() if c.data.chat_prompt_tokens == "extra_id" else NemoChatFormat()
+
+
+def require_reward_model(value: str, key: str, check_files: bool, *, random: bool = False) -> None:
+  """A reward model name: ``run:<jalign rm run folder>``, ``hf:<Hugging Face reward model folder>``, or
+  (with ``random``) ``random``; with ``check_files``, the folder has its config.json."""
+  choices = "random, run:<folder> or hf:<folder>" if random else "run:<folder> or hf:<folder>"
+  require((random and value == "random") or value.startswith(("run:", "hf:")), key,
+          f"{value!r}: name a reward model, {choices}")
+  if check_files and value.startswith("run:"):
+    require((Path(value[4:]) / "config.json").is_file(), key, f"{value[4:]} is not a jalign run folder")
+  if check_files and value.startswith("hf:"):
+    require((Path(value[3:]) / "config.json").is_file(), key,
+            f"{value[3:]} is not a Hugging Face model folder (no config.json)")
 
 
 # The fields of a packed row (``data.packing.build_row``) that every train step reads.

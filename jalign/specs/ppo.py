@@ -4,13 +4,12 @@ the critic job (critic training and inference, the reward model) on ``critic.mes
 as two jobs."""
 
 import functools
-from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import ppo
-from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, sampling
+from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model, sampling
 
 
 def block():
@@ -39,9 +38,9 @@ def block():
 
 def critic_block():
   b = ml_collections.ConfigDict()
-  b.init = "random"         # run:<reward model run> (NeMo starts the critic from the RM)
+  b.init = "random"         # run:<reward model run> | hf:<HF reward model folder> (NeMo starts the critic from the RM)
   b.preset = "tiny"         # with init=random
-  b.reward_model = "random"  # run:<reward model run>; random: a model of critic.preset
+  b.reward_model = "random"  # run:<reward model run> | hf:<HF reward model folder>; random: a model of critic.preset
   b.mesh = ml_collections.ConfigDict({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
   b.global_batch_size = 64
   b.micro_batch_size = 1
@@ -88,10 +87,7 @@ def validate(c, check_files):
   require(s.max_new_tokens < length, key["max_new_tokens"],
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
   for name in ("init", "reward_model"):
-    value = c.critic[name]
-    require(value == "random" or value.startswith("run:"), f"critic.{name}", f"{value!r} is not random or run:<folder>")
-    if value.startswith("run:") and check_files:
-      require((Path(value[4:]) / "config.json").is_file(), f"critic.{name}", f"{value[4:]} is not a jalign run folder")
+    require_reward_model(c.critic[name], f"critic.{name}", check_files, random=True)
 
 
 def train_fields(c) -> dict:

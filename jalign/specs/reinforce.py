@@ -1,18 +1,16 @@
 """REINFORCE with the leave-one-out baseline (NeMo-Aligner's ``gpt_reinforce_actor.yaml``): samples of
 the policy scored by a reward model, the KL to the initial policy subtracted from the reward."""
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import rloo
-from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, sampling
+from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model, sampling
 
 
 def block():
   b = ml_collections.ConfigDict()
-  b.reward_model = ""    # run:<folder> of a jalign reward model (algorithm rm); scores tokens
+  b.reward_model = ""    # run:<jalign reward model run (algorithm rm)> | hf:<HF reward model folder>; scores tokens
   b.num_rollout_samples = 512  # prompts per rollout
   b.num_rollouts_per_prompt = 4
   b.rollout_batch_size = 32    # rollout_micro_batch_size: sequences generated at once per data-parallel rank
@@ -43,11 +41,7 @@ def settings(c, kept: int | None = None) -> RolloutSettings:
 def validate_sampling(c, check_files, s: RolloutSettings):
   """The checks REINFORCE and rejection sampling share."""
   r, length, key = c.reinforce, c.data.max_seq_length, s.keys
-  require(r.reward_model.startswith("run:"), "reinforce.reward_model",
-          f"{r.reward_model!r}: name a reward model run, run:<folder>")
-  if check_files:
-    require((Path(r.reward_model[4:]) / "config.json").is_file(), "reinforce.reward_model",
-            f"{r.reward_model[4:]} is not a jalign run folder")
+  require_reward_model(r.reward_model, "reinforce.reward_model", check_files)
   require(s.per_prompt >= 2, key["per_prompt"],
           "must be at least 2 (the baseline, or the choice, is among a prompt's samples)")
   require(s.trained % c.train.global_batch_size == 0, key["prompts"],
