@@ -26,7 +26,6 @@ will need rather than its exact figure.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import os
@@ -49,9 +48,9 @@ from jalign.parallel import mesh as pmesh
 from jalign.parallel.logical import fit_spec, logical_to_spec
 from jalign.recipes import build
 from jalign.recipes import critic as critic_lib
+from jalign.recipes import reward as reward_lib
 from jalign.recipes import rollouts
 from jalign.recipes import spin as spin_lib
-from jalign.recipes.reward import reward_model_config
 from jalign.rollout.generate import generate_arrays
 from jalign.specs.base import ROW_FIELDS, ConfigError
 
@@ -255,10 +254,6 @@ def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *
             seconds=max_new * decode_read / hbm_bytes_per_s, repeats=repeats)
 
 
-def _value_pass(graphdef, weights, batch):
-  return nnx.merge(graphdef, weights, copy=True)(batch["tokens"])[..., 0]
-
-
 def _train_row(c, spec, length: int) -> dict:
   """An empty row of what a rollout algorithm's train step reads, as its rollouts make it."""
   row = {k: v for k, v in build_row([], length, 0).items() if k in ROW_FIELDS}
@@ -299,13 +294,14 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
 
     if not spec.rollout.critic:  # the reward model scores in the actor's job (PPO: in the critic's)
       rm_spec = config_lib.value_at(c, spec.rollout.reward_model)
-      rm_cfg = reward_model_config(rm_spec).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+      rm_cfg = reward_lib.reward_model_config(rm_spec).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
       rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                             dtype=jnp.dtype(c.model.dtype))
-      job.add("rewards", jax.jit(functools.partial(_value_pass, rm_graphdef)),
-              (rm_weights, job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)),
+      scored = reward_lib.scoring_length(c, rm_spec)  # the rows of a generation pass at a time, as the run scores
+      job.add("rewards", reward_lib.last_token_scorer(rm_graphdef),
+              (rm_weights, job.batch(reward_lib.scoring_row(None, scored, 0), rows)),
               resident=params + initial + engine + optimizer_resident,
-              flops=_flops(rm_cfg, rows * length, length, backward=False), repeats=rounds)
+              flops=_flops(rm_cfg, rows * scored, scored, backward=False), repeats=rounds)
 
     if spec.rollout.with_kl:  # pi_old and pi_init on the scored rollout, a global batch at a time
       scored = {**build_row([], length, 0), "group_ids": jnp.zeros((), jnp.int32), "is_end": jnp.zeros((), bool),
@@ -346,14 +342,18 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                           dtype=jnp.dtype(c.model.dtype))
     rm_bytes = per_device_bytes(rm_weights)
-    rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
-    batch = job.batch({"tokens": jnp.zeros((length,), jnp.int32)}, rows)
-    job.add("values", jax.jit(functools.partial(_value_pass, graphdef)), (state.params, batch),
-            resident=rm_bytes + optimizer_resident, flops=_flops(cfg, rows * length, length, backward=False),
-            repeats=rounds)
-    job.add("rewards", jax.jit(functools.partial(_value_pass, rm_graphdef)), (rm_weights, batch),
-            resident=params + optimizer_resident, flops=_flops(rm_cfg, rows * length, length, backward=False),
-            repeats=rounds)
+    # The critic job reads a rollout's rows critic.global_batch_size at a time, as Critic does.
+    size, passes = k.global_batch_size, math.ceil(settings.samples / k.global_batch_size)
+    rows = job.batch({name: jnp.zeros((length,), jnp.int32) for name in ("tokens", "positions", "segment_ids")}, size)
+    values = trainer.jit_reference_pass(graphdef, critic_lib.values_of, out_sharding=pmesh.batch_sharding(mesh, rules),
+                                        micro_batches=build.micro_batches(size, k.micro_batch_size, mesh, rules))
+    job.add("values", values, (state.params, state.rest, rows), resident=rm_bytes + optimizer_resident,
+            flops=_flops(cfg, size * length, length, backward=False), repeats=passes)
+    scored = reward_lib.scoring_length(c, k.reward_model) if k.reward_model != "random" else length
+    job.add("rewards", reward_lib.last_token_scorer(rm_graphdef),
+            (rm_weights, job.batch(reward_lib.scoring_row(None, scored, 0), size)),
+            resident=params + optimizer_resident, flops=_flops(rm_cfg, size * scored, scored, backward=False),
+            repeats=passes)
     row = {name: jnp.zeros((length,), jnp.int32) for name in ("tokens", "positions", "segment_ids")}
     row.update({name: jnp.zeros((length,), jnp.float32) for name in ("mask", "old_values", "returns")})
     job.train_step("critic train", critic_lib.critic_train_step(c, graphdef, schedule, tx, mesh, rules), state,

@@ -74,9 +74,10 @@ def test_ppo_plan_has_actor_and_critic_jobs(offload_adam):
   # Beside it: the trained weights, the initial policy, and the optimizer state unless offloaded.
   assert rollout.resident_bytes == 2 * actor.params_bytes + (0 if offload_adam else actor.optimizer_bytes)
   # 32 prompts, 2 per data-parallel rank of 4 at a time: 4 rounds, and log-probs twice per round
-  # (policy and initial policy); 32 samples in optimizer steps of 8.
+  # (policy and initial policy); 32 samples in optimizer steps of 8. The critic job reads the 32
+  # samples critic.global_batch_size (8) at a time: 4 passes of values and of rewards, 4 critic steps.
   assert (rollout.repeats, actor.step("policy log-probs").repeats, actor.step("actor train").repeats) == (4, 8, 4)
-  assert critic.step("values").repeats == 8 and critic.step("critic train").repeats == 4
+  assert [critic.step(name).repeats for name in ("values", "rewards", "critic train")] == [4, 4, 4]
   assert actor.seconds == pytest.approx(sum(s.repeats * s.seconds for s in actor.steps))
 
 

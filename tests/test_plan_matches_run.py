@@ -1,12 +1,16 @@
 """The planner compiles the programs the run compiles: for the same config, the train step (and the
-reference pass) the planner lowers on abstract arrays is, text for text, the one the Trainer lowers on
-its first real batch."""
+reference pass, and PPO's critic job) the planner lowers on abstract arrays is, text for text, the one
+the run lowers on its first real batch."""
 
+import numpy as np
 import pytest
+from flax import nnx
 
+from jalign import trainer
 from jalign.parallel import mesh as pmesh
 from jalign.plan import plan, program_fingerprint
 from jalign.recipes import ppo
+from jalign.recipes import reward as reward_lib
 from jalign.recipes.build import build_trainer
 from tests.conftest import load, quiet
 
@@ -37,11 +41,30 @@ def test_planned_ppo_actor_step_is_the_trainers(tmp_path, reward_run):
       "train.global_batch_size": 8, "critic.global_batch_size": 8, "critic.micro_batch_size": 1,
       "train.max_steps": 2, "data.validation": ""})
   c.mesh.update(SHARDED)
-  actor, _ = plan(c, peak_flops=1e12)
+  c.critic.mesh.update({"data": 4, "fsdp": 1, "tensor": 2, "pipeline": 1})
+  actor, planned_critic = plan(c, peak_flops=1e12)
   loop, rollouts = ppo.build(c, log=quiet)
   with pmesh.use(loop.mesh, loop.rules):
     batch = loop._put(next(loop.train_batches))  # a rollout's first global batch
     assert program_fingerprint(loop.lower_train_step(batch)) == actor.step("actor train").program
+  # The critic job's programs, on what the critic reads from a rollout: its values, the reward
+  # model's scores and the critic's train step.
+  critic, size, width = rollouts.prepare.critic, c.critic.global_batch_size, c.data.max_seq_length
+  rows = {key: np.zeros((size, width), np.int32) for key in ("tokens", "positions", "segment_ids")}
+  scored = reward_lib.scoring_row(None, critic.reward.config.data.max_seq_length, 0)
+  with pmesh.use(critic.mesh, critic.rules):
+    part = pmesh.put_global_batch(rows, critic.mesh, critic.rules)
+    values = critic._values.lower(critic.state.params, critic.state.rest, part)
+    assert program_fingerprint(values) == planned_critic.step("values").program
+    graphdef, weights = nnx.split(critic.reward.model)
+    scores = reward_lib.last_token_scorer(graphdef).lower(
+        weights, pmesh.put_global_batch({k: np.stack([v] * size) for k, v in scored.items()}, critic.mesh, critic.rules))
+    assert program_fingerprint(scores) == planned_critic.step("rewards").program
+    part = pmesh.put_global_batch({**rows, **{key: np.zeros((size, width), np.float32)
+                                              for key in ("mask", "old_values", "returns")}}, critic.mesh, critic.rules)
+    step = trainer.jit_train_step(critic._step_fn, critic.state_sharding,
+                                  pmesh.batch_shardings(part, critic.mesh, critic.rules))
+    assert program_fingerprint(step.lower(critic.state, part)) == planned_critic.step("critic train").program
 
 
 def test_a_different_program_has_a_different_fingerprint(tmp_path):

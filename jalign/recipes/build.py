@@ -254,13 +254,18 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
                          reference=reference)
 
 
-def load_trained(run_dir: str | Path, step: int | None = None, *, mesh=None, rules=None):
+def load_trained(run_dir: str | Path, step: int | None = None, *, mesh=None, rules=None, model: dict | None = None):
   """``(model, tokenizer, config)`` of a training run folder: its saved config rebuilt, the trained
   parameters of checkpoint ``step`` (default: the latest) restored, with ``mesh`` straight into their
   shardings by ``rules`` (default: the run's). Only the parameters are read, not the optimizer state;
-  the weights the run started from are loaded only when they stayed frozen (LoRA's base)."""
+  the weights the run started from are loaded only when they stayed frozen (LoRA's base). ``model``:
+  ``config.model`` keys to read it with in place of the run's (``param_dtype``, ``dtype``, ``remat``),
+  such as the compute dtype for a model that only scores."""
   run_dir = Path(run_dir)
-  c = read_run_config(run_dir)
+  saved = c = read_run_config(run_dir)
+  if model:
+    c = c.copy_and_resolve_references()
+    c.model.update(model)
   rules = rules_of(c) if rules is None else rules
   manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
   step = manager.latest_step() if step is None else step
@@ -281,4 +286,4 @@ def load_trained(run_dir: str | Path, step: int | None = None, *, mesh=None, rul
   item = {"params": target}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-  return nnx.merge(graphdef, restored.state["params"], rest, copy=True), tok, c
+  return nnx.merge(graphdef, restored.state["params"], rest, copy=True), tok, saved

@@ -175,22 +175,19 @@ def _same_model(a: str, b: str) -> bool:
 def critic_model(c, reward: RewardModel, mesh=None, rules=None) -> ValueModel:
   """The critic ``critic.init`` names: a copy of a reward model's, a run's or a Hugging Face folder's
   (NeMo's start), or a random one; with ``mesh``, made or read straight into its shardings by ``rules``.
-  It trains in ``model.param_dtype``, where a Hugging Face reward model that only scores is kept in the
-  compute dtype: from the same folder it is read again unless the two are one dtype."""
-  cc = c.critic
+  It trains in ``model.param_dtype``, where the reward model, which only scores, is kept in the compute
+  dtype: from the same folder it is read again unless the two are one dtype."""
+  cc, m = c.critic, c.model
   if cc.init == "random":
     cfg = critic_config(c, "init")
     return pmesh.create_sharded(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(c.seed + 2)), mesh, rules)
-  same = _same_model(cc.init, cc.reward_model)
+  if _same_model(cc.init, cc.reward_model) and m.param_dtype == m.dtype:
+    return reward.critic()
   if cc.init.startswith("hf:"):
-    if same and c.model.param_dtype == c.model.dtype:
-      return reward.critic()
-    m = c.model
     with pmesh.use(mesh, rules):  # the reader places each tensor by the rules active here
       return hf_value.load(cc.init[3:], dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat, mesh=mesh)
-  if same:
-    return reward.critic()
-  return RewardModel.load(cc.init[4:], mesh=mesh, rules=rules).critic()
+  trains_as = {"param_dtype": m.param_dtype, "dtype": m.dtype, "remat": m.remat}
+  return RewardModel.load(cc.init[4:], mesh=mesh, rules=rules, model=trains_as).model  # read for it alone
 
 
 def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) -> Critic:

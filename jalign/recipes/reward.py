@@ -34,7 +34,7 @@ from jalign.losses import rm
 from jalign.models import LlamaConfig, hf_value
 from jalign.models.heads import ValueModel, merge_attributes
 from jalign.parallel import mesh as pmesh
-from jalign.recipes.build import load_trained, rules_of, run_model_config
+from jalign.recipes.build import load_trained, read_run_config, rules_of, run_model_config
 from jalign.specs.base import ConfigError, message_format
 
 STANDARDIZATION_FILE = "reward_standardization.json"
@@ -76,7 +76,7 @@ def reward_model_config(spec: str) -> LlamaConfig:
 
 
 @functools.lru_cache(maxsize=16)
-def _last_token_scorer(graphdef):
+def last_token_scorer(graphdef):
   """One jitted scorer per model structure, so that scoring rollout after rollout compiles once."""
 
   @jax.jit
@@ -87,6 +87,19 @@ def _last_token_scorer(graphdef):
   return score
 
 
+def scoring_length(c, spec: str) -> int:
+  """The length of the rows the reward model ``spec`` names scores: a run's own ``data.max_seq_length``;
+  a Hugging Face one's is that of config ``c``, which encodes for it."""
+  return read_run_config(spec[4:]).data.max_seq_length if spec.startswith("run:") else c.data.max_seq_length
+
+
+def scoring_row(example: Example | None, max_length: int, pad: int) -> dict:
+  """One row of what the scorer reads: an example (None: an empty row) in ``max_length`` columns, and
+  its length."""
+  examples = [] if example is None else [example]
+  return {**build_row(examples, max_length, pad), "length": np.int32(len(example) if example is not None else 0)}
+
+
 def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_length: int,
                       batch_size: int = 8, mesh=None, rules=pmesh.DEFAULT_RULES) -> np.ndarray:
   """``[N, A]``: a value model's outputs at each example's last token, ``batch_size`` rows of
@@ -94,12 +107,12 @@ def last_token_values(model: ValueModel, tok, examples: list[Example], *, max_le
   data-parallel group scores its own rows when ``batch_size`` divides over them."""
   split = mesh is not None and batch_size % pmesh.data_parallel_size(mesh, rules) == 0
   graphdef, state = nnx.split(model)
-  score = _last_token_scorer(graphdef)
+  score = last_token_scorer(graphdef)
   pad = tok.pad_id if tok.pad_id is not None else 0
   out = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    rows = [{**build_row([ex], max_length, pad), "length": np.int32(len(ex))} for ex in chunk]
+    rows = [scoring_row(ex, max_length, pad) for ex in chunk]
     rows += [rows[-1]] * (batch_size - len(rows))  # one compiled shape; the copies are discarded
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     batch = pmesh.put_global_batch(batch, mesh, rules) if split else jax.tree.map(jnp.asarray, batch)
@@ -127,11 +140,11 @@ class RewardModel:
     return self
 
   @classmethod
-  def load(cls, run_dir, *, attribute_weights=None, mesh=None, rules=None) -> "RewardModel":
+  def load(cls, run_dir, *, attribute_weights=None, mesh=None, rules=None, model: dict | None = None) -> "RewardModel":
     """The reward model of a run folder; with ``mesh``, read straight onto it by ``rules`` (default: the
-    run's)."""
+    run's); ``model``: ``config.model`` keys in place of the run's (``load_trained``)."""
     run_dir = Path(run_dir)
-    model, tok, c = load_trained(run_dir, mesh=mesh, rules=rules)
+    model, tok, c = load_trained(run_dir, mesh=mesh, rules=rules, model=model)
     if not isinstance(model, ValueModel):
       raise ConfigError(f"{run_dir}: a {c.algorithm} run, not a reward model (algorithm rm)")
     if attribute_weights is not None and len(attribute_weights) != model.head.kernel.shape[-1]:
@@ -167,7 +180,7 @@ class RewardModel:
   def load_to_score(cls, c, key: str, mesh=None, rules=None) -> "RewardModel":
     """The reward model that config ``c``'s ``key`` names (``run:<folder>`` or ``hf:<folder>``), checked
     to score sequences of the config's ``data.max_seq_length``; with ``mesh``, read onto it by ``rules``.
-    A Hugging Face one only scores: its weights are kept in the compute dtype (``model.dtype``)."""
+    It only scores: its weights are kept in the compute dtype (``model.dtype``), as the planner counts them."""
     spec = config_lib.value_at(c, key)
     if not spec.startswith(SOURCES):
       raise ConfigError(f"config.{key}: {spec!r}; name a reward model, run:<folder> or hf:<folder>")
@@ -180,11 +193,12 @@ class RewardModel:
         raise ConfigError(f"config.{key}: {spec[3:]} has no tokenizer.json; a Hugging Face reward model is "
                           "read with its own tokenizer")
       return cls.load_hf(spec[3:], c, dtype=c.model.dtype, mesh=mesh, rules=rules)
-    reward = cls.load(spec[4:], mesh=mesh, rules=rules)
-    if reward.config.data.max_seq_length < c.data.max_seq_length:
-      raise ConfigError(f"config.{key}: it scores up to {reward.config.data.max_seq_length} tokens, "
-                                   f"fewer than data.max_seq_length {c.data.max_seq_length}")
-    return reward
+    scores_up_to = scoring_length(c, spec)
+    if scores_up_to < c.data.max_seq_length:
+      raise ConfigError(f"config.{key}: it scores up to {scores_up_to} tokens, fewer than data.max_seq_length "
+                        f"{c.data.max_seq_length}")
+    m = c.model
+    return cls.load(spec[4:], mesh=mesh, rules=rules, model={"param_dtype": m.dtype, "dtype": m.dtype, "remat": m.remat})
 
   def check_reads(self, tok, key: str) -> None:
     """Refuses to score the token ids of ``tok`` (the policy's tokenizer) unless this reward model reads
