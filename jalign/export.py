@@ -6,7 +6,8 @@ checkpoint split for ``--tp_size`` x ``--pp_size`` GPUs, which ``trtllm-build`` 
 A reward model run (algorithm ``rm``) exports to ``hf`` only, as a LlamaForSequenceClassification folder
 (which PPO and REINFORCE also read back, ``hf:<folder>``); a head with a bias, a regression reward
 model's, has no place there and is refused. The run's latest checkpoint is exported unless ``--step``
-names another; LoRA adapters are merged in; the run's tokenizer is saved alongside.
+names another; LoRA adapters are merged in; the run's tokenizer is saved alongside. The model is read
+sharded over every device of the process and each tensor gathered alone as it is written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from jalign.models import Transformer, hf, lora
 from jalign.models.heads import ValueModel
 from jalign.models.safetensors_io import CheckpointError
-from jalign.recipes.build import load_trained
+from jalign.recipes.build import load_trained, tool_mesh
 from jalign.specs.base import ConfigError
 
 FORMATS = ("hf", "trtllm")
@@ -35,7 +36,7 @@ def export(run_dir, out, *, format: str = "hf", step: int | None = None, dtype: 
   out = Path(out)
   if out.exists() and any(out.iterdir()) and not overwrite:  # before the minutes a restore can take
     raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
-  model, tokenizer, c = load_trained(run_dir, step)
+  model, tokenizer, c = load_trained(run_dir, step, mesh=tool_mesh())
   if isinstance(model, ValueModel) and format != "hf":
     raise ValueError(f"{run_dir}: a {c.algorithm} run trains a reward model; --format=hf exports it, "
                      f"{format} takes language models only")
