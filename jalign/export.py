@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jalign.models import Transformer, hf, lora
+from jalign.models import Transformer, hf, hf_value, lora
 from jalign.models.heads import ValueModel
 from jalign.models.safetensors_io import CheckpointError
 from jalign.recipes.build import load_trained, tool_mesh
@@ -45,7 +45,8 @@ def export(run_dir, out, *, format: str = "hf", step: int | None = None, dtype: 
   if lora.has_lora(model):
     model = lora.merge_lora(model)
   if format == "hf":
-    return hf.save(model, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
+    save = hf_value.save if isinstance(model, ValueModel) else hf.save
+    return save(model, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
   from jalign.rollout import trtllm
   return trtllm.export_checkpoint(model, out, tp_size=tp_size, pp_size=pp_size, dtype=dtype, tokenizer=tokenizer,
                                   overwrite=overwrite)

@@ -5,8 +5,8 @@ tensor to this package's layout as it is read: with a mesh, every device reads o
 straight into its sharding, so a 70B checkpoint never needs two full copies in host memory.
 ``save(model, path)`` writes a folder that ``transformers`` loads with the same logits; it writes
 into a temporary folder first and renames it at the end, so a failure leaves nothing half-written.
-Reward models (sequence classification folders, ``ValueModel``) are ``jalign.models.hf_value``'s;
-``save`` hands a ``ValueModel`` to it.
+Reward models (sequence classification folders, ``ValueModel``) are ``jalign.models.hf_value``'s,
+which builds on this module.
 """
 
 from __future__ import annotations
@@ -354,18 +354,16 @@ def hf_tensors(model: Transformer, out_dtype) -> dict[str, tuple[tuple[int, ...]
   return out
 
 
-def save(model: Transformer | ValueModel, path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+def save(model: Transformer, path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          tokenizer=None, overwrite: bool = False) -> Path:
-  """Write ``model`` as a Hugging Face folder (config.json, safetensors shards, index); a ``ValueModel``
-  (a reward model, a critic) as a sequence classification model (``jalign.models.hf_value``).
+  """Write a language model as a Hugging Face folder (config.json, safetensors shards, index); a
+  ``ValueModel`` (a reward model, a critic) is ``jalign.models.hf_value.save``'s.
 
   ``dtype`` defaults to the parameter dtype. ``tokenizer`` (a ``jalign.data.Tokenizer``) is saved
   alongside when given. The folder appears only once complete.
   """
   if isinstance(model, ValueModel):
-    from jalign.models import hf_value  # it builds on this module
-    return hf_value.save(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer,
-                         overwrite=overwrite)
+    raise TypeError("a ValueModel is saved as a sequence classification model: jalign.models.hf_value.save")
   cfg = model.config
   out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
   gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config_to_hf(cfg, "")["eos_token_id"],

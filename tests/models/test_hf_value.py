@@ -91,7 +91,7 @@ def test_load_onto_a_mesh_places_each_tensor_in_its_sharding(checkpoints):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_saved_folder_loads_in_transformers_with_the_same_scores(checkpoints, kind, tmp_path):
   path, _, ref = checkpoints[kind]
-  out = hf.save(hf_value.load(path), tmp_path / "saved", max_shard_bytes=60_000)  # sharded, with an index
+  out = hf_value.save(hf_value.load(path), tmp_path / "saved", max_shard_bytes=60_000)  # sharded, with an index
   assert (out / "model.safetensors.index.json").is_file()
   reloaded = KINDS[kind][0].from_pretrained(out).eval()
   np.testing.assert_allclose(torch_scores(reloaded, TOKENS), ref, rtol=1e-6, atol=1e-6)
@@ -105,7 +105,7 @@ def test_a_head_with_a_bias_is_refused(checkpoints, tmp_path):
   model = hf_value.load(path)
   model.head.bias.set_value(jnp.array([0.5], jnp.float32))
   with pytest.raises(ValueError, match="nonzero bias.*LlamaForSequenceClassification"):
-    hf.save(model, tmp_path / "biased")
+    hf_value.save(model, tmp_path / "biased")
   assert not (tmp_path / "biased").exists()
 
 
