@@ -16,6 +16,7 @@ Every record is checked when the file is read, before any training: a malformed 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
@@ -189,7 +190,8 @@ class ReadReport:
 
 
 def read_jsonl(path: str | os.PathLike, fmt: str, *, skip_bad_lines: bool = False) -> tuple[list[dict], ReadReport]:
-  """All records of a jsonl file in format ``fmt``, checked; blank lines are ignored."""
+  """All records of a jsonl file in format ``fmt``, checked; blank lines (and a UTF-8 byte order mark)
+  are ignored."""
   if fmt not in PARSERS:
     raise DataError(f"unknown data format {fmt!r}; known: {sorted(PARSERS)}")
   path = Path(path)
@@ -198,11 +200,17 @@ def read_jsonl(path: str | os.PathLike, fmt: str, *, skip_bad_lines: bool = Fals
   parse = PARSERS[fmt]
   report = ReadReport(str(path))
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, "rb") as f:  # decoded line by line, so that a bad byte is a bad line, not a bad file
+    for lineno, raw in enumerate(f, 1):
+      if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # as many tools write one
+        raw = raw[len(codecs.BOM_UTF8):]
+      if not raw.strip():
         continue
       try:
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise _FieldError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:

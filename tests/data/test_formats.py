@@ -64,3 +64,15 @@ def test_empty_or_missing_files(tmp_path):
     read_jsonl(_write(tmp_path, ['{"text": ""}']), "prompt", skip_bad_lines=True)
   with pytest.raises(DataError, match="nope.jsonl: file not found"):
     read_jsonl(tmp_path / "nope.jsonl", "prompt")
+
+
+def test_bytes_that_are_not_utf8_are_a_bad_line_and_a_byte_order_mark_is_read(tmp_path):
+  good = json.dumps(GOOD["prompt"]).encode()
+  path = tmp_path / "data.jsonl"
+  path.write_bytes(b"\n".join([good, good, b'{"text": "caf\xff\xfe"}', good]) + b"\n")
+  with pytest.raises(DataError, match=r"data.jsonl:3: not UTF-8 text \(byte 0xff at column 14\)"):
+    read_jsonl(path, "prompt")
+  records, report = read_jsonl(path, "prompt", skip_bad_lines=True)
+  assert len(records) == 3 and report.bad_lines == 1
+  path.write_bytes(b"\xef\xbb\xbf" + b"\n".join([good, good]) + b"\n")
+  assert [r["text"] for r in read_jsonl(path, "prompt")[0]] == [GOOD["prompt"]["text"]] * 2
