@@ -271,6 +271,7 @@ def _validate_mesh(c, device_count: int) -> tuple[int, dict]:
 def _validate_train(c, dp: int, shape: dict, process_count: int) -> None:
   t = c.train
   require(t.max_steps >= 1, "train.max_steps", "must be at least 1")
+  require(t.global_batch_size >= 1, "train.global_batch_size", "must be at least 1")
   require(t.global_batch_size % process_count == 0, "train.global_batch_size",
           f"{t.global_batch_size} does not split over {process_count} processes")
   require(t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0,

@@ -8,8 +8,8 @@ import sys
 
 import jax
 from absl import app, logging
-from ml_collections import config_flags
 
+from jalign import config_flag as config_flag_lib
 from jalign.parallel import distributed
 from jalign.recipes.distill import run
 from jalign.specs.base import ConfigError
@@ -20,20 +20,19 @@ def main(argv, config_flag):
     logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if config_flag.value is None:
-    raise app.UsageError("--config=configs/<name>.py (a kd config) is required")
-  dist = config_flag.value.distributed
+  c = config_flag_lib.read(config_flag, "configs/<name>.py (a kd config)")
+  dist = c.distributed
   distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
   try:
-    run(config_flag.value, log=print if jax.process_index() == 0 else (lambda *_: None))
+    run(c, log=print if jax.process_index() == 0 else (lambda *_: None))
   except (ConfigError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 def entry():
-  config_flag = config_flags.DEFINE_config_file("config", None, "a KD config file", lock_config=True)
-  app.run(lambda argv: main(argv, config_flag))
+  config_flag = config_flag_lib.define("a KD config file")
+  config_flag_lib.run(lambda argv: main(argv, config_flag))
 
 
 if __name__ == "__main__":

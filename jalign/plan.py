@@ -33,11 +33,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from jalign import config as config_lib
+from jalign import config_flag as config_flag_lib
 from jalign import specs, trainer
 from jalign.data.packing import build_row
 from jalign.losses import rloo
@@ -425,9 +425,7 @@ def format_plan(p: JobPlan) -> str:
 
 def main(argv, config_flag, peak_flag, hbm_flag, devices_flag):
   del argv
-  c = config_flag.value
-  if c is None:
-    raise app.UsageError("--config=configs/<name>.py is required")
+  c = config_flag_lib.read(config_flag)
   needed = devices_flag.value or devices_needed(c)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAGS).strip()
   jax.config.update("jax_platforms", "cpu")
@@ -441,12 +439,11 @@ def main(argv, config_flag, peak_flag, hbm_flag, devices_flag):
 
 
 def entry():
-  config_flag = config_flags.DEFINE_config_file("config", None, "an ml_collections config file",
-                                                lock_config=True)
+  config_flag = config_flag_lib.define()
   peak = flags.DEFINE_float("peak_tflops", 989.0, "per-device peak FLOP/s in TFLOP/s (dense bf16 H100: 989)")
   hbm = flags.DEFINE_float("hbm_tbps", 3.35, "per-device memory bandwidth in TB/s (H100 SXM: 3.35)")
   devices = flags.DEFINE_integer("devices", 0, "plan for this many devices (default: what the meshes need)")
-  app.run(lambda argv: main(argv, config_flag, peak, hbm, devices))
+  config_flag_lib.run(lambda argv: main(argv, config_flag, peak, hbm, devices))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import sys
 
 import jax
 from absl import app, logging
-from ml_collections import config_flags
 
+from jalign import config_flag as config_flag_lib
 from jalign import specs
 from jalign.data import formats
 from jalign.parallel import distributed
@@ -34,9 +34,7 @@ def main(argv, config_flag):
     logging.set_verbosity(logging.WARNING)  # orbax narrates every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = config_flag.value
-  if config is None:
-    raise app.UsageError("--config=configs/<name>.py is required")
+  config = config_flag_lib.read(config_flag)
   dist = config.distributed
   distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
   try:
@@ -48,9 +46,8 @@ def main(argv, config_flag):
 
 def entry():
   # Flags are defined here, not at import, so that other entry points can import this module.
-  config_flag = config_flags.DEFINE_config_file("config", None, "an ml_collections config file",
-                                                lock_config=True)
-  app.run(lambda argv: main(argv, config_flag))
+  config_flag = config_flag_lib.define()
+  config_flag_lib.run(lambda argv: main(argv, config_flag))
 
 
 if __name__ == "__main__":

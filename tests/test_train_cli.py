@@ -45,6 +45,22 @@ def test_invalid_config_names_the_key_before_compiling(tmp_path):
   assert out.returncode != 0 and "no_such_key" in out.stderr
 
 
+def test_bad_flags_and_config_files_end_in_one_line(tmp_path):
+  (tmp_path / "syntax.py").write_text("def get_config(:\n")
+  (tmp_path / "broken.py").write_text("from jalign.config import base_config\n\ndef get_config():\n  return 1 / 0\n")
+  cases = [
+      (["--config.optimizer.lrr=1"], 'error: --config.optimizer.lrr: no such key \'lrr\' (did you mean "lr" instead of "lrr"?)'),
+      (["--config.train.global_batch_size=0"], "error: config.train.global_batch_size: must be at least 1"),
+      (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such file"),
+      ([f"--config={tmp_path / 'syntax.py'}"], f"error: {tmp_path / 'syntax.py'}:1: invalid syntax"),
+      ([f"--config={tmp_path / 'broken.py'}"], f"error: {tmp_path / 'broken.py'}:4: ZeroDivisionError: division by zero"),
+  ]
+  for args, line in cases:
+    out = train(f"--config.run_dir={tmp_path / 'run'}", *args)
+    assert (out.returncode, out.stderr.strip()) == (2, line), out.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
 def test_malformed_data_line_stops_before_training(tmp_path):
   data = tmp_path / "bad.jsonl"
   good = (ROOT / "jalign" / "assets" / "data" / "sft_chat_val.jsonl").read_text().splitlines()

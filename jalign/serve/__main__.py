@@ -16,9 +16,9 @@ import threading
 import jax
 
 from absl import app, logging
-from ml_collections import config_flags
 
 from jalign import config as config_lib
+from jalign import config_flag as config_flag_lib
 from jalign import specs
 from jalign.parallel import distributed
 from jalign.recipes import critic as critic_lib
@@ -106,10 +106,9 @@ def main(argv, config_flag):
     logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if config_flag.value is None:
-    raise app.UsageError("--config=configs/<name>.py is required")
+  c = config_flag_lib.read(config_flag)
   try:
-    serve(config_flag.value)
+    serve(c)
   except (config_lib.ConfigError, triton.ServeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -118,8 +117,8 @@ def main(argv, config_flag):
 
 
 def entry():
-  config_flag = config_flags.DEFINE_config_file("config", None, "an ml_collections config file", lock_config=True)
-  app.run(lambda argv: main(argv, config_flag))
+  config_flag = config_flag_lib.define()
+  config_flag_lib.run(lambda argv: main(argv, config_flag))
 
 
 if __name__ == "__main__":
