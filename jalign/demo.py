@@ -32,9 +32,17 @@ def sft_demo(config_path: str, run_dir: str | None):
   rollout = generate(model, prompts, max_new_tokens=24, greedy=True, stop_ids=(stop,), pad_id=tok.pad_id)
   print("\nThe trained tiny model answers (greedy):")
   for q, r in zip(QUESTIONS, rollout.responses()):
-    print(f"  User: {q}\n  Assistant: {tok.decode(r).strip()}")
+    print(f"  User: {q}\n  Assistant: {answer_text(tok, r, stop)}")
   print(f"\n{summary['stopped']} after {summary['steps']} steps; "
         f"run folder: {Path(summary['run_dir']).absolute()}")
+
+
+def answer_text(tok, response, stop: int) -> str:
+  """A response's text without the stop token that ended it (the chat format's turn start is a control
+  character, not a special token the decoder drops)."""
+  if len(response) and response[-1] == stop:
+    response = response[:-1]
+  return tok.decode(response).strip()
 
 
 def chat_demo(prompts, max_new_tokens):
@@ -53,7 +61,7 @@ def chat_demo(prompts, max_new_tokens):
   responses = rollout.responses()
   elapsed = time.perf_counter() - start
   for prompt, response in zip(prompts, responses):
-    print(f"\nUser: {prompt}\nAssistant: {tokenizer.decode(response).strip()}")
+    print(f"\nUser: {prompt}\nAssistant: {answer_text(tokenizer, response, tokenizer.eos_id)}")
   print(f"\n{sum(map(len, responses))} tokens in {elapsed:.1f} s (greedy, KV cache, compile included)")
 
 
