@@ -15,7 +15,7 @@ LAYERS = [
     ("models",),
     ("losses",),
     ("specs",),
-    ("config", "optim"),
+    ("config", "config_flag", "optim"),
     ("trainer", "metrics", "rollout"),
     ("serve.critic", "serve.generation", "serve.triton"),
     ("recipes",),
