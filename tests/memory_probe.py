@@ -109,7 +109,7 @@ def ppo(folder: Path) -> dict:
 
   def build_job():
     policy = rollouts.build_policy(c, specs.get("ppo").sampling(c), quiet, with_kl=True)
-    return policy, critic.build(c, options, vocab_size=policy.tok.vocab_size)
+    return policy, critic.build(c, options, tok=policy.tok)
 
   (policy, job), peak = measured(build_job)
   parts = {"actor": nbytes(policy.state.params), "actor_optimizer": nbytes(policy.state.opt_state),

@@ -190,19 +190,21 @@ def critic_model(c, reward: RewardModel, mesh=None, rules=None) -> ValueModel:
   return RewardModel.load(cc.init[4:], mesh=mesh, rules=rules, model=trains_as).model  # read for it alone
 
 
-def build(c, options: trainer.TrainerOptions, *, vocab_size: int | None = None) -> Critic:
+def build(c, options: trainer.TrainerOptions, *, tok=None) -> Critic:
   """The critic job a PPO config names: its reward model (``critic.reward_model``: a ``run:`` folder or
   a Hugging Face ``hf:`` one), its start (``critic.init``) and an optimizer scheduled over the run's
-  rollouts. ``vocab_size``: the policy tokenizer's, which both models must cover."""
+  rollouts. ``tok``: the policy's tokenizer, whose ids both models must read (``RewardModel.check_reads``;
+  a served critic does not know it)."""
   cc = c.critic
   if not cc.reward_model.startswith(SOURCES):
     raise ConfigError(f"config.critic.reward_model: {cc.reward_model!r}; PPO training needs a reward "
                       "model, run:<folder> or hf:<folder>")
   mesh, rules = pmesh.make_mesh(dict(cc.mesh)), build_lib.rules_of(c)
   reward = RewardModel.load_to_score(c, "critic.reward_model", mesh, rules)
+  if tok is not None:
+    reward.check_reads(tok, "critic.reward_model")
   value_model = critic_model(c, reward, mesh, rules)
-  for key, other in (("reward_model", reward.model), ("init", value_model)):
-    if vocab_size is not None and other.config.vocab_size < vocab_size:
-      raise ConfigError(f"config.critic.{key}: a vocabulary of {other.config.vocab_size} tokens, fewer "
-                        f"than the policy's tokenizer's {vocab_size}; it reads the policy's tokens")
+  if tok is not None and value_model.config.vocab_size < tok.vocab_size:
+    raise ConfigError(f"config.critic.init: a vocabulary of {value_model.config.vocab_size} tokens, fewer "
+                      f"than the policy's tokenizer's {tok.vocab_size}; it reads the policy's tokens")
   return Critic(c, value_model, reward, total_steps=critic_steps(c), options=options, rules=rules, mesh=mesh)

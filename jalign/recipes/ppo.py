@@ -85,8 +85,7 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   if c.critic.server:  # a critic server started by python -m jalign.serve
     critic = RemoteCritic(c.critic.server)
   else:
-    critic = critic_lib.build(c, options, vocab_size=policy.tok.vocab_size)
-    critic.reward.check_reads(policy.tok, "critic.reward_model")
+    critic = critic_lib.build(c, options, tok=policy.tok)
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts, score=critic.rewards,
                                    prepare=GAEAdvantages(c, critic), initial=policy.initial, current=policy.current,
                                    mesh=policy.mesh, rules=policy.rules, log=log, val_prompts=policy.val_prompts)

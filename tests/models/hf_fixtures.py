@@ -30,13 +30,18 @@ def save_random(kind: str, path, seed: int = 0):
   cls, cfg = make(kind)
   torch.manual_seed(seed)
   model = cls(cfg).eval()
+  nonzero_attention_biases(model)
+  model.save_pretrained(path)
+  return model
+
+
+def nonzero_attention_biases(model):
+  """Draws the q/k/v biases a family has (Qwen2's), so that a dropped bias shows."""
   with torch.no_grad():
-    for layer in model.model.layers:  # non-zero biases, so that a dropped bias shows
+    for layer in model.model.layers:
       for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
         if proj.bias is not None:
           proj.bias.normal_()
-  model.save_pretrained(path)
-  return model
 
 
 def torch_logits(model, tokens) -> np.ndarray:

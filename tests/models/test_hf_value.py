@@ -17,7 +17,7 @@ from jalign.models import hf, hf_value
 from jalign.models.heads import ValueModel
 from jalign.models.safetensors_io import CheckpointError
 from jalign.parallel.logical import variable_spec
-from tests.models.hf_fixtures import COMMON, LLAMA3_SCALING
+from tests.models.hf_fixtures import COMMON, LLAMA3_SCALING, nonzero_attention_biases, torch_logits
 
 PAD = 0
 LENGTHS = np.array([24, 17])
@@ -37,17 +37,9 @@ def save_random_rm(kind, path, seed=0):
   model = cls(config_cls(**kwargs)).eval()
   with torch.no_grad():
     model.score.weight.normal_()  # scores of order one, so that a wrong trunk shows
-    for layer in model.model.layers:
-      for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-        if proj.bias is not None:
-          proj.bias.normal_()
+  nonzero_attention_biases(model)
   model.save_pretrained(path)
   return model
-
-
-def torch_scores(model, tokens) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def checkpoints(tmp_path_factory):
   out = {}
   for kind in KINDS:
     model = save_random_rm(kind, root / kind)
-    out[kind] = (root / kind, model, torch_scores(model, TOKENS))
+    out[kind] = (root / kind, model, torch_logits(model, TOKENS))
   return out
 
 
@@ -94,7 +86,7 @@ def test_saved_folder_loads_in_transformers_with_the_same_scores(checkpoints, ki
   out = hf_value.save(hf_value.load(path), tmp_path / "saved", max_shard_bytes=60_000)  # sharded, with an index
   assert (out / "model.safetensors.index.json").is_file()
   reloaded = KINDS[kind][0].from_pretrained(out).eval()
-  np.testing.assert_allclose(torch_scores(reloaded, TOKENS), ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(torch_logits(reloaded, TOKENS), ref, rtol=1e-6, atol=1e-6)
   config = json.loads((out / "config.json").read_text())
   assert config["pad_token_id"] == PAD and len(config["id2label"]) == KINDS[kind][1]["num_labels"]
   assert hf_value.read_config(out) == hf_value.read_config(path)
