@@ -12,16 +12,25 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
-  """``metrics.jsonl`` and TensorBoard event files in the run folder; W&B when a project is named."""
+  """``metrics.jsonl`` and TensorBoard event files in the run folder; W&B when a project is named.
 
-  def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None):
+  A run resumed from the checkpoint of step ``resumed_from`` repeats the steps it had logged after that
+  checkpoint: their lines are dropped from ``metrics.jsonl`` (a ``resume`` line marks the place) and
+  TensorBoard is told to purge them, so that every step appears once."""
+
+  def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None, *,
+               resumed_from: int = 0):
     self.path = run_dir / "metrics.jsonl"
     self.enabled = jax.process_index() == 0  # one writer per job
     self._wandb = None
     if not self.enabled:
       return
+    if self.path.is_file():
+      _keep_steps_up_to(self.path, resumed_from)
     self._file = open(self.path, "a")
-    self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+    if resumed_from:
+      self._file.write(json.dumps({"step": resumed_from, "split": "resume"}) + "\n")
+    self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None)
     if wandb_project:
       import wandb  # optional: only when the config asks for it
       self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
@@ -44,6 +53,20 @@ class MetricsWriter:
     self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+  """Drops the lines of ``metrics.jsonl`` logged after ``step`` (and any line cut short by a kill)."""
+  kept = []
+  for line in path.read_text(errors="replace").splitlines():
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(k + "\n" for k in kept))
+  tmp.replace(path)
 
 
 class Progress:

@@ -12,12 +12,14 @@ import sys
 import jax
 from absl import app, logging
 
+from jalign import checkpoints
 from jalign import config_flag as config_flag_lib
 from jalign import specs
 from jalign.data import formats
 from jalign.parallel import distributed
 from jalign.recipes import ppo, reinforce, spin, supervised
 from jalign.specs.base import ConfigError
+from jalign.trainer import TrainingError
 
 # The recipe a spec names (``AlgorithmSpec.recipe``) -> what runs it.
 RECIPES = {"train": supervised.run, "spin": spin.run, "reinforce": reinforce.run, "rs": reinforce.run,
@@ -35,6 +37,7 @@ def main(argv, config_flag):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_flag_lib.read(config_flag)
+  checkpoints.leave_failed_writes_to_the_trainer()
   dist = config.distributed
   distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
   try:
@@ -42,6 +45,9 @@ def main(argv, config_flag):
   except (ConfigError, formats.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except TrainingError as e:  # a run that went wrong (a NaN loss, a failed save): its checkpoints say where it got
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def entry():

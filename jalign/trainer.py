@@ -32,6 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jalign.checkpoints import checkpoint_manager, checkpoint_steps, failure_reason
 from jalign.metrics import MetricsWriter, Progress
 from jalign.parallel import mesh as pmesh
 
@@ -254,8 +255,10 @@ class Trainer:
     self._train_fn, self._eval_fn = train_step, eval_step
     self._train_step = self._eval_step = None
     self.checkpoints = checkpoint_manager(self.run_dir / "checkpoints", options)
-    self.metrics = MetricsWriter(self.run_dir, wandb_project, config)
+    self.metrics: MetricsWriter | None = None  # opened by run(), which knows the step it resumes from
+    self._wandb_project, self._config = wandb_project, config
     self._stop_signal = None
+    self._writing: int | None = None  # the step of the checkpoint being written in the background
     self.losses: dict[int, float] = {}
     self.last_val: dict | None = None
 
@@ -297,11 +300,32 @@ class Trainer:
   def _save(self, step: int, metrics: dict | None = None):
     data_state = self.train_batches.get_state() if hasattr(self.train_batches, "get_state") else {}
     saved = self.state.replace(rest=None)
-    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
-                                                         data=ocp.args.JsonSave(data_state)),
-                          metrics=metrics, force=True)
+    self._check_saves(wait=True)  # the one before: a failed write stops the run before another begins
+    try:
+      self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
+                                                           data=ocp.args.JsonSave(data_state)),
+                            metrics=metrics, force=True)
+    except Exception as e:  # noqa: BLE001 - whatever the write raised, the message names it
+      raise TrainingError(self._save_failure(step, e)) from None
+    self._writing = step
     if self.companion is not None:
       self.companion.save(step, metrics)
+
+  def _check_saves(self, wait: bool = False):
+    """Raises a ``TrainingError`` naming the checkpoint whose asynchronous write failed, once the write
+    has ended (``wait``: waiting for it to end)."""
+    if self._writing is None or (not wait and self.checkpoints.is_saving_in_progress()):
+      return
+    step, self._writing = self._writing, None
+    try:
+      self.checkpoints.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise TrainingError(self._save_failure(step, e)) from None
+
+  def _save_failure(self, step: int, error: BaseException) -> str:
+    complete = [s for s in checkpoint_steps(self.run_dir / "checkpoints") if s != step]
+    return (f"checkpoint {step} could not be written to {self.run_dir / 'checkpoints' / str(step)}: "
+            f"{failure_reason(error)}; the last complete checkpoint is {complete[-1] if complete else 'none'}")
 
   def restore(self) -> int | None:
     step = self.checkpoints.latest_step()
@@ -337,6 +361,17 @@ class Trainer:
 
   # -- the loop ---------------------------------------------------------------------------------
 
+  def _unsound(self, step: int, metrics: dict, state_step: int) -> str:
+    """The stop message of a non-finite metric measured on the state of ``state_step``. A checkpoint is
+    good when the loss, gradient norm and validation metrics of the state it holds were finite: those
+    older than ``state_step`` (a later one, on the way to it, was not measured)."""
+    bad = ", ".join(f"{k} is {metrics[k]}" for k in sorted(metrics, key=lambda k: k != "loss")
+                    if not math.isfinite(metrics[k]))
+    self._check_saves(wait=True)
+    good = [s for s in self.checkpoints.all_steps() if s < state_step]
+    return (f"step {step}: {bad}; stopping. The last good checkpoint is "
+            f"{f'step {max(good)}' if good else 'none'} in {self.run_dir / 'checkpoints'}")
+
   def _on_signal(self, signum, frame):
     self._stop_signal = signum
 
@@ -347,6 +382,7 @@ class Trainer:
   def _run(self) -> dict:
     o = self.options
     start_step = (self.restore() if o.resume else None) or 0
+    self.metrics = MetricsWriter(self.run_dir, self._wandb_project, self._config, resumed_from=start_step)
     progress = Progress(o.max_steps, start_step, o.log_every)
     if start_step:
       progress.log(f"resumed from step {start_step} ({self.run_dir / 'checkpoints'})")
@@ -357,6 +393,7 @@ class Trainer:
     peak = _peak_flops()
     try:
       while step < o.max_steps:
+        self._check_saves()
         batch = next(self.train_batches)
         t0 = time.perf_counter()
         device_batch = self._put(batch)
@@ -365,10 +402,8 @@ class Trainer:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         step_time = time.perf_counter() - t0
         step += 1
-        if not math.isfinite(metrics["loss"]):
-          last = self.checkpoints.latest_step()
-          raise TrainingError(f"step {step}: loss is {metrics['loss']}; stopping. The last good checkpoint "
-                              f"is {'step ' + str(last) if last is not None else 'none'} in {self.run_dir / 'checkpoints'}")
+        if not _all_finite(metrics, ("loss", "grad_norm")):  # measured on the state of step - 1
+          raise TrainingError(self._unsound(step, metrics, state_step=step - 1))
         all_tokens = _count(batch, "segment_ids") * jax.process_count()
         metrics.update(step_time=step_time, tokens_per_s=all_tokens / step_time)
         if o.flops_per_token and peak:
@@ -381,6 +416,8 @@ class Trainer:
         val = None
         if o.val_check_interval and (self.val_batches or self.validator) and (step % o.val_check_interval == 0 or step == o.max_steps):
           val = self.validate()
+          if not _all_finite(val, val):  # this step's state: it is not saved
+            raise TrainingError(self._unsound(step, val, state_step=step))
           self.last_val = val
           self.metrics.write(step, val, prefix="val")
           progress.log(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
@@ -392,11 +429,13 @@ class Trainer:
           break
     finally:
       signal.signal(signal.SIGTERM, previous)
-      self.checkpoints.wait_until_finished()
-      if self.companion is not None:
-        self.companion.wait()
-      progress.close()
-      self.metrics.close()
+      try:
+        self._check_saves(wait=True)
+      finally:
+        if self.companion is not None:
+          self.companion.wait()
+        progress.close()
+        self.metrics.close()
     return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
 
@@ -418,22 +457,8 @@ def optimizer_in_host_memory(holder, enabled: bool = True):
     holder.state = holder.state.replace(opt_state=jax.device_put(holder.state.opt_state, on_devices))
 
 
-def checkpoint_manager(directory, o: TrainerOptions, *, name: str | None = None) -> ocp.CheckpointManager:
-  """Async, atomic checkpoints in ``directory`` keeping the last ``o.keep_last`` and the best
-  ``o.keep_best`` by ``o.monitor``. ``name`` sets apart the cross-process barriers of a second model
-  saved at the same steps (PPO's critic beside the actor): orbax names a save's barriers by its step
-  alone, and two saves of one step in flight at once would share them."""
-  policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
-  if o.keep_best:
-    policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[o.monitor],
-                                                   reverse=not o.monitor_higher_is_better,
-                                                   n=o.keep_best, keep_checkpoints_without_metrics=False))
-  return ocp.CheckpointManager(
-      Path(directory).absolute(),
-      options=ocp.CheckpointManagerOptions(
-          preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-          enable_async_checkpointing=True, cleanup_tmp_directories=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)))
+def _all_finite(metrics: dict, keys) -> bool:
+  return all(math.isfinite(metrics[k]) for k in keys if k in metrics)
 
 
 def count(tree) -> int:

@@ -16,7 +16,7 @@ LAYERS = [
     ("losses",),
     ("specs",),
     ("config", "config_flag", "optim"),
-    ("trainer", "metrics", "rollout"),
+    ("trainer", "checkpoints", "metrics", "run_folder", "rollout"),
     ("serve.critic", "serve.generation", "serve.triton"),
     ("recipes",),
     ("train", "plan", "score", "export", "distill", "steerlm", "demo", "cli", "serve.__main__"),

@@ -123,3 +123,88 @@ def test_every_shipped_config_validates_with_its_files(path, tmp_path, monkeypat
     (tmp_path / run).symlink_to(request.getfixturevalue(EARLIER_RUNS[run]))
   monkeypatch.chdir(tmp_path)
   config_lib.validate(c, process_count=1, device_count=config_lib.nominal_device_count(c.mesh), check_files=True)
+
+
+def _files(folder: Path) -> dict:
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_folder_keeps_the_config_its_checkpoints_were_trained_with(tmp_path):
+  run_dir = tmp_path / "run"
+  assert train(f"--config.run_dir={run_dir}", "--config.train.save_interval=3").returncode == 0
+  finished = _files(run_dir)
+  # A run that cannot start (its data is bad) leaves the finished run's record as it was.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"system": "", "conversations": "oops"}\n')
+  out = train(f"--config.run_dir={run_dir}", f"--config.data.train={bad}", "--config.optimizer.lr=1e-3")
+  assert (out.returncode, out.stderr.strip()) == (2, f"error: {bad}:1: field 'conversations' must be a non-empty list")
+  assert _files(run_dir) == finished
+  # Resuming with a config that trains otherwise is refused, naming what differs.
+  out = train(f"--config.run_dir={run_dir}", "--config.optimizer.lr=1e-3", "--config.train.max_steps=5")
+  assert (out.returncode, out.stderr.strip()) == (2, (
+      f"error: config: {run_dir} holds checkpoints (latest step 3) trained with a different config: "
+      "optimizer.lr 0.003 -> 0.001; use another run_dir, or set train.allow_config_change=True to resume "
+      "with these changes"))
+  assert _files(run_dir) == finished
+  # Allowed, it warns and keeps each config under the step it took over at.
+  out = train(f"--config.run_dir={run_dir}", "--config.optimizer.lr=1e-3", "--config.train.max_steps=5",
+              "--config.train.allow_config_change=True")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stderr.strip().startswith("warning: resuming at step 3 with a changed config: optimizer.lr 0.003 -> 0.001")
+  assert (run_dir / "configs" / "step_0.json").read_bytes() == finished[Path("config.json")]
+  assert json.loads((run_dir / "configs" / "step_3.json").read_text())["optimizer"]["lr"] == 1e-3
+  assert (run_dir / "configs" / "step_3.json").read_bytes() == (run_dir / "config.json").read_bytes()
+  assert (run_dir / "checkpoints" / "5").is_dir()
+  for path in (Path("checkpoints/3"),):  # the earlier checkpoint is untouched
+    assert all(finished[p] == (run_dir / p).read_bytes() for p in finished if path in p.parents)
+
+
+def test_a_run_that_diverges_names_the_newest_checkpoint_whose_state_was_finite(tmp_path):
+  import jax
+  import numpy as np
+
+  from jalign.recipes.build import load_trained
+  run_dir = tmp_path / "run"
+  out = train(f"--config.run_dir={run_dir}", "--config.optimizer.lr=1e6", "--config.optimizer.warmup_steps=4",
+              "--config.train.max_steps=8", "--config.train.val_check_interval=1", "--config.train.save_interval=1",
+              "--config.train.keep_last=8")
+  # Step 2's state validated finite, but its gradient (measured at step 3) is not: step 1 is the good one.
+  assert (out.returncode, out.stderr.strip()) == (1, f"error: step 3: grad_norm is nan; stopping. The last good "
+                                                     f"checkpoint is step 1 in {run_dir / 'checkpoints'}")
+  model, tok, _ = load_trained(run_dir, 1)
+  logits = model(np.asarray([tok.encode("hello there")], np.int32))
+  assert np.isfinite(np.asarray(jax.device_get(logits))).all()
+
+
+DISK_FULL = r"""
+set -e
+mount -t tmpfs -o size=64m tmpfs "$MNT"
+"$@" --config.train.max_steps=4 --config.train.save_interval=2 > /dev/null
+cp -a "$MNT/run" "$OUT/before"
+# The disk is left with room for half a checkpoint.
+free=$(df -B1 --output=avail "$MNT" | tail -1); size=$(du -sb "$MNT/run/checkpoints/4" | cut -f1)
+fallocate -l $((free - size / 2)) "$MNT/filler"
+set +e
+"$@" --config.train.max_steps=200 --config.train.save_interval=50 > "$OUT/stdout" 2> "$OUT/stderr"
+echo $? > "$OUT/rc"
+cp -a "$MNT/run" "$OUT/after"
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path):
+  """On a 64 MB tmpfs (in a mount namespace of its own) filled up after checkpoint 4: the save of step 50
+  fails, the run stops before its next save would have, and checkpoints 2 and 4 are as they were."""
+  mnt, out = tmp_path / "disk", tmp_path / "out"
+  mnt.mkdir(), out.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MNT=str(mnt), OUT=str(out))
+  subprocess.run(["unshare", "--map-root-user", "--mount", "bash", "-c", DISK_FULL, "disk_full", sys.executable,
+                  "-m", "jalign.train", "--config=configs/sft_tiny.py", *SMALL[3:], "--config.train.val_check_interval=0",
+                  f"--config.run_dir={mnt / 'run'}"], cwd=ROOT, env=env, check=True, timeout=300)
+  stderr = (out / "stderr").read_text()
+  assert (int((out / "rc").read_text()), stderr.strip()) == (1, (
+      f"error: checkpoint 50 could not be written to {mnt / 'run' / 'checkpoints' / '50'}: No space left on device; "
+      "the last complete checkpoint is 4")), stderr[-3000:]
+  before, after = _files(out / "before" / "checkpoints"), _files(out / "after" / "checkpoints")
+  assert sorted({p.parts[0] for p in before}) == ["2", "4"] and all(after[p] == b for p, b in before.items())
+  steps = [json.loads(line)["step"] for line in (out / "after" / "metrics.jsonl").read_text().splitlines()]
+  assert 50 <= steps[-1] < 100  # stopped once the write was known to have failed

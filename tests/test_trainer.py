@@ -194,3 +194,35 @@ def test_a_validator_with_a_reward_keeps_the_highest_checkpoint(tmp_path):
   summary = loop.run()
   assert summary["val"] == {"val_reward": 0.1}
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]  # the best and the last
+
+
+def _tensorboard_events(folder):
+  """Every event of the TensorBoard files in ``folder`` (TFRecord framing: length, its CRC, the record, its CRC)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(Path(folder).glob("events*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+      at += 12 + length + 4
+  return events
+
+
+def test_a_resume_logs_each_step_once_and_marks_where_it_resumed(tmp_path):
+  import json
+  run(tiny_config(tmp_path / "run", max_steps=4, save_interval=2), log=quiet)
+  # Killed after logging steps 3 and 4, before checkpoint 4 was complete: the resume repeats them.
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+  before = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  run(tiny_config(tmp_path / "run", max_steps=5, save_interval=2), log=quiet)
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "resume"), (3, "train"),
+                                                      (4, "train"), (5, "train")]
+  assert [json.loads(line) for line in before[:2]] == rows[:2]  # what came before the checkpoint is kept
+  purges = [e.step for e in _tensorboard_events(tmp_path / "run" / "tensorboard")
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+  assert purges == [3]  # TensorBoard drops the first run's steps 3 and 4

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jalign import config as config_lib
-from jalign import optim, specs, trainer
+from jalign import optim, run_folder, specs, trainer
 from jalign.data import formats, pipeline
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import LlamaConfig, Transformer, gguf, hf, lora
@@ -23,13 +23,13 @@ from jalign.specs.base import ConfigError
 
 def prepare_run(c):
   """``(mesh, rules, run folder)`` of a config about to run: validated for this job's processes and
-  devices, its folder made and the resolved config saved there as ``config.json``."""
+  devices and its folder made. The config is saved there (``run_folder.record_config``) once its data
+  has been read, when its trainer is built."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   config_lib.require_training_start(c)
   mesh = pmesh.make_mesh(dict(c.mesh))
   run_dir = Path(c.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2))
   return mesh, rules_of(c), run_dir
 
 
@@ -230,6 +230,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   pad_id = tok.pad_id if tok.pad_id is not None else 0
   t = c.train
   train_batches, val_batches, train_stats = build_data(c, tok, pad_id, log)
+  run_folder.record_config(c, log)
   (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
   lm_config = model.config
   model, loss_fn, reference_fn = algorithm_parts(c, model, mesh, rules)

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jalign import specs, trainer
+from jalign.checkpoints import checkpoint_manager
 from jalign.losses import ppo
 from jalign.models import LlamaConfig, hf_value
 from jalign.models.heads import ValueModel
@@ -75,7 +76,7 @@ class Critic:
     self._values = trainer.jit_reference_pass(graphdef, values_of, micro_batches=micro,
                                               out_sharding=pmesh.batch_sharding(self.mesh, rules))
     self.directory = Path(c.run_dir) / "critic" / "checkpoints"
-    self.checkpoints = trainer.checkpoint_manager(self.directory, options, name="critic")
+    self.checkpoints = checkpoint_manager(self.directory, options, name="critic")
     self.offload_optimizer = cc.offload_adam_states
 
   def _optimizer_away(self):

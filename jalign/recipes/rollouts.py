@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jalign import config as config_lib
-from jalign import trainer
+from jalign import run_folder, trainer
 from jalign.data import formats
 from jalign.data.packing import build_row
 from jalign.data.prompts import encode_prompts
@@ -276,6 +276,7 @@ def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=N
                     companion=None) -> trainer.Trainer:
   """The shared Trainer of ``policy`` fed by ``rollouts`` (which get it as their ``loop``)."""
   options = options or trainer_options(c, bool(policy.val_prompts))
+  run_folder.record_config(c, log=print if jax.process_index() == 0 else lambda *_: None)
   graphdef = policy.graphdef
   loop = trainer.Trainer(state=policy.state,
                          train_step=build.train_step(c, graphdef, loss_fn, policy.schedule, policy.tx, policy.mesh,

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jalign import config as config_lib
-from jalign import specs
+from jalign import run_folder, specs
 from jalign.data import formats
 from jalign.data.chat import NemoChatFormat
 from jalign.data.preference import render_prompt
@@ -144,6 +144,7 @@ def run(c, log=print) -> dict:
   if len(data["train"][0]) < c.train.global_batch_size:
     raise formats.DataError(f"{config_lib.data_path(c.data.train)}: {len(data['train'][0])} prompts with an "
                             f"assistant reply, fewer than config.train.global_batch_size {c.train.global_batch_size}")
+  run_folder.record_config(c, log)
 
   model = tok = None
   previous = None
