@@ -47,7 +47,7 @@ fetch-models: $(VENV)/.installed
 	$(PY) -c "from jalign.models.pretrained import smollm2_path; print(smollm2_path())"
 
 test: $(VENV)/.installed-test $(VENV)/.installed-serve fetch-models
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=60 tests
 
 bench: $(VENV)/.installed-test fetch-models
 	$(PY) bench/bench_model.py

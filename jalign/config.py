@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
       pipeline_repeats=1,     # > 1: circular (interleaved) schedule
       max_steps=100, val_check_interval=25, save_interval=50, keep_last=2, keep_best=1, max_time_s=0.0,
       log_every=10, resume=True, wandb_project="",
-      allow_config_change=False))  # resume checkpoints made by a config that computed otherwise (jalign.run_folder)
+      allow_config_change=False,  # resume checkpoints made by a config that computed otherwise (jalign.run_folder)
+      skip_unreadable_checkpoints=False))  # resume from the newest readable checkpoint, setting aside newer ones
   c.optimizer = Block(dict(
       lr=3e-5,
       min_lr=config_dict.placeholder(float),  # None: lr / 10

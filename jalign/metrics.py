@@ -14,30 +14,33 @@ from tensorboardX import SummaryWriter
 class MetricsWriter:
   """``metrics.jsonl`` and TensorBoard event files in the run folder; W&B when a project is named.
 
-  A run resumed from the checkpoint of step ``resumed_from`` repeats the steps it had logged after that
-  checkpoint: their lines are dropped from ``metrics.jsonl`` (a ``resume`` line marks the place) and
-  TensorBoard is told to purge them, so that every step appears once."""
+  ``start(resumed_from)`` opens them. A run resumed from the checkpoint of step ``resumed_from`` repeats
+  the steps it had logged after that checkpoint: their lines are dropped from ``metrics.jsonl`` (a
+  ``resume`` line marks the place) and TensorBoard is told to purge them, so that every step appears once."""
 
-  def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None, *,
-               resumed_from: int = 0):
-    self.path = run_dir / "metrics.jsonl"
+  def __init__(self, run_dir: Path, wandb_project: str | None = None, config: dict | None = None):
+    self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
     self.enabled = jax.process_index() == 0  # one writer per job
-    self._wandb = None
-    if not self.enabled:
+    self._wandb_project, self._config = wandb_project, config
+    self._file = self._tb = self._wandb = None
+
+  def start(self, resumed_from: int = 0) -> None:
+    if not self.enabled or self._file is not None:
       return
     if self.path.is_file():
       _keep_steps_up_to(self.path, resumed_from)
     self._file = open(self.path, "a")
     if resumed_from:
       self._file.write(json.dumps({"step": resumed_from, "split": "resume"}) + "\n")
-    self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None)
-    if wandb_project:
+    self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None)
+    if self._wandb_project:
       import wandb  # optional: only when the config asks for it
-      self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+      self._wandb = wandb.init(project=self._wandb_project, config=self._config, dir=str(self.run_dir))
 
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
     if not self.enabled:
       return
+    self.start()  # written before the loop started (a rollout made by hand)
     clean = {k: float(v) for k, v in metrics.items()}
     self._file.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
     self._file.flush()
@@ -47,12 +50,13 @@ class MetricsWriter:
       self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
 
   def close(self):
-    if not self.enabled:
+    if self._file is None:
       return
     self._file.close()
     self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+    self._file = self._tb = self._wandb = None
 
 
 def _keep_steps_up_to(path: Path, step: int) -> None:

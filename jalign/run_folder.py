@@ -24,7 +24,7 @@ from jalign.checkpoints import checkpoint_steps
 # Keys a resume may change freely: they say how long and where a run goes on, not what a step computes.
 FREE_KEYS = ("run_dir", "train.max_steps", "train.val_check_interval", "train.save_interval", "train.keep_last",
              "train.keep_best", "train.max_time_s", "train.log_every", "train.resume", "train.wandb_project",
-             "train.allow_config_change", "train.micro_batch_size")
+             "train.allow_config_change", "train.skip_unreadable_checkpoints", "train.micro_batch_size")
 FREE_PREFIXES = ("mesh.", "distributed.")
 
 

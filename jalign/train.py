@@ -8,6 +8,7 @@ sampling, PPO). The resolved config is saved as ``config.json`` in the run folde
 from __future__ import annotations
 
 import sys
+import traceback
 
 import jax
 from absl import app, logging
@@ -40,14 +41,18 @@ def main(argv, config_flag):
   checkpoints.leave_failed_writes_to_the_trainer()
   dist = config.distributed
   distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count)
+  distributed.watch_for_failures()
   try:
     run(config, log=print if jax.process_index() == 0 else (lambda *_: None))
   except (ConfigError, formats.DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    distributed.end_job(str(e), 2)
   except TrainingError as e:  # a run that went wrong (a NaN loss, a failed save): its checkpoints say where it got
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    distributed.end_job(str(e), 1)
+  except Exception as e:  # a bug: its traceback, then the job ends as for any failure of one of its processes
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    distributed.end_job(f"{type(e).__name__}: {e}", 1)
 
 
 def entry():

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jalign.checkpoints import checkpoint_manager, checkpoint_steps, failure_reason
 from jalign.metrics import MetricsWriter, Progress
@@ -217,6 +219,7 @@ class TrainerOptions:
   max_time_s: float = 0.0           # 0: no limit
   log_every: int = 10
   resume: bool = True
+  skip_unreadable_checkpoints: bool = False  # resume from the newest checkpoint that can be read
   flops_per_token: float = 0.0      # for the MFU estimate
 
 
@@ -255,8 +258,7 @@ class Trainer:
     self._train_fn, self._eval_fn = train_step, eval_step
     self._train_step = self._eval_step = None
     self.checkpoints = checkpoint_manager(self.run_dir / "checkpoints", options)
-    self.metrics: MetricsWriter | None = None  # opened by run(), which knows the step it resumes from
-    self._wandb_project, self._config = wandb_project, config
+    self.metrics = MetricsWriter(self.run_dir, wandb_project, config)  # started by run(), after the restore
     self._stop_signal = None
     self._writing: int | None = None  # the step of the checkpoint being written in the background
     self.losses: dict[int, float] = {}
@@ -328,18 +330,46 @@ class Trainer:
             f"{failure_reason(error)}; the last complete checkpoint is {complete[-1] if complete else 'none'}")
 
   def restore(self) -> int | None:
-    step = self.checkpoints.latest_step()
+    """Restores the newest checkpoint, returning its step (None: there is none). One that cannot be read
+    stops the resume with its name and the newest intact one, or with ``skip_unreadable_checkpoints``
+    is set aside (renamed ``<step>.unreadable``, never deleted) and the intact one is taken."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
+    unreadable, step, restored = [], None, None
+    for candidate in sorted(self.checkpoints.all_steps(), reverse=True):
+      try:
+        restored = self.checkpoints.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 - a torn or corrupted file: whatever the reader raised
+        unreadable.append((candidate, failure_reason(e)))
+        continue
+      step = candidate
+      break
+    if unreadable:
+      self._set_aside(unreadable, step)
     if step is None:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
-    restored = self.checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     self.state = restored.state.replace(rest=self.state.rest)
     if self.companion is not None:
       self.companion.restore(step)
     if restored.data and hasattr(self.train_batches, "set_state"):
       self.train_batches.set_state(restored.data)
     return step
+
+  def _set_aside(self, unreadable: list, intact: int | None):
+    folder = self.run_dir / "checkpoints"
+    named = ", ".join(f"checkpoint {s} ({why})" for s, why in unreadable)
+    if not self.options.skip_unreadable_checkpoints or intact is None:
+      offer = (f"checkpoint {intact} is intact: set train.skip_unreadable_checkpoints=True to resume from it"
+               if intact is not None else "no checkpoint there can be read")
+      raise TrainingError(f"{folder}: {named} cannot be read; {offer}")
+    if jax.process_index() == 0:
+      for s, _ in unreadable:
+        (folder / str(s)).rename(folder / f"{s}.unreadable")
+      print(f"warning: {named} cannot be read (kept as <step>.unreadable); resuming from checkpoint {intact}",
+            file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("jalign: unreadable checkpoints set aside")
+    self.checkpoints.reload()
 
   # -- validation -------------------------------------------------------------------------------
 
@@ -382,7 +412,7 @@ class Trainer:
   def _run(self) -> dict:
     o = self.options
     start_step = (self.restore() if o.resume else None) or 0
-    self.metrics = MetricsWriter(self.run_dir, self._wandb_project, self._config, resumed_from=start_step)
+    self.metrics.start(resumed_from=start_step)
     progress = Progress(o.max_steps, start_step, o.log_every)
     if start_step:
       progress.log(f"resumed from step {start_step} ({self.run_dir / 'checkpoints'})")

@@ -59,14 +59,17 @@ def quiet(*_):
   """A log that prints nothing."""
 
 
-def launch_job(module, args, processes, devices_each, **popen):
+def launch_job(module, args, processes, devices_each, *, only=None, **popen):
   """``python -m <module> <args>`` as a jax.distributed job of ``processes`` local processes (one process:
-  no coordinator) of ``devices_each`` CPU devices; the ``Popen`` of each, process 0 first."""
+  no coordinator) of ``devices_each`` CPU devices; the ``Popen`` of each, process 0 first. ``only``:
+  ``{process id: [args]}`` added to that process's alone."""
   import portpicker
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   job = [f"--config.distributed.coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
          f"--config.distributed.num_processes={processes}"]
-  return [subprocess.Popen([sys.executable, "-m", module, *args, f"--config.distributed.local_device_count={devices_each}"]
+  only = only or {}
+  return [subprocess.Popen([sys.executable, "-m", module, *args, *only.get(i, []),
+                            f"--config.distributed.local_device_count={devices_each}"]
                            + (job + [f"--config.distributed.process_id={i}"] if processes > 1 else []),
                            cwd=ROOT, env=env, **popen)
           for i in range(processes)]

@@ -208,3 +208,24 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path)
   assert sorted({p.parts[0] for p in before}) == ["2", "4"] and all(after[p] == b for p, b in before.items())
   steps = [json.loads(line)["step"] for line in (out / "after" / "metrics.jsonl").read_text().splitlines()]
   assert 50 <= steps[-1] < 100  # stopped once the write was known to have failed
+
+
+def test_an_unreadable_checkpoint_is_named_and_the_intact_one_offered(tmp_path):
+  run_dir = tmp_path / "run"
+  assert train(f"--config.run_dir={run_dir}", "--config.train.max_steps=4", "--config.train.save_interval=2").returncode == 0
+  largest = max((p for p in (run_dir / "checkpoints" / "4").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])  # torn by a failing disk
+  saved = _files(run_dir)
+  out = train(f"--config.run_dir={run_dir}", "--config.train.max_steps=6", "--config.train.save_interval=2")
+  assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
+  assert out.stderr.startswith(f"error: {run_dir / 'checkpoints'}: checkpoint 4 (")
+  assert out.stderr.strip().endswith("cannot be read; checkpoint 2 is intact: set "
+                                     "train.skip_unreadable_checkpoints=True to resume from it")
+  assert _files(run_dir) == saved
+  out = train(f"--config.run_dir={run_dir}", "--config.train.max_steps=6", "--config.train.save_interval=2",
+              "--config.train.skip_unreadable_checkpoints=True")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 2" in out.stdout and "resuming from checkpoint 2" in out.stderr
+  kept = {p.relative_to(Path("checkpoints/4")): b for p, b in saved.items() if Path("checkpoints/4") in p.parents}
+  assert _files(run_dir / "checkpoints" / "4.unreadable") == kept
+  assert (run_dir / "checkpoints" / "6").is_dir()

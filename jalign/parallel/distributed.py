@@ -8,7 +8,10 @@ A single process needs nothing.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
 
 import jax
 
@@ -37,6 +40,63 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.distributed.initialize(initialization_timeout=timeout_s)
     return True
   return False
+
+
+# The coordination service's key under which the first process of a job to fail leaves its error.
+FAILURE_KEY = "jalign/failure"
+_ending = threading.Event()
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # the coordination service's client (no public handle)
+  return jax_distributed.global_state.client
+
+
+def end_job(message: str, code: int = 1):
+  """Ends this process with ``error: <message>`` and, in a multi-process job, tells the others (whose
+  ``watch_for_failures`` threads end them too, within a second or so): a process that fails alone
+  would otherwise leave the rest waiting in a collective until the coordinator's heartbeat gives up."""
+  if jax.process_count() == 1:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+  _ending.set()
+  index = jax.process_index()
+  text = message if index == 0 else f"process {index}: {message}"
+  try:
+    _client().key_value_set(FAILURE_KEY, text)
+  except Exception:  # noqa: BLE001 - another process reported first
+    pass
+  print(f"error: {text}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # not sys.exit: its shutdown barrier would wait for the processes stuck in a collective
+
+
+def watch_for_failures():
+  """In a multi-process job, a daemon thread that looks twice a second for another process's ``end_job``
+  and then ends this one with that process's message."""
+  if jax.process_count() == 1:
+    return
+
+  def watch():
+    client = _client()
+    while not _ending.wait(0.5):
+      try:
+        text = client.key_value_try_get(FAILURE_KEY)
+      except Exception:  # noqa: BLE001 - no failure reported (NOT_FOUND)
+        continue
+      if not _ending.is_set():
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+  watcher = threading.Thread(target=watch, name="jalign-failure-watch", daemon=True)
+  watcher.start()
+
+  def stop():  # a job that ends well stops watching before JAX's own shutdown closes the client
+    _ending.set()
+    watcher.join(timeout=5)
+
+  atexit.register(stop)
 
 
 def broadcast_object(obj=None):

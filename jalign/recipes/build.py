@@ -246,6 +246,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
       max_steps=t.max_steps, val_check_interval=t.val_check_interval if val_batches else 0,
       save_interval=t.save_interval, keep_last=t.keep_last, keep_best=t.keep_best if val_batches else 0,
       max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume,
+      skip_unreadable_checkpoints=t.skip_unreadable_checkpoints,
       flops_per_token=trainer.train_flops_per_token(lm_config, c.data.max_seq_length),
       monitor="val_loss")
   return trainer.Trainer(state=state, train_step=train_step(c, graphdef, loss_fn, schedule, tx, mesh, rules),

@@ -269,7 +269,7 @@ def trainer_options(c, has_val_prompts: bool) -> trainer.TrainerOptions:
                                 save_interval=t.save_interval, keep_last=t.keep_last,
                                 keep_best=t.keep_best if validating else 0, monitor="val_reward",
                                 monitor_higher_is_better=True, max_time_s=t.max_time_s, log_every=t.log_every,
-                                resume=t.resume)
+                                resume=t.resume, skip_unreadable_checkpoints=t.skip_unreadable_checkpoints)
 
 
 def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=None,

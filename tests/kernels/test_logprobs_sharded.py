@@ -48,7 +48,8 @@ def test_vocab_sharded_equals_one_device(impl, sizes):
   np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5, err_msg=msg)
   # The entropy is log Z minus an expectation of logits: float32 cancellation at |log Z| ~ 10.
   np.testing.assert_allclose(ent, ref_ent, rtol=1e-5, atol=5e-5, err_msg=msg)
-  np.testing.assert_allclose(value, ref_value, rtol=1e-5, err_msg=msg)
+  # The value sums those terms over every token: their float32 rounding adds up (7.6e-5 seen at 5.7).
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=3e-4, err_msg=msg)
   # Both differ from a float64 gradient by ~4e-5 here (the entropy term's float32 rounding).
   for a, b in zip(grads, ref_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=msg)

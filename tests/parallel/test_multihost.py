@@ -101,3 +101,31 @@ def test_followers_make_process_zeros_calls_until_released():
   assert leader["error"] == "asked to fail" and leader["after_error"] == 8.0
   assert follower["calls"] == leader["calls"] == [
       ["total", list(range(8)), 1.0], ["total", [1.0] * 16, 0.5], ["fail"], ["total", [1.0] * 8, 1.0]]
+
+
+def test_a_process_that_fails_alone_ends_the_job_within_seconds(tmp_path):
+  """Process 1 cannot read its data (the file is missing on its host); process 0 has read its own and
+  waits for process 1 in the first collective: it ends with process 1's error, not at the coordinator's
+  heartbeat timeout."""
+  import time
+
+  from tests.conftest import launch_job
+  args = ["--config=configs/sft_tiny.py", *COMMON, f"--config.run_dir={tmp_path / 'run'}"]
+  missing = tmp_path / "elsewhere.jsonl"
+  began = time.monotonic()
+  procs = launch_job("jalign.train", args, 2, 4, only={1: [f"--config.data.train={missing}"]},
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert time.monotonic() - began < 30
+  assert all(p.returncode != 0 for p in procs)
+  assert outs[0][1].strip().splitlines()[-1].startswith("error: process 1: ") and str(missing) in outs[0][1]
+
+
+def test_the_readmes_local_two_process_command_trains_and_logs_in_the_run_folder(tmp_path):
+  run_dir = tmp_path / "run"
+  out = subprocess.run(["scripts/launch_local.sh", "2", "--config=configs/sft_tiny.py", "--config.train.micro_batch_size=4",
+                        "--config.train.max_steps=2", "--config.train.val_check_interval=0", f"--config.run_dir={run_dir}"],
+                       cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "finished after 2 steps" in out.stdout
+  assert (run_dir / "process_1.log").is_file() and (run_dir / "checkpoints" / "2").is_dir()
