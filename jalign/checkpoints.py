@@ -40,24 +40,26 @@ def checkpoint_steps(folder: Path) -> list[int]:
 
 def failure_reason(error: BaseException) -> str:
   """What the operating system said about a failed write in ``error``'s chain (``No space left on
-  device``; TensorStore reports it as ``os_error_code='28'``), or the error's first line."""
-  seen = error
+  device``; TensorStore reports it as ``os_error_code='28'``), else the first line of the chain's root
+  cause (TensorStore's ``OUT_OF_RANGE: Error reading ...`` under orbax's generic exception)."""
+  seen, root = error, error
   while seen is not None:
     if isinstance(seen, OSError) and seen.strerror:
       return seen.strerror
     code = re.search(r"os_error_code='(\d+)'", str(seen))
     if code:
       return os.strerror(int(code.group(1)))
-    seen = seen.__cause__ or seen.__context__
-  text = str(error).strip().splitlines()
-  return text[0][:300] if text else type(error).__name__
+    root, seen = seen, seen.__cause__ or seen.__context__
+  text = str(root).strip().splitlines()
+  return text[0][:300] if text else type(root).__name__
 
 
 def leave_failed_writes_to_the_trainer() -> None:
   """For a command line that reports a failed checkpoint write in one line (the ``Trainer`` raises a
-  ``TrainingError`` naming it): orbax's own error logs of the write, asyncio's of its orphaned futures and
+  ``TrainingError`` naming it): orbax's own error logs of the write, asyncio's of its orphaned futures
+  (TensorStore's, which carry no frame of orbax) and
   the callbacks TensorStore leaves behind on its closed event loops ("Event loop is closed", as
-  unraisable exceptions) are not printed."""
+  unraisable exceptions) are not printed; nor are orbax's unfinished reads of a damaged checkpoint."""
   orbax = f"{os.sep}orbax{os.sep}"
 
   class NotOrbaxErrors(logging.Filter):
@@ -67,12 +69,18 @@ def leave_failed_writes_to_the_trainer() -> None:
       raised_in = traceback.extract_tb(record.exc_info[2]) if record.exc_info and record.exc_info[2] else []
       return not (orbax in record.pathname or any(orbax in frame.filename for frame in raised_in))
 
-  for name in ("absl", "asyncio"):  # asyncio: the orphaned futures of the failed write
-    logging.getLogger(name).addFilter(NotOrbaxErrors())
+  class NotOrphanedFutures(logging.Filter):  # the other reads or writes of a checkpoint when one failed
+    def filter(self, record):
+      return "exception was never retrieved" not in record.getMessage()
+
+  logging.getLogger("absl").addFilter(NotOrbaxErrors())
+  logging.getLogger("asyncio").addFilter(NotOrphanedFutures())
   default = sys.unraisablehook
 
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+  def hook(unraisable):  # and the reads of a damaged checkpoint left unfinished when the first one failed
+    raised_in = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    if not (closed_loop or any(orbax in frame.filename for frame in raised_in)):
       default(unraisable)
 
   sys.unraisablehook = hook

@@ -1,8 +1,9 @@
 """What a run folder keeps about the runs made in it: the config they ran with.
 
 ``config.json`` is the config of the newest run in the folder (what ``run:`` readers rebuild the model
-from). It is written once the run has been validated and its data read, so that a run that fails to start
-never replaces a finished run's record. A folder that holds checkpoints is resumed only with the config
+from). It is checked once the run has been validated and its data read, and written once training has
+started (after a resume's checkpoint was read), so that a run that fails to start never replaces a
+finished run's record. A folder that holds checkpoints is resumed only with the config
 they were trained with: a change to what training computes is refused with the differing keys named,
 unless ``train.allow_config_change`` is set, and then each config is kept under the step it took over at
 (``configs/step_<N>.json``). Changes that leave the training arithmetic alone (the length, intervals,
@@ -57,31 +58,47 @@ def describe(changes: dict) -> str:
   return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def record_config(c, log=print) -> None:
-  """Writes config ``c`` as its run folder's ``config.json``, once the run is about to train; with
-  checkpoints already in the folder, checks ``c`` against the config that made them first (see the
-  module's docstring) and keeps both under their starting steps when they differ."""
+def _changes(c) -> tuple[dict, dict]:
+  """``(changes, computing changes)`` of config ``c`` from the config its run folder's checkpoints were
+  trained with (none when the folder has no checkpoints)."""
+  config_file = Path(c.run_dir) / "config.json"
+  if not (checkpoint_steps(Path(c.run_dir) / "checkpoints") and config_file.is_file()):
+    return {}, {}
+  changes = config_changes(_as_json(config_lib.read_saved(config_file)), _as_json(c))
+  return changes, {k: v for k, v in changes.items() if not is_free(k)}
+
+
+def check_config(c) -> None:
+  """Refuses config ``c`` when its run folder holds checkpoints trained with a config that computed
+  otherwise (see the module's docstring), naming the differing keys."""
+  _, computing = _changes(c)
+  if computing and not c.train.allow_config_change:
+    latest = checkpoint_steps(Path(c.run_dir) / "checkpoints")[-1]
+    raise ConfigError(f"config: {c.run_dir} holds checkpoints (latest step {latest}) trained with a different "
+                      f"config: {describe(computing)}; use another run_dir, or set "
+                      "train.allow_config_change=True to resume with these changes")
+
+
+def record_config(c, start_step: int = 0, log=print) -> None:
+  """Writes config ``c`` as its run folder's ``config.json`` once its run has started training at
+  ``start_step`` (restored from that checkpoint, or 0); when it differs from the config that trained
+  the checkpoints, each is kept under the step it took over at, and the change is said."""
+  check_config(c)
   run_dir = Path(c.run_dir)
   config_file = run_dir / "config.json"
-  current = _as_json(c)
-  steps = checkpoint_steps(run_dir / "checkpoints")
-  if steps and config_file.is_file():
-    changes = config_changes(_as_json(config_lib.read_saved(config_file)), current)
-    computing = {k: v for k, v in changes.items() if not is_free(k)}
-    if computing and not c.train.allow_config_change:
-      raise ConfigError(f"config: {run_dir} holds checkpoints (latest step {steps[-1]}) trained with a different "
-                        f"config: {describe(computing)}; use another run_dir, or set "
-                        "train.allow_config_change=True to resume with these changes")
-    if changes and jax.process_index() == 0:
-      history = run_dir / "configs"
-      if not history.is_dir():  # the saved config has held since the folder's first step
-        history.mkdir()
-        (history / "step_0.json").write_text(config_file.read_text())
-      (history / f"step_{steps[-1]}.json").write_text(json.dumps(current, indent=2))
-      (log if not computing else _warn)(f"resuming at step {steps[-1]} with a changed config: {describe(changes)} "
-                                        f"(each config is kept in {history})")
-  if jax.process_index() == 0:  # one writer per job
-    _write_atomically(config_file, json.dumps(current, indent=2))
+  current = json.dumps(_as_json(c), indent=2)
+  changes, computing = _changes(c) if start_step else ({}, {})
+  if jax.process_index() != 0:  # one writer per job
+    return
+  if changes:
+    history = run_dir / "configs"
+    if not history.is_dir():  # the saved config has held since the folder's first step
+      history.mkdir()
+      (history / "step_0.json").write_text(config_file.read_text())
+    (history / f"step_{start_step}.json").write_text(current)
+    (log if not computing else _warn)(f"resuming at step {start_step} with a changed config: {describe(changes)} "
+                                      f"(each config is kept in {history})")
+  _write_atomically(config_file, current)
 
 
 def _warn(text: str) -> None:

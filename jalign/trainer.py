@@ -230,7 +230,8 @@ class Trainer:
                options: TrainerOptions, val_batches: Callable[[], Iterable[dict]] | None = None,
                validator: Callable[[], dict] | None = None,
                mesh=None, rules=pmesh.DEFAULT_RULES, wandb_project: str | None = None,
-               config: dict | None = None, graphdef=None, reference=None, companion=None):
+               config: dict | None = None, graphdef=None, reference=None, companion=None,
+               on_start: Callable[[int], None] | None = None):
     """With ``mesh``, the state is sharded by ``rules`` and every batch is this process's rows.
 
     ``reference(batch, state) -> dict``, when given, adds fields to every (device) batch before the
@@ -239,8 +240,10 @@ class Trainer:
     ``companion``: a second trained model with checkpoints of its own (PPO's critic), which has
     ``save(step, metrics)``, ``restore(step)`` and ``wait()``; it is saved and restored at the same
     steps as this state.
+    ``on_start(step)``: called once training starts at ``step`` (0, or the checkpoint it resumed from),
+    such as to record the run's config.
     """
-    self.companion = companion
+    self.companion, self.on_start = companion, on_start
     self.graphdef = graphdef
     self.reference = reference
     self.mesh, self.rules = mesh, rules
@@ -412,6 +415,8 @@ class Trainer:
   def _run(self) -> dict:
     o = self.options
     start_step = (self.restore() if o.resume else None) or 0
+    if self.on_start is not None:
+      self.on_start(start_step)
     self.metrics.start(resumed_from=start_step)
     progress = Progress(o.max_steps, start_step, o.log_every)
     if start_step:

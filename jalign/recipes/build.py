@@ -4,6 +4,7 @@ its spec (``jalign.specs``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from jalign.specs.base import ConfigError
 
 def prepare_run(c):
   """``(mesh, rules, run folder)`` of a config about to run: validated for this job's processes and
-  devices and its folder made. The config is saved there (``run_folder.record_config``) once its data
-  has been read, when its trainer is built."""
+  devices and its folder made. The config is checked against the folder's checkpoints once its data
+  has been read and saved there when training starts (``run_folder``)."""
   config_lib.validate(c, process_count=jax.process_count(), device_count=jax.device_count())
   config_lib.require_training_start(c)
   mesh = pmesh.make_mesh(dict(c.mesh))
@@ -230,7 +231,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   pad_id = tok.pad_id if tok.pad_id is not None else 0
   t = c.train
   train_batches, val_batches, train_stats = build_data(c, tok, pad_id, log)
-  run_folder.record_config(c, log)
+  run_folder.check_config(c)
   (run_dir / "data_stats.json").write_text(json.dumps(train_stats, indent=2))
   lm_config = model.config
   model, loss_fn, reference_fn = algorithm_parts(c, model, mesh, rules)
@@ -253,7 +254,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,
                          val_batches=val_batches, run_dir=run_dir, options=options, mesh=mesh, rules=rules,
                          wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
-                         reference=reference)
+                         reference=reference, on_start=functools.partial(run_folder.record_config, c, log=log))
 
 
 def load_trained(run_dir: str | Path, step: int | None = None, *, mesh=None, rules=None, model: dict | None = None):

@@ -276,7 +276,7 @@ def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=N
                     companion=None) -> trainer.Trainer:
   """The shared Trainer of ``policy`` fed by ``rollouts`` (which get it as their ``loop``)."""
   options = options or trainer_options(c, bool(policy.val_prompts))
-  run_folder.record_config(c, log=print if jax.process_index() == 0 else lambda *_: None)
+  run_folder.check_config(c)
   graphdef = policy.graphdef
   loop = trainer.Trainer(state=policy.state,
                          train_step=build.train_step(c, graphdef, loss_fn, policy.schedule, policy.tx, policy.mesh,
@@ -285,7 +285,9 @@ def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=N
                          validator=rollouts.validate if options.val_check_interval else None,
                          run_dir=Path(c.run_dir), options=options, mesh=policy.mesh, rules=policy.rules,
                          wandb_project=c.train.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
-                         companion=companion)
+                         companion=companion,
+                         on_start=lambda step: run_folder.record_config(c, step, log=print if jax.process_index() == 0
+                                                                         else lambda *_: None))
   rollouts.loop = loop
   return loop
 

@@ -144,7 +144,7 @@ def run(c, log=print) -> dict:
   if len(data["train"][0]) < c.train.global_batch_size:
     raise formats.DataError(f"{config_lib.data_path(c.data.train)}: {len(data['train'][0])} prompts with an "
                             f"assistant reply, fewer than config.train.global_batch_size {c.train.global_batch_size}")
-  run_folder.record_config(c, log)
+  run_folder.record_config(c, log=log)
 
   model = tok = None
   previous = None
