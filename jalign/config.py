@@ -65,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
       top_p=config_dict.placeholder(float)))
   # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
   # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
-  c.generation = Block(dict(serve=False, serve_address="127.0.0.1:5557"))
+  # The default address leaves 5556-5558 (HTTP, gRPC, metrics) to the critic server's default.
+  c.generation = Block(dict(serve=False, serve_address="127.0.0.1:5560",
+                            max_request_rows=1024))  # larger requests are refused
   # Mesh axis sizes (-1: fill with the remaining devices) and the logical-axis rules table.
   c.mesh = Block({"data": -1, "pipeline": 1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = DEFAULT_RULES

@@ -127,3 +127,21 @@ def _collect_garbage_after_each_module():
   yield
   import gc
   gc.collect()
+
+
+def direct_logprobs(model, examples):
+  """Each example's summed log-prob of its loss-masked targets, from the model's full logits (a float64
+  log-softmax): the independent reference of the packed and shared rows. All examples go through one
+  jitted call, right-padded to one width (a causal model's positions before the padding do not see it)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  width = max(len(ex.tokens) for ex in examples)
+  tokens = np.zeros((len(examples), width), np.int32)
+  for i, ex in enumerate(examples):
+    tokens[i, :len(ex.tokens)] = ex.tokens
+  logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  return np.array([np.sum(logp[i, np.arange(len(ex.tokens) - 1), ex.tokens[1:]] * ex.loss_mask[1:])
+                   for i, ex in enumerate(examples)])

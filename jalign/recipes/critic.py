@@ -65,6 +65,7 @@ class Critic:
     cc = c.critic
     self.mesh, self.rules = mesh or pmesh.make_mesh(dict(cc.mesh)), rules
     self.reward = reward.place(self.mesh, rules)
+    self.vocab_size = min(model.config.vocab_size, reward.model.config.vocab_size)  # the ids it can read
     self.batch_size = cc.global_batch_size
     schedule, tx = critic_optimizer(c, total_steps)
     graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1, mesh=self.mesh, rules=rules)

@@ -90,7 +90,7 @@ def serve(c, log=print):
         notes.append(f"critic checkpoints: {jobs['critic'].directory}")
       if "generation" in jobs:
         job = distributed.LeaderCalls(jobs["generation"], GENERATION_CALLS, "generation")
-        generation_server.bind(server, job, lock)
+        generation_server.bind(server, job, lock, max_request_rows=c.generation.max_request_rows)
         models += generation_server.MODELS
         notes.append(f"policy: {c.model.init}")
       processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""

@@ -56,10 +56,18 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
 
   width, size, monitor = c.data.max_seq_length, c.critic.global_batch_size, "val_reward"
   lock = lock or threading.Lock()  # one call at a time, as NeMo's server serialises them
+  vocab, max_rows = job.vocab_size, c.critic.max_request_rows
+
+  def check(tokens, lengths):
+    triton_lib.check_tokens(tokens, vocab, max_rows=max_rows)
+    if tokens.shape[1] > width:
+      raise triton_lib.BadRequest(f"tokens: {tokens.shape[1]} columns; this critic reads up to data.max_seq_length {width}")
+    triton_lib.check_lengths(lengths, tokens.shape[1])
 
   @batch
   def infer(tokens, sequence_lengths):
     lengths = sequence_lengths[:, 0]
+    check(tokens, lengths)
     with lock:
       values = job.values(_rows(tokens, lengths, width, size))[:len(tokens), :tokens.shape[1]]
       rewards = job.rewards(_examples(tokens, lengths))
@@ -67,6 +75,7 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
 
   @batch
   def reward_model(tokens, sequence_lengths):
+    check(tokens, sequence_lengths[:, 0])
     with lock:
       rewards = job.rewards(_examples(tokens, sequence_lengths[:, 0]))
     return {"rewards": rewards.astype(np.float32)[:, None]}
@@ -74,6 +83,13 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
   @triton_lib.each_request
   def train(tokens, returns, prev_values, mask):
     n, s = tokens.shape
+    triton_lib.check_tokens(tokens, vocab, max_rows=max_rows)
+    if s > width:
+      raise triton_lib.BadRequest(f"tokens: {s} columns; this critic reads up to data.max_seq_length {width}")
+    for name, value in (("returns", returns), ("prev_values", prev_values), ("mask", mask)):
+      if value.shape != (n, s - 1) or not np.isfinite(value).all():
+        raise triton_lib.BadRequest(f"{name}: expected finite numbers of shape {(n, s - 1)} (one per token after "
+                                    f"the first), got shape {value.shape}")
     # The mask covers response tokens t in [p-1, L-2]: a row's length is its last masked column + 2.
     last = np.where(mask.any(axis=1), s - 1 - np.argmax(mask[:, ::-1] > 0, axis=1), s - 2)
     rows = _rows(tokens, np.minimum(last + 2, s), width, size)
@@ -135,7 +151,7 @@ class RemoteCritic:
   """
 
   def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
-    self._server = triton_lib.Client(address, timeout_s)
+    self._server = triton_lib.Client(address, timeout_s)  # and a dead server is noticed within seconds
     self.url = self._server.url
     self._pending = None  # (future, report) of a critic epoch in flight
     self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic_train")
@@ -150,7 +166,10 @@ class RemoteCritic:
                                    "--config=<the same config>") from e
 
   def _call(self, name: str, batched: bool, **inputs) -> dict:
-    return self._server.infer(name, batched=batched, **inputs)
+    try:
+      return self._server.infer(name, batched=batched, **inputs)
+    except triton_lib.ServerGone as e:  # the actor stops; its checkpoints are as the last save left them
+      raise TrainingError(f"critic server {self.url}: {e}") from None
 
   def _settle(self):
     if self._pending is not None:

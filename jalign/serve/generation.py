@@ -43,30 +43,53 @@ def _settings(inputs: dict) -> dict:
   return out
 
 
-def bind(triton, job, lock: threading.Lock | None = None):
+def bind(triton, job, lock: threading.Lock | None = None, *, max_request_rows: int = 1024):
   """Binds the generation endpoints of ``job`` to a started ``Triton``; ``lock`` serialises calls with
-  other models on the same server."""
+  other models on the same server. Requests of more than ``max_request_rows`` prompts, ids outside the
+  vocabulary, bad lengths or settings get a one-line ``BadRequest`` answer."""
   from pytriton.model_config import ModelConfig, Tensor
 
   lock = lock or threading.Lock()
+  vocab = job.model.config.vocab_size
+
+  def run(prompts, max_new, inputs):
+    settings = _settings(inputs)
+    for i in settings.get("stop_ids", ()):
+      if not 0 <= i < vocab:
+        raise triton_lib.BadRequest(f"stop_ids: {i} is outside the vocabulary of {vocab}")
+    try:
+      with lock:
+        return job.generate(prompts, max_new_tokens=max_new, **settings)
+    except ValueError as e:  # jalign.rollout.generate's checks of the settings
+      raise triton_lib.BadRequest(str(e)) from None
 
   @triton_lib.each_request
   def generate_tokens(**inputs):
     tokens, lengths = inputs.pop("tokens"), inputs.pop("sequence_lengths").reshape(-1)
+    triton_lib.check_tokens(tokens, vocab, max_rows=max_request_rows)
+    if len(lengths) != len(tokens):
+      raise triton_lib.BadRequest(f"sequence_lengths: {len(lengths)} lengths for {len(tokens)} rows of tokens")
+    triton_lib.check_lengths(lengths, tokens.shape[1])
     max_new = int(inputs.pop("max_new_tokens").reshape(-1)[0])
-    prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
-    with lock:
-      out = job.generate(prompts, max_new_tokens=max_new, **_settings(inputs))
+    out = run([row[:n].tolist() for row, n in zip(tokens, lengths)], max_new, inputs)
     return {"tokens": out.tokens.astype(np.int64), "lengths": out.lengths.astype(np.int64)[:, None],
             "is_end": out.is_end[:, None], "logprobs": out.logprobs.astype(np.float32)}
 
   @triton_lib.each_request
   def generate_text(**inputs):
-    texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in inputs.pop("sentences").reshape(-1)]
-    max_new = int(inputs.pop("max_new_tokens").reshape(-1)[0])
-    with lock:
-      out = job.generate([job.encode(t) for t in texts], max_new_tokens=max_new, **_settings(inputs))
-      replies = [job.decode(r) for r in out.responses()]
+    sentences = inputs.pop("sentences").reshape(-1)
+    if len(sentences) > max_request_rows:
+      raise triton_lib.BadRequest(f"sentences: {len(sentences)} prompts, more than the {max_request_rows} this "
+                                  "server takes in one request")
+    try:
+      texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in sentences]
+    except UnicodeDecodeError as e:
+      raise triton_lib.BadRequest(f"sentences: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [job.encode(t) for t in texts]
+    if any(not p for p in prompts):
+      raise triton_lib.BadRequest("sentences: an empty prompt")
+    out = run(prompts, int(inputs.pop("max_new_tokens").reshape(-1)[0]), inputs)
+    replies = [job.decode(r) for r in out.responses()]
     return {"sentences": np.asarray([r.encode("utf-8") for r in replies], dtype=np.bytes_)}
 
   scalar = lambda name, dtype: Tensor(name=name, dtype=dtype, shape=(1,), optional=True)  # noqa: E731

@@ -54,6 +54,7 @@ def critic_block():
   b.server = ""
   b.serve_address = "127.0.0.1:5556"  # what python -m jalign.serve binds (0.0.0.0:<port> for other hosts)
   b.overlap_train = True  # with a server: the critic trains while the actor does (NeMo does not await it)
+  b.max_request_rows = 4096  # the server refuses larger requests (one request holds it while it runs)
   return b
 
 
@@ -86,6 +87,8 @@ def validate(c, check_files):
   require(s.max_new_tokens >= 1, key["max_new_tokens"], "must be at least 1")
   require(s.max_new_tokens < length, key["max_new_tokens"],
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
+  require(c.critic.max_request_rows >= s.prompts, "critic.max_request_rows",
+          f"{c.critic.max_request_rows} is fewer than the {s.prompts} rows of a rollout, which the actor sends at once")
   for name in ("init", "reward_model"):
     require_reward_model(c.critic[name], f"critic.{name}", check_files, random=True)
 

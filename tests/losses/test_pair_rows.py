@@ -12,6 +12,7 @@ from jalign.config import data_path
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import LlamaConfig, Transformer
 from jalign.models.heads import ValueModel
+from tests.conftest import direct_logprobs
 
 TOK = Tokenizer.tiny()
 CFG = LlamaConfig.preset("tiny")
@@ -37,11 +38,9 @@ def _slots(values, plan, max_pairs):
   return np.array([out[i] for i in sorted(out)])
 
 
-def direct_logprob(model, ex):
-  logits = model(jnp.asarray(ex.tokens)[None])[0]
-  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.jax_enable_x64 else logits))
-  targets, mask = ex.tokens[1:], ex.loss_mask[1:]
-  return float(np.sum(logp[np.arange(len(targets)), targets] * mask))
+def direct_pair_logprobs(model, pairs) -> np.ndarray:
+  """``[pairs, 2]``: the chosen and rejected responses' log-probs computed as separate sequences."""
+  return direct_logprobs(model, [ex for p in pairs for ex in (p.chosen, p.rejected)]).reshape(-1, 2)
 
 
 def test_packed_and_unpacked_rows_give_each_pairs_log_probs():
@@ -58,7 +57,7 @@ def test_packed_and_unpacked_rows_give_each_pairs_log_probs():
     mask = np.asarray(batch["pair_mask"]).reshape(-1)
     assert mask.sum() == len(pairs)
     assert np.all(np.asarray(chosen)[mask == 0] == 0)
-  direct = np.array([[direct_logprob(model, p.chosen), direct_logprob(model, p.rejected)] for p in pairs])
+  direct = direct_pair_logprobs(model, pairs)
   for chosen, rejected in results:
     np.testing.assert_allclose(chosen, direct[:, 0], rtol=1e-5)
     np.testing.assert_allclose(rejected, direct[:, 1], rtol=1e-5)
@@ -77,7 +76,7 @@ def test_shared_prompt_rows_give_each_pairs_log_probs():
   shared_tokens = int(np.sum(np.asarray(batch["segment_ids"]) > 0))
   assert shared_tokens == sum(preference.shared_pair_length(p) for p in pairs) < 0.8 * sum(len(p) for p in pairs)
   chosen, rejected = dpo.pair_logprobs(model, batch)
-  direct = np.array([[direct_logprob(model, p.chosen), direct_logprob(model, p.rejected)] for p in pairs])
+  direct = direct_pair_logprobs(model, pairs)
   np.testing.assert_allclose(_slots(chosen, plan, max_pairs), direct[:, 0], rtol=1e-5)
   np.testing.assert_allclose(_slots(rejected, plan, max_pairs), direct[:, 1], rtol=1e-5)
   # Gradients of the summed log-probs equal those from one pair per row, unshared.
@@ -112,8 +111,8 @@ def test_orpo_trains_on_each_pairs_averaged_log_probs_and_ignores_empty_slots():
   assert np.asarray(batch["pair_mask"]).sum() < batch["pair_mask"].size  # some slots are empty
   lam = 0.3
   total, count, sums = dpo.train_loss(model, batch, loss_type="orpo", beta=lam)
-  avg = np.array([[direct_logprob(model, p.chosen) / p.chosen.loss_mask[1:].sum(),
-                   direct_logprob(model, p.rejected) / p.rejected.loss_mask[1:].sum()] for p in pairs])
+  avg = direct_pair_logprobs(model, pairs) / np.array([[p.chosen.loss_mask[1:].sum(), p.rejected.loss_mask[1:].sum()]
+                                                      for p in pairs])
   log_odds = lambda x: x - np.log1p(-np.exp(x))  # noqa: E731
   ratio = log_odds(avg[:, 0]) - log_odds(avg[:, 1])
   want = np.mean(-avg[:, 0]) + lam * np.mean(np.log1p(np.exp(-ratio)))
@@ -133,8 +132,12 @@ def test_rewards_are_read_at_each_responses_last_token():
   assert max_pairs > 1
   batch, _ = _rows(pairs, plan, 256, max_pairs)
   chosen, rejected = rm.pair_rewards(model, batch)
-  direct = lambda ex: float(model(jnp.asarray(ex.tokens)[None])[0, len(ex) - 1, 0])
-  np.testing.assert_allclose(_slots(chosen, plan, max_pairs), [direct(p.chosen) for p in pairs], rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(_slots(rejected, plan, max_pairs), [direct(p.rejected) for p in pairs], rtol=1e-5,
-                             atol=1e-6)
+  # Each response alone, right-padded to one width in one call: its value at its last token.
+  examples = [ex for p in pairs for ex in (p.chosen, p.rejected)]
+  tokens = np.zeros((len(examples), max(len(ex) for ex in examples)), np.int32)
+  for i, ex in enumerate(examples):
+    tokens[i, :len(ex)] = ex.tokens
+  values = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
+  direct = np.array([values[i, len(ex) - 1, 0] for i, ex in enumerate(examples)]).reshape(-1, 2)
+  np.testing.assert_allclose(_slots(chosen, plan, max_pairs), direct[:, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_slots(rejected, plan, max_pairs), direct[:, 1], rtol=1e-5, atol=1e-6)

@@ -13,11 +13,10 @@ from jalign.losses import steerlm2
 from jalign.data import formats, preference
 from jalign.data.chat import NemoChatFormat
 from jalign.data.tokenizer import Tokenizer
-from jalign.kernels import token_logprobs
 from jalign.models import LlamaConfig, Transformer
 from jalign.recipes.build import build_trainer
 
-from tests.conftest import load, quiet
+from tests.conftest import direct_logprobs, load, quiet
 
 GOOD = {"system": "", "prompt_turns": [{"from": "User", "value": "What is one plus one?"}], "label": "correctness:4",
         "responses": [{"value": "One plus one is two.", "log(P(a|x,y))": -0.3, "log(P(y|x))": -9.0,
@@ -77,19 +76,18 @@ def test_group_rows_give_each_responses_log_prob(tmp_path):
   rows = [preference.group_row([g], 4 * 80, 0, group_size=5) for g in groups] + [preference.group_row([], 320, 0, 5)]
   batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
   model = Transformer(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0))
-  logq, num_tokens = steerlm2.group_logprobs(model, batch)
+  logq, num_tokens = nnx.jit(steerlm2.group_logprobs)(model, batch)
+  want = iter(direct_logprobs(model, [ex for g in groups for ex in g.responses]))  # each response alone
   for r, g in enumerate(groups):
     for i, ex in enumerate(g.responses):
-      tokens = jnp.asarray(ex.tokens)[None]
-      lp = token_logprobs(model.hidden_states(tokens), model.lm_head_kernel(), jnp.roll(tokens, -1, axis=1))
-      want = float(jnp.sum(lp[0, :-1] * ex.loss_mask[1:]))
-      assert float(logq[r, i]) == pytest.approx(want, rel=1e-4, abs=1e-3)
+      assert float(logq[r, i]) == pytest.approx(next(want), rel=1e-4, abs=1e-3)
       assert float(num_tokens[r, i]) == ex.loss_mask[1:].sum()
     assert float(batch["sample_mask"][r, 4]) == 0.0  # the fifth slot is empty: 4 responses
   # The loss of the batch equals that of the real groups alone: empty slots and padding rows count for nothing.
-  value, groups_count, _ = steerlm2.train_loss(model, batch)
+  loss = nnx.jit(steerlm2.train_loss)
+  value, groups_count, _ = loss(model, batch)
   real = {k: v[:-1, :4] if v.ndim == 2 and v.shape[1] == 5 else v[:-1] for k, v in batch.items()}
-  alone, alone_count, _ = steerlm2.train_loss(model, real)
+  alone, alone_count, _ = loss(model, real)
   assert float(groups_count) == 3 == float(alone_count)
   assert float(value) == pytest.approx(float(alone), rel=1e-5, abs=1e-7)
 

@@ -66,11 +66,8 @@ def ppo_args(values) -> list[str]:
   return [f"--config={ROOT / 'configs' / 'ppo_tiny.py'}", *(f"--config.{key}={value}" for key, value in values.items())]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, reward_run, sft_run):
-  """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
-  address = f"127.0.0.1:{free_port_block()}"
-  values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
+def start_server(values):
+  """``python -m jalign.serve`` of ppo_tiny with ``values``, once it serves: ``(process, its output lines)``."""
   (process,) = launch_job("jalign.serve", ppo_args(values), 1, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   lines, ready = [], threading.Event()
@@ -81,11 +78,20 @@ def server(tmp_path_factory, reward_run, sft_run):
       if line.startswith("serving "):
         ready.set()
   threading.Thread(target=read, daemon=True).start()
+  deadline = time.monotonic() + 180
+  while not ready.is_set() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert ready.is_set(), "".join(lines[-40:])
+  return process, lines
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, reward_run, sft_run):
+  """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
+  address = f"127.0.0.1:{free_port_block()}"
+  values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
+  process, lines = start_server(values)
   try:
-    deadline = time.monotonic() + 180
-    while not ready.is_set() and process.poll() is None and time.monotonic() < deadline:
-      time.sleep(0.2)
-    assert ready.is_set(), "".join(lines[-40:])
     yield address, values
   finally:
     process.send_signal(signal.SIGTERM)
@@ -193,3 +199,93 @@ def test_serve_names_what_it_cannot_serve(tmp_path):
   out = subprocess.run([sys.executable, "-m", "jalign.serve", f"--config={ROOT / 'configs' / 'dpo_tiny.py'}",
                         f"--config.run_dir={tmp_path / 'dpo'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and "config.algorithm: a dpo config names no server" in out.stderr
+
+
+def test_bad_requests_get_one_line_answers_and_the_server_keeps_serving(server):
+  from pytriton.client import ModelClient
+  address, _ = server
+  url = f"http://{address}"
+
+  def answer(model, **inputs):
+    with ModelClient(url, model, init_timeout_s=60, inference_timeout_s=60) as client:
+      try:
+        return client.infer_batch(**inputs) if model in ("critic_infer", "reward_model") else client.infer_sample(**inputs)
+      except Exception as e:  # noqa: BLE001 - the server's answer
+        return str(e)
+
+  tokens = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int64)
+  lengths = np.array([[4], [3]], np.int64)
+  cases = [
+      ("critic_infer", dict(tokens=np.array([[5, 6, 999999999, 8]], np.int64), sequence_lengths=np.array([[4]], np.int64)),
+       "tokens: id 999999999 at row 0, column 2 is outside the vocabulary of 512"),
+      ("reward_model", dict(tokens=np.array([[5, -3, 7, 8]], np.int64), sequence_lengths=np.array([[4]], np.int64)),
+       "tokens: id -3 at row 0, column 1 is outside the vocabulary of 512"),
+      ("critic_infer", dict(tokens=tokens, sequence_lengths=np.array([[4], [-1]], np.int64)),
+       "sequence_lengths: -1 at row 1 is not a length between 1 and the request's 4 columns"),
+      ("reward_model", dict(tokens=tokens, sequence_lengths=np.array([[40], [3]], np.int64)),
+       "sequence_lengths: 40 at row 0 is not a length between 1 and the request's 4 columns"),
+      ("reward_model", dict(tokens=np.ones((4097, 4), np.int64), sequence_lengths=np.full((4097, 1), 4, np.int64)),
+       "tokens: 4097 rows, more than the 4096 this server takes in one request"),
+      ("generate", dict(tokens=np.array([[5, 6, 600]], np.int64), sequence_lengths=np.array([[3]], np.int64),
+                        max_new_tokens=np.array([4], np.int64)),
+       "tokens: id 600 at row 0, column 2 is outside the vocabulary of 512"),
+      ("generate", dict(tokens=tokens, sequence_lengths=lengths, max_new_tokens=np.array([0], np.int64)),
+       "need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens; got 0, 0"),
+  ]
+  for model, inputs, reason in cases:
+    text = answer(model, **inputs)
+    # Triton's Python backend wraps the server's one line in a few lines of its own stub's; nothing of
+    # the server's code (no frame of jalign) is in the answer.
+    assert isinstance(text, str) and f"jalign.serve.triton.BadRequest: {reason}\n" in text, repr(text)
+    assert "jalign/" not in text, text
+  # and it goes on serving
+  good = answer("critic_infer", tokens=tokens, sequence_lengths=lengths)
+  assert good["values"].shape == (2, 4) and np.isfinite(good["rewards"]).all()
+
+
+def _checkpoint_files(folder) -> dict:
+  return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_actor_whose_critic_server_dies_stops_within_seconds_naming_it(tmp_path, reward_run, sft_run):
+  """kill -9 of the server while the actor trains through it: the actor ends within 30 s with one line
+  naming the server, its finished checkpoints as they were, and nothing of the server left listening."""
+  port = free_port_block()
+  address = f"127.0.0.1:{port}"
+  values = {**overrides(tmp_path / "ppo", reward_run, sft_run, address), "train.max_steps": 200,
+            "train.save_interval": 2, "train.keep_last": 100, "train.val_check_interval": 0, "generation.serve": False}
+  server_process, _ = start_server(values)
+  (actor,) = launch_job("jalign.train", ppo_args({**values, "critic.server": address}), 1, 8,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  checkpoints = tmp_path / "ppo" / "checkpoints"
+  try:
+    deadline = time.monotonic() + 180
+    while not (checkpoints / "4").is_dir() and actor.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert (checkpoints / "4").is_dir(), actor.communicate(timeout=60)[1][-3000:]
+    saved = _checkpoint_files(checkpoints / "2")
+    server_process.kill()
+    killed = time.monotonic()
+    _, err = actor.communicate(timeout=60)
+    assert time.monotonic() - killed < 30
+  finally:
+    for p in (actor, server_process):
+      if p.poll() is None:
+        p.kill()
+  assert actor.returncode == 1
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(f"error: critic server http://{address}: stopped answering during "), err[-3000:]
+  assert _checkpoint_files(checkpoints / "2") == saved
+  deadline = time.monotonic() + 15  # Triton, the server's child, goes with it
+  while any(_listening(port + i) for i in range(3)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not any(_listening(port + i) for i in range(3))
+
+
+def _listening(port) -> bool:
+  with socket.socket() as s:
+    try:
+      s.connect(("127.0.0.1", port))
+      return True
+    except ConnectionRefusedError:
+      return False
