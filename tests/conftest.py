@@ -13,7 +13,7 @@ os.environ.setdefault("JALIGN_CACHE", str(ROOT / ".cache"))
 # Compiled programs are shared through the persistent cache by the test processes and every process
 # they start (the CLI, multi-process jobs, servers), which read these from the environment.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
