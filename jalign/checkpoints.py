@@ -38,6 +38,18 @@ def checkpoint_steps(folder: Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
+def restore_newest_readable(manager: ocp.CheckpointManager, args) -> tuple[int | None, object, list]:
+  """``(step, restored, unreadable)``: the newest checkpoint of ``manager`` that reads with ``args``
+  (None when none does) and ``[(step, reason)]`` of the newer ones that do not."""
+  unreadable = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, manager.restore(step, args=args), unreadable
+    except Exception as e:  # noqa: BLE001 - a torn or corrupted file: whatever the reader raised
+      unreadable.append((step, failure_reason(e)))
+  return None, None, unreadable
+
+
 def failure_reason(error: BaseException) -> str:
   """What the operating system said about a failed write in ``error``'s chain (``No space left on
   device``; TensorStore reports it as ``os_error_code='28'``), else the first line of the chain's root

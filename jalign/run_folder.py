@@ -19,14 +19,16 @@ from pathlib import Path
 import jax
 
 from jalign import config as config_lib
-from jalign.specs.base import ConfigError
 from jalign.checkpoints import checkpoint_steps
+from jalign.specs.base import ConfigError
 
-# Keys a resume may change freely: they say how long and where a run goes on, not what a step computes.
+# Keys a resume may change freely: they say how long and where a run goes on, where its servers listen
+# and how memory is spent, not what a step computes.
 FREE_KEYS = ("run_dir", "train.max_steps", "train.val_check_interval", "train.save_interval", "train.keep_last",
              "train.keep_best", "train.max_time_s", "train.log_every", "train.resume", "train.wandb_project",
-             "train.allow_config_change", "train.skip_unreadable_checkpoints", "train.micro_batch_size")
-FREE_PREFIXES = ("mesh.", "distributed.")
+             "train.allow_config_change", "train.skip_unreadable_checkpoints", "train.micro_batch_size",
+             "model.remat", "reference.offload", "critic.server", "critic.serve_address", "critic.max_request_rows")
+FREE_PREFIXES = ("mesh.", "distributed.", "generation.")
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

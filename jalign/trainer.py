@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jalign.checkpoints import checkpoint_manager, checkpoint_steps, failure_reason
+from jalign.checkpoints import checkpoint_manager, checkpoint_steps, failure_reason, restore_newest_readable
 from jalign.metrics import MetricsWriter, Progress
 from jalign.parallel import mesh as pmesh
 
@@ -337,16 +337,8 @@ class Trainer:
     stops the resume with its name and the newest intact one, or with ``skip_unreadable_checkpoints``
     is set aside (renamed ``<step>.unreadable``, never deleted) and the intact one is taken."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
-    unreadable, step, restored = [], None, None
-    for candidate in sorted(self.checkpoints.all_steps(), reverse=True):
-      try:
-        restored = self.checkpoints.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - a torn or corrupted file: whatever the reader raised
-        unreadable.append((candidate, failure_reason(e)))
-        continue
-      step = candidate
-      break
+    step, restored, unreadable = restore_newest_readable(self.checkpoints, ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     if unreadable:
       self._set_aside(unreadable, step)
     if step is None:
