@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 
 def checkpoint_manager(directory, o, *, name: str | None = None) -> ocp.CheckpointManager:
   """Async, atomic checkpoints in ``directory`` keeping the last ``o.keep_last`` and the best
-  ``o.keep_best`` by ``o.monitor`` (``o``: the run's ``trainer.TrainerOptions``). ``name`` sets apart the cross-process barriers of a second model
-  saved at the same steps (PPO's critic beside the actor): orbax names a save's barriers by its step
+  ``o.keep_best`` by ``o.monitor`` (``o``: the run's ``trainer.TrainerOptions``). ``name`` sets apart the
+  cross-process barriers of a second model saved at the same steps (PPO's critic beside the actor): orbax names a save's barriers by its step
   alone, and two saves of one step in flight at once would share them."""
   policies = [ocp.checkpoint_managers.LatestN(n=max(1, o.keep_last))]
   if o.keep_best:

@@ -70,26 +70,28 @@ def _changes(c) -> tuple[dict, dict]:
   return changes, {k: v for k, v in changes.items() if not is_free(k)}
 
 
-def check_config(c) -> None:
+def check_config(c) -> tuple[dict, dict]:
   """Refuses config ``c`` when its run folder holds checkpoints trained with a config that computed
-  otherwise (see the module's docstring), naming the differing keys."""
-  _, computing = _changes(c)
+  otherwise (see the module's docstring), naming the differing keys; else ``_changes(c)``."""
+  changes, computing = _changes(c)
   if computing and not c.train.allow_config_change:
     latest = checkpoint_steps(Path(c.run_dir) / "checkpoints")[-1]
     raise ConfigError(f"config: {c.run_dir} holds checkpoints (latest step {latest}) trained with a different "
                       f"config: {describe(computing)}; use another run_dir, or set "
                       "train.allow_config_change=True to resume with these changes")
+  return changes, computing
 
 
 def record_config(c, start_step: int = 0, log=print) -> None:
   """Writes config ``c`` as its run folder's ``config.json`` once its run has started training at
   ``start_step`` (restored from that checkpoint, or 0); when it differs from the config that trained
   the checkpoints, each is kept under the step it took over at, and the change is said."""
-  check_config(c)
+  changes, computing = check_config(c)
+  if not start_step:  # a fresh start in the folder: nothing to keep beside it
+    changes = computing = {}
   run_dir = Path(c.run_dir)
   config_file = run_dir / "config.json"
   current = json.dumps(_as_json(c), indent=2)
-  changes, computing = _changes(c) if start_step else ({}, {})
   if jax.process_index() != 0:  # one writer per job
     return
   if changes:

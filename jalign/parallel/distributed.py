@@ -66,6 +66,10 @@ def end_job(message: str, code: int = 1):
     _client().key_value_set(FAILURE_KEY, text)
   except Exception:  # noqa: BLE001 - another process reported first
     pass
+  _exit_now(text, code)
+
+
+def _exit_now(text: str, code: int):
   print(f"error: {text}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(code)  # not sys.exit: its shutdown barrier would wait for the processes stuck in a collective
@@ -85,9 +89,7 @@ def watch_for_failures():
       except Exception:  # noqa: BLE001 - no failure reported (NOT_FOUND)
         continue
       if not _ending.is_set():
-        print(f"error: {text}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        _exit_now(text, 1)
 
   watcher = threading.Thread(target=watch, name="jalign-failure-watch", daemon=True)
   watcher.start()

@@ -16,6 +16,7 @@ devices; each data-parallel group decodes its own rows) and hands the trainer it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -286,8 +287,7 @@ def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=N
                          run_dir=Path(c.run_dir), options=options, mesh=policy.mesh, rules=policy.rules,
                          wandb_project=c.train.wandb_project or None, config=c.to_dict(), graphdef=graphdef,
                          companion=companion,
-                         on_start=lambda step: run_folder.record_config(c, step, log=print if jax.process_index() == 0
-                                                                         else lambda *_: None))
+                         on_start=functools.partial(run_folder.record_config, c))  # process 0 alone writes and says
   rollouts.loop = loop
   return loop
 
