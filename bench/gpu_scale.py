@@ -119,7 +119,7 @@ def timed_steps(loop, batch, steps: int) -> tuple[list[float], object]:
 def train_part(algorithm: str, shape: Shape, run_dir: Path) -> dict:
   import jax
   import numpy as np
-  from jalign import trainer
+  from jalign import metrics as metrics_lib
   from jalign.parallel import mesh as pmesh
   from jalign.recipes import build
   name = {"sft": "sft_tiny", "dpo": "dpo_tiny"}[algorithm]
@@ -139,7 +139,7 @@ def train_part(algorithm: str, shape: Shape, run_dir: Path) -> dict:
   step = _median(times)
   tokens = int(np.sum(np.asarray(jax.device_get(batch["segment_ids"])) > 0))
   cfg = build.model_config(c)
-  flops = trainer.train_flops_per_token(cfg, shape.seq) * tokens
+  flops = metrics_lib.train_flops_per_token(cfg, shape.seq) * tokens
   kind, peak_flops, _ = card(jax.devices()[0])
   out.update(step_s=step, tokens=tokens, tokens_per_s=tokens / step, params=cfg.num_params,
              mfu=flops / step / peak_flops if peak_flops else None,

@@ -101,3 +101,17 @@ class Progress:
   def close(self):
     if self._bar is not None:
       self._bar.stop()
+
+
+# Dense bfloat16 FLOP/s of one device, by device kind: the denominator of MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def train_flops_per_token(config, seq_len: int) -> float:
+  """Forward + backward FLOPs per token: 6 per parameter, plus attention scores and values."""
+  return 6.0 * config.num_params + 12.0 * config.num_layers * config.num_heads * config.head_dim * seq_len

@@ -38,6 +38,7 @@ from flax import nnx
 
 from jalign import config as config_lib
 from jalign import config_flag as config_flag_lib
+from jalign import metrics as metrics_lib
 from jalign import specs, trainer
 from jalign.data.packing import build_row
 from jalign.losses import rloo
@@ -171,7 +172,7 @@ def program_fingerprint(lowered) -> str:
 
 
 def _flops(cfg: LlamaConfig, tokens: int, length: int, *, backward: bool) -> float:
-  per_token = trainer.train_flops_per_token(cfg, length)
+  per_token = metrics_lib.train_flops_per_token(cfg, length)
   if not backward:
     return per_token / 3 * tokens
   recompute = 4 / 3 if cfg.remat != "none" else 1.0  # a second forward pass in the backward

@@ -27,7 +27,8 @@ from jalign.specs.base import ConfigError
 FREE_KEYS = ("run_dir", "train.max_steps", "train.val_check_interval", "train.save_interval", "train.keep_last",
              "train.keep_best", "train.max_time_s", "train.log_every", "train.resume", "train.wandb_project",
              "train.allow_config_change", "train.skip_unreadable_checkpoints", "train.micro_batch_size",
-             "model.remat", "reference.offload", "critic.server", "critic.serve_address", "critic.max_request_rows")
+             "model.remat", "reference.offload", "critic.server", "critic.serve_address", "critic.max_request_rows",
+             "critic.connect_timeout_s", "critic.timeout_s")
 FREE_PREFIXES = ("mesh.", "distributed.", "generation.")
 
 

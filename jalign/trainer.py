@@ -35,15 +35,19 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jalign.checkpoints import checkpoint_manager, checkpoint_steps, failure_reason, restore_newest_readable
+from jalign import metrics as metrics_lib
 from jalign.metrics import MetricsWriter, Progress
 from jalign.parallel import mesh as pmesh
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
 class TrainingError(RuntimeError):
   pass
+
+
+class _SecondSignal(Exception):
+  """Raised by a SIGTERM that comes while the trainer already stops for one."""
 
 
 @flax.struct.dataclass
@@ -398,6 +402,8 @@ class Trainer:
             f"{f'step {max(good)}' if good else 'none'} in {self.run_dir / 'checkpoints'}")
 
   def _on_signal(self, signum, frame):
+    if self._stop_signal:  # a second one: whatever the step waits on (a hung server, say), stop now
+      raise _SecondSignal()
     self._stop_signal = signum
 
   def run(self) -> dict:
@@ -417,7 +423,7 @@ class Trainer:
     began = time.monotonic()
     reason = "finished"
     step = start_step
-    peak = _peak_flops()
+    peak = metrics_lib.peak_flops()
     try:
       while step < o.max_steps:
         self._check_saves()
@@ -454,6 +460,11 @@ class Trainer:
         if self._stop_signal or timed_out:
           reason = "SIGTERM" if self._stop_signal else "time limit"
           break
+    except _SecondSignal:
+      self._check_saves(wait=True)
+      last = self.checkpoints.latest_step()
+      raise TrainingError(f"a second SIGTERM stopped step {step + 1} midway; the last checkpoint is "
+                          f"{f'step {last}' if last else 'none'} in {self.run_dir / 'checkpoints'}") from None
     finally:
       signal.signal(signal.SIGTERM, previous)
       try:
@@ -498,13 +509,3 @@ def _count(batch, name: str) -> float:
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
   return float(sum(np.count_nonzero(np.asarray(v)) for path, v in leaves
                    if getattr(path[-1], "key", None) == name))
-
-
-def _peak_flops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
-
-def train_flops_per_token(config, seq_len: int) -> float:
-  """Forward + backward FLOPs per token: 6 per parameter, plus attention scores and values."""
-  return 6.0 * config.num_params + 12.0 * config.num_layers * config.num_heads * config.head_dim * seq_len

@@ -4,6 +4,8 @@ import importlib.util
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -88,6 +90,32 @@ def test_resume_after_sigterm_repeats_the_uninterrupted_losses(tmp_path):
   assert second["steps"] == steps and sorted(loop.losses) == list(range(5, steps + 1))
   for step in range(5, steps + 1):
     assert abs(loop.losses[step] - straight[step]) <= 1e-6 * abs(straight[step]), step
+
+
+class HungAt(SigtermAt):
+  """Batches of which batch ``n`` never comes (a step waiting on a hung server), while SIGTERM is
+  delivered twice from another thread."""
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.n:
+      for delay in (0.3, 0.6):
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+      time.sleep(60)
+    return next(self.inner)
+
+
+def test_a_second_sigterm_stops_a_step_that_waits_naming_the_last_checkpoint(tmp_path):
+  loop = build_trainer(tiny_config(tmp_path / "run", max_steps=8, save_interval=2), log=quiet)
+  loop.train_batches = HungAt(loop.train_batches, 4)
+  began = time.monotonic()
+  with pytest.raises(trainer.TrainingError) as stopped:
+    loop.run()
+  assert time.monotonic() - began < 30
+  ckpt = tmp_path / "run" / "checkpoints"
+  assert str(stopped.value) == f"a second SIGTERM stopped step 4 midway; the last checkpoint is step 2 in {ckpt}"
+  assert sorted(p.name for p in ckpt.iterdir()) == ["2"]
+  assert signal.getsignal(signal.SIGTERM) != loop._on_signal  # the handler from before the run is back
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jalign import config as config_lib
+from jalign import metrics as metrics_lib
 from jalign import optim, run_folder, specs, trainer
 from jalign.data import formats, pipeline
 from jalign.data.tokenizer import Tokenizer
@@ -248,7 +249,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
       save_interval=t.save_interval, keep_last=t.keep_last, keep_best=t.keep_best if val_batches else 0,
       max_time_s=t.max_time_s, log_every=t.log_every, resume=t.resume,
       skip_unreadable_checkpoints=t.skip_unreadable_checkpoints,
-      flops_per_token=trainer.train_flops_per_token(lm_config, c.data.max_seq_length),
+      flops_per_token=metrics_lib.train_flops_per_token(lm_config, c.data.max_seq_length),
       monitor="val_loss")
   return trainer.Trainer(state=state, train_step=train_step(c, graphdef, loss_fn, schedule, tx, mesh, rules),
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,

@@ -83,7 +83,8 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   options = rollouts_lib.trainer_options(c, bool(policy.val_prompts))
   critic: critic_lib.CriticJob
   if c.critic.server:  # a critic server started by python -m jalign.serve
-    critic = RemoteCritic(c.critic.server)
+    critic = RemoteCritic(c.critic.server, connect_timeout_s=c.critic.connect_timeout_s,
+                          timeout_s=c.critic.timeout_s, log=log)
   else:
     critic = critic_lib.build(c, options, tok=policy.tok)
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts, score=critic.rewards,

@@ -140,7 +140,8 @@ def bind(triton, job, c, lock: threading.Lock | None = None):
 
 class RemoteCritic:
   """The client of a critic server at ``address`` (``host:port``), with ``jalign.recipes.critic.Critic``'s
-  interface; waits up to ``init_timeout_s`` for the server's models to be ready.
+  interface; waits up to ``connect_timeout_s`` for the server's models to be ready, and up to ``timeout_s``
+  for each answer of a server that is still alive (``triton.Client``).
 
   ``train_async`` sends an epoch of critic training and returns at once, as NeMo's actor does not
   await ``critic_train``: the critic trains while the actor does. Every other call first waits for it
@@ -150,26 +151,30 @@ class RemoteCritic:
   answers (or its error), so that each call reaches the server once.
   """
 
-  def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
+  def __init__(self, address: str, *, connect_timeout_s: float = 600.0, timeout_s: float = 1800.0, log=print):
     self._server = triton_lib.Client(address, timeout_s)  # and a dead server is noticed within seconds
     self.url = self._server.url
     self._pending = None  # (future, report) of a critic epoch in flight
     self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic_train")
-    _on_leader(lambda: self._connect(init_timeout_s))
+    _on_leader(lambda: self._connect(connect_timeout_s, log))
 
-  def _connect(self, init_timeout_s: float):
+  def _connect(self, connect_timeout_s: float, log):
+    if self._server.alive() is not None:  # not up yet: the critic job may still be loading its models
+      log(f"waiting up to {connect_timeout_s:.0f} s (config.critic.connect_timeout_s) for the critic server at {self.url}")
     try:
-      self._server.wait_for(MODELS, init_timeout_s)
+      self._server.wait_for(MODELS, connect_timeout_s)
     except Exception as e:  # unreachable, or not a critic server
-      raise ConfigError(f"config.critic.server: no critic server answers at {self.url} "
-                                   f"({type(e).__name__}: {e}); start one with python -m jalign.serve "
-                                   "--config=<the same config>") from e
+      raise ConfigError(f"config.critic.server: no critic server answers at {self.url} within "
+                        f"{connect_timeout_s:.0f} s ({type(e).__name__}: {e}); start one with python -m jalign.serve "
+                        "--config=<the same config>") from e
 
   def _call(self, name: str, batched: bool, **inputs) -> dict:
     try:
       return self._server.infer(name, batched=batched, **inputs)
     except triton_lib.ServerGone as e:  # the actor stops; its checkpoints are as the last save left them
       raise TrainingError(f"critic server {self.url}: {e}") from None
+    except triton_lib.ServeError as e:  # a refused request or a failed call, in one line naming the server
+      raise TrainingError(str(e)) from None
 
   def _settle(self):
     if self._pending is not None:
@@ -229,8 +234,8 @@ class RemoteCritic:
       self._settle()
       try:
         self._call("critic_restore", False, step=np.asarray([step], np.int64))
-      except Exception as e:  # the server's error, e.g. no checkpoint at that step
-        raise TrainingError(f"critic server {self.url}: could not restore step {step}: {e}") from e
+      except TrainingError as e:  # the server's error, e.g. no checkpoint at that step
+        raise TrainingError(f"could not restore the critic's step {step}: {e}") from None
     _on_leader(call)
 
   def wait(self):

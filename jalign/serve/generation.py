@@ -111,15 +111,15 @@ def bind(triton, job, lock: threading.Lock | None = None, *, max_request_rows: i
 class RemoteGenerator:
   """The client of a generation server at ``address`` (``host:port``)."""
 
-  def __init__(self, address: str, *, init_timeout_s: float = 120.0, timeout_s: float = 3600.0):
+  def __init__(self, address: str, *, connect_timeout_s: float = 600.0, timeout_s: float = 1800.0):
     self._server = triton_lib.Client(address, timeout_s)
     self.url = self._server.url
     try:
-      self._server.wait_for(MODELS, init_timeout_s)
+      self._server.wait_for(MODELS, connect_timeout_s)
     except Exception as e:  # unreachable, or not a generation server
-      raise ConfigError(f"no generation server answers at {self.url} ({type(e).__name__}: {e}); "
-                                   "start one with python -m jalign.serve --config=<config> "
-                                   "--config.generation.serve=True") from e
+      raise ConfigError(f"no generation server answers at {self.url} within {connect_timeout_s:.0f} s "
+                        f"({type(e).__name__}: {e}); start one with python -m jalign.serve --config=<config> "
+                        "--config.generation.serve=True") from e
 
   def _call(self, name: str, **inputs) -> dict:
     return self._server.infer(name, **inputs)

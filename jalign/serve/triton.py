@@ -121,6 +121,14 @@ def each_request(fn):
   return infer
 
 
+def _reason(error: BaseException) -> str:
+  """One line of a failed call's error: the server's own exception where the answer carries its
+  traceback, else the error's first line."""
+  text = str(error)
+  raised = re.findall(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .+)$", text, re.MULTILINE)
+  return raised[-1].strip() if raised else f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0]}"
+
+
 class ServerGone(ServeError):
   """The server stopped answering while a call waited for it."""
 
@@ -156,6 +164,13 @@ class Client:
     except (OSError, urllib.error.URLError) as e:
       return str(getattr(e, "reason", e))
 
+  def _gone_within(self, seconds: float) -> str | None:
+    """Why the server is not alive, once its liveness check fails within ``seconds``; else None."""
+    deadline = time.monotonic() + seconds
+    while (why := self.alive()) is None and time.monotonic() < deadline:
+      time.sleep(0.5)
+    return why
+
   def infer(self, name: str, *, batched: bool = False, **inputs) -> dict:
     """One request to model ``name``: a batch of rows (``batched``), or one sample of whole arrays."""
     from pytriton.client import ModelClient
@@ -183,8 +198,14 @@ class Client:
       if time.monotonic() > deadline:
         raise ServerGone(f"no answer to {name} within {self.timeout_s:.0f} s")
     if "error" in outcome:
-      refused = re.search(r"BadRequest: (.*)", str(outcome["error"]))
+      error = outcome["error"]
+      refused = re.search(r"BadRequest: (.*)", str(error))
       if refused:  # the server's one line, without the wrapping Triton adds
         raise ServeError(f"{self.url} refused the request to {name}: {refused.group(1)}") from None
-      raise outcome["error"]
+      # A connection closed under the call is most often the server dying: its liveness says so within
+      # a few seconds (Triton itself ends a few seconds after the server process).
+      why = self._gone_within(3 * self.health_every_s)
+      if why is not None:
+        raise ServerGone(f"stopped answering during {name} ({why})") from None
+      raise ServeError(f"{self.url}: {name} failed: {_reason(error)}") from error
     return outcome["answer"]

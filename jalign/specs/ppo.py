@@ -55,6 +55,11 @@ def critic_block():
   b.serve_address = "127.0.0.1:5556"  # what python -m jalign.serve binds (0.0.0.0:<port> for other hosts)
   b.overlap_train = True  # with a server: the critic trains while the actor does (NeMo does not await it)
   b.max_request_rows = 4096  # the server refuses larger requests (one request holds it while it runs)
+  # How long the actor waits for the server to serve at its start (a large critic loads for minutes), and
+  # for one answer from a server that still answers its liveness checks: one that stops answering them
+  # is noticed within seconds.
+  b.connect_timeout_s = 600.0
+  b.timeout_s = 1800.0
   return b
 
 
@@ -89,6 +94,8 @@ def validate(c, check_files):
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
   require(c.critic.max_request_rows >= s.prompts, "critic.max_request_rows",
           f"{c.critic.max_request_rows} is fewer than the {s.prompts} rows of a rollout, which the actor sends at once")
+  for name in ("connect_timeout_s", "timeout_s"):
+    require(c.critic[name] > 0, f"critic.{name}", f"{c.critic[name]} is not a positive number of seconds")
   for name in ("init", "reward_model"):
     require_reward_model(c.critic[name], f"critic.{name}", check_files, random=True)
 

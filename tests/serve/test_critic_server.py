@@ -190,9 +190,13 @@ def test_served_policy_generates_what_it_does_in_process(server):
   assert replies == [tok.decode(r) for r in local.responses()]
 
 
-def test_an_unreachable_server_is_a_config_error():
-  with pytest.raises(config_lib.ConfigError, match=r"config.critic.server: no critic server answers at http://127"):
-    RemoteCritic(f"127.0.0.1:{free_port_block()}", init_timeout_s=2)
+def test_an_unreachable_server_is_a_config_error_after_the_wait_it_announces():
+  said = []
+  began = time.monotonic()
+  with pytest.raises(config_lib.ConfigError, match=r"config.critic.server: no critic server answers at http://127.* within 2 s"):
+    RemoteCritic(f"127.0.0.1:{free_port_block()}", connect_timeout_s=2, log=said.append)
+  assert time.monotonic() - began < 20
+  assert said and said[0].startswith("waiting up to 2 s (config.critic.connect_timeout_s) for the critic server at http://127")
 
 
 def test_serve_names_what_it_cannot_serve(tmp_path):
