@@ -11,6 +11,9 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 
 local_mode() { [ -n "${JALIGN_LOCAL:-}" ]; }
 
+# XLA:CPU compiles with its older fusion emitters ~40% faster, and the programs run as fast.
+LOCAL_XLA_FLAGS="--xla_cpu_use_fusion_emitters=false"
+
 # The host other jobs reach this job's first process at.
 first_host() {
   if local_mode; then echo 127.0.0.1; else scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1; fi
@@ -33,13 +36,13 @@ launch() {
   # and go back to the system when freed.
   export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-1048576}"
   if [ "$n" -eq 1 ]; then
-    JAX_PLATFORMS=cpu XLA_FLAGS= "$PYTHON" -m "$module" "$@" "--config.distributed.local_device_count=$each"
+    JAX_PLATFORMS=cpu XLA_FLAGS="$LOCAL_XLA_FLAGS" "$PYTHON" -m "$module" "$@" "--config.distributed.local_device_count=$each"
     return
   fi
   local port pids=() status=0 i
   port=$("$PYTHON" -c "import portpicker; print(portpicker.pick_unused_port())")
   for ((i = 0; i < n; i++)); do
-    JAX_PLATFORMS=cpu XLA_FLAGS= "$PYTHON" -m "$module" "$@" \
+    JAX_PLATFORMS=cpu XLA_FLAGS="$LOCAL_XLA_FLAGS" "$PYTHON" -m "$module" "$@" \
       "--config.distributed.coordinator_address=127.0.0.1:$port" "--config.distributed.num_processes=$n" \
       "--config.distributed.process_id=$i" "--config.distributed.local_device_count=$each" &
     pids+=($!)

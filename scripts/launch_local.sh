@@ -10,6 +10,8 @@ n="${1:?usage: scripts/launch_local.sh N --config=configs/<name>.py [flags...]}"
 shift
 devices="${DEVICES_PER_PROCESS:-2}"
 python="${PYTHON:-.venv/bin/python}"
+# XLA:CPU compiles with its older fusion emitters ~40% faster, and the programs run as fast.
+xla_flags="--xla_cpu_use_fusion_emitters=false"
 port=$("$python" -c "import portpicker; print(portpicker.pick_unused_port())")
 # The run folder the config names (a --config.run_dir flag wins), for the followers' logs.
 run_dir=$("$python" - "$@" <<'EOF'
@@ -32,9 +34,9 @@ for ((i = 0; i < n; i++)); do
   args=("$@" "--config.distributed.coordinator_address=127.0.0.1:$port" "--config.distributed.num_processes=$n"
         "--config.distributed.process_id=$i" "--config.distributed.local_device_count=$devices")
   if [ "$i" -eq 0 ]; then
-    JAX_PLATFORMS=cpu XLA_FLAGS= "$python" -m jalign.train "${args[@]}" &
+    JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" "$python" -m jalign.train "${args[@]}" &
   else
-    JAX_PLATFORMS=cpu XLA_FLAGS= "$python" -m jalign.train "${args[@]}" >"$run_dir/process_$i.log" 2>&1 &
+    JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" "$python" -m jalign.train "${args[@]}" >"$run_dir/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done

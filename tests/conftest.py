@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU compiles with its older fusion emitters ~40% faster (a tiny train step: 1.3 s instead of 2.2),
+# and the programs run as fast: compiling is a third of the suite's time on a fresh clone. Every process
+# a test starts is given them too (CPU_XLA_FLAGS in place of the fake device count).
+CPU_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +68,7 @@ def launch_job(module, args, processes, devices_each, *, only=None, **popen):
   no coordinator) of ``devices_each`` CPU devices; the ``Popen`` of each, process 0 first. ``only``:
   ``{process id: [args]}`` added to that process's alone."""
   import portpicker
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS)
   job = [f"--config.distributed.coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
          f"--config.distributed.num_processes={processes}"]
   only = only or {}

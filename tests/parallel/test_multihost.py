@@ -15,7 +15,7 @@ from flax import nnx
 
 from jalign.config import load_config_file
 from jalign.recipes.build import build_trainer
-from tests.conftest import run_job
+from tests.conftest import CPU_XLA_FLAGS, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -88,7 +88,7 @@ def test_followers_make_process_zeros_calls_until_released():
   """A server job's processes: process 0 calls (through LeaderCalls), process 1 makes the same calls
   (follow), so computations over both processes' devices complete; a failing call does not stop the
   loop; stop_followers ends it."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS)
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "parallel" / "leader_job.py"), str(i), str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ from jalign.config import data_path
 from jalign.data import formats
 from jalign.train import run
 
-from tests.conftest import load, quiet
+from tests.conftest import CPU_XLA_FLAGS, load, quiet
 
 
 def test_reward_model_learns_the_facts(tmp_path):
@@ -62,7 +62,7 @@ def test_steerlm_annotates_every_assistant_turn_and_sft_trains_on_the_labels(tmp
   out = tmp_path / "labelled.jsonl"
   done = subprocess.run([sys.executable, "-m", "jalign.steerlm", f"--rm={rm_run}", f"--input={source}",
                          f"--output={out}", "--attributes=correctness,verbosity"], capture_output=True, text=True,
-                        timeout=600, env={**__import__("os").environ, "XLA_FLAGS": ""})
+                        timeout=600, env={**__import__("os").environ, "XLA_FLAGS": CPU_XLA_FLAGS})
   assert done.returncode == 0, done.stderr[-2000:]
   originals = [json.loads(line) for line in open(source)]
   labelled = [json.loads(line) for line in open(out)]
