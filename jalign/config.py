@@ -62,7 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
       micro_batch_size=config_dict.placeholder(int),    # sequences generated at once per data-parallel rank
       max_new_tokens=config_dict.placeholder(int), min_new_tokens=config_dict.placeholder(int),
       temperature=config_dict.placeholder(float), top_k=config_dict.placeholder(int),
-      top_p=config_dict.placeholder(float)))
+      top_p=config_dict.placeholder(float),
+      # reinforce and ppo: weight each token of the policy loss by min(pi_old / pi_engine, tis_cap), the
+      # trainer's over the engine's probability of the sampled token (truncated importance sampling);
+      # 0: off. The gap itself is logged with every rollout (logprob_gap_*).
+      tis_cap=0.0))
   # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
   # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
   # The default address leaves 5556-5558 (HTTP, gRPC, metrics) to the critic server's default.

@@ -79,9 +79,12 @@ def whiten(x, mask, *, eps=1e-8):
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def actor_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, entropy=None, entropy_coef=0.0):
+def actor_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, entropy=None, entropy_coef=0.0,
+               weights=None):
   """The clipped surrogate ``masked_mean(max(-A r, -A clip(r, 1-eps, 1+eps)))`` minus
-  ``entropy_coef`` x the masked mean ``entropy``; ``r = exp(logprobs - old_logprobs)``.
+  ``entropy_coef`` x the masked mean ``entropy``; ``r = exp(logprobs - old_logprobs)``. ``weights``
+  (``[B,T]``, no gradient): each token's surrogate times its importance weight
+  (``jalign.losses.offpolicy.tis_weights``).
 
   The caller folds ``is_end`` into ``mask`` (NeMo: truncated responses give no actor gradient); a
   mask with no tokens gives a loss of 0. Returns ``(loss, metrics)``.
@@ -90,10 +93,14 @@ def actor_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, entrop
   ratio = jnp.exp(logprobs - old_logprobs)
   clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   surrogate = jnp.maximum(-advantages * ratio, -advantages * clipped)
+  if weights is not None:
+    surrogate = surrogate * jax.lax.stop_gradient(weights)
   loss = _masked_mean(surrogate, mask)
   metrics = {"ppo_ratio": _masked_mean(ratio, mask), "ppo_ratio_clamped": _masked_mean(clipped, mask),
              "clip_fraction": _masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(mask.dtype), mask),
              "policy_loss": loss}
+  if weights is not None:
+    metrics["tis_weight"] = _masked_mean(weights, mask)
   if entropy is not None:
     mean_entropy = _masked_mean(entropy, mask)
     loss = loss - entropy_coef * mean_entropy
@@ -117,14 +124,16 @@ def actor_train_loss(model, batch, rng=None, *, clip_eps=0.2, entropy_coef=0.0):
   """``(loss_sum, tokens, metric_sums)`` of a micro-batch for ``trainer.make_train_step``.
 
   The batch holds ``tokens``, ``targets`` (tokens shifted left), ``mask`` (actions of rows that ended,
-  ``is_end`` folded in), ``old_logprobs`` and ``advantages``, all ``[B,T]``.
+  ``is_end`` folded in), ``old_logprobs`` and ``advantages``, all ``[B,T]``, and with ``rollout.tis_cap``
+  the tokens' importance weights ``tis_weights``.
   """
   del rng
   hidden = model.hidden_states(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
   out = token_logprobs(hidden, model.lm_head_kernel(), batch["targets"], return_entropy=entropy_coef > 0)
   logprobs, entropy = out if entropy_coef > 0 else (out, None)
   loss, metrics = actor_loss(logprobs, batch["old_logprobs"], batch["advantages"], batch["mask"],
-                             clip_eps=clip_eps, entropy=entropy, entropy_coef=entropy_coef)
+                             clip_eps=clip_eps, entropy=entropy, entropy_coef=entropy_coef,
+                             weights=batch.get("tis_weights"))
   tokens = jnp.sum(batch["mask"].astype(jnp.float32))
   return loss * tokens, tokens, {k: v * tokens for k, v in metrics.items()}
 

@@ -54,10 +54,16 @@ def token_logprobs_of(model, batch):
 def train_loss(model, batch, rng=None):
   """``(loss_sum, tokens, metric_sums)`` of a micro-batch of scored samples, for ``trainer.make_train_step``:
   the summed ``-log pi(t) * advantage`` over the response tokens ``loss_mask`` covers, so that the
-  trainer's division gives the masked mean over the global batch. ``batch["advantages"]`` is ``[B]``."""
+  trainer's division gives the masked mean over the global batch. ``batch["advantages"]`` is ``[B]``;
+  ``batch["tis_weights"]`` (with ``rollout.tis_cap``) weights each token (``jalign.losses.offpolicy``)."""
   del rng
   mask = batch["loss_mask"].astype(jnp.float32)
   lp = token_logprobs_of(model, batch)["token_logprobs"]
   advantages = jax.lax.stop_gradient(batch["advantages"].astype(jnp.float32))
-  total = jnp.sum(-lp * advantages[:, None] * mask)
-  return total, jnp.sum(mask), {"response_logprob": jnp.sum(lp * mask)}
+  metrics = {"response_logprob": jnp.sum(lp * mask)}
+  weighted = mask
+  if "tis_weights" in batch:
+    weighted = mask * jax.lax.stop_gradient(batch["tis_weights"].astype(jnp.float32))
+    metrics["tis_weight"] = jnp.sum(weighted)
+  total = jnp.sum(-lp * advantages[:, None] * weighted)
+  return total, jnp.sum(mask), metrics

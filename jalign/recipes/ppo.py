@@ -43,11 +43,11 @@ class GAEAdvantages:
 
   def __init__(self, c, critic: critic_lib.CriticJob):
     self.c, self.critic = c, critic
-    self.fields = specs.get(c.algorithm).rollout.fields(c)  # what the actor's train step reads
 
   def __call__(self, rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict, step: int) -> dict:
     p = self.c.ppo
     old, init = rollouts.logprobs(batch)
+    rollouts.compare_engine(batch, old, stats)
     mask = batch["loss_mask"]
     values = self.critic.values(batch)
     rewards, kl = ppo.rewards_with_kl(batch["rewards"], old, init, mask, kl_coef=p.kl_coef, absolute_kl=p.absolute_kl)
@@ -72,7 +72,7 @@ class GAEAdvantages:
     # A response cut off by the length limit trains the critic only (NeMo's is_end mask).
     batch.update(mask=mask * batch["is_end"][:, None], old_logprobs=old.astype(np.float32),
                  advantages=np.asarray(advantages, np.float32))
-    return {key: batch[key] for key in self.fields}
+    return batch
 
 
 def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:

@@ -38,6 +38,7 @@ def rloo_advantages(rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict, s
   r = rollouts.r
   rewards, group_ids, is_end = batch["rewards"], batch["group_ids"], batch["is_end"]
   old, init = rollouts.logprobs(batch)
+  rollouts.compare_engine(batch, old, stats)
   kl = np.asarray(rloo.sequence_kl(old, init, batch["loss_mask"], absolute_kl=r.absolute_kl))
   total = rewards - r.kl_coef * kl
   baselines = np.asarray(rloo.baseline(total, group_ids, is_end))

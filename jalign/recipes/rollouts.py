@@ -4,10 +4,12 @@ A rollout takes the next ``prompts`` prompts of the data (one shuffled order per
 ``per_prompt`` responses to each from the current policy (the JAX decode loop, on a copy of the weights
 in the compute dtype refitted once per rollout), scores them with the ``score`` it is given (a reward
 model, a critic job's reward model) and hands the scored batch to the algorithm's ``prepare`` (RLOO
-advantages, the best samples, PPO's values and GAE), which returns what the train step reads. The
-batch is shuffled into global batches for the shared ``Trainer``. Rollout statistics go to
-``metrics.jsonl`` with split ``rollout``; validation answers each validation prompt once with a fixed
-seed and reports ``val_reward``.
+advantages, the best samples, PPO's values and GAE), which returns what the train step reads (the
+spec's fields, and no more). The batch is shuffled into global batches for the shared ``Trainer``.
+The engine's own log-probs of the tokens it sampled ride along (``engine_logprobs``): ``compare_engine``
+logs their gap to the trainer's and, with ``rollout.tis_cap``, weights the loss's tokens by it.
+Rollout statistics go to ``metrics.jsonl`` with split ``rollout``; validation answers each validation
+prompt once with a fixed seed and reports ``val_reward``.
 
 Over several processes every process computes the whole rollout (one SPMD program over the job's
 devices; each data-parallel group decodes its own rows) and hands the trainer its own rows.
@@ -26,12 +28,12 @@ import numpy as np
 from flax import nnx
 
 from jalign import config as config_lib
-from jalign import run_folder, trainer
+from jalign import run_folder, specs, trainer
 from jalign.data import formats
 from jalign.data.packing import build_row
 from jalign.data.prompts import encode_prompts
 from jalign.data.sft import _example
-from jalign.losses import rloo
+from jalign.losses import offpolicy, rloo
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import build
 from jalign.rollout.generate import generate
@@ -58,9 +60,12 @@ class Rollouts:
     self.max_new = settings.max_new_tokens or c.data.max_seq_length // 2
     self.width = max(len(p) for p in prompts + (val_prompts or []))
     self.generate_batch = generation_rows(settings, pmesh.data_parallel_size(mesh, rules) if mesh is not None else 1)
+    self.fields = specs.get(c.algorithm).rollout.fields(c)  # what the train step reads of a prepared batch
+    self.tis_cap = float(c.rollout.tis_cap)
     self.steps_per_rollout = settings.trained // c.train.global_batch_size
     self._queue: list[dict] = []
-    self.last: dict | None = None
+    self.last: dict | None = None  # the latest rollout, scored (every sample, in sampling order)
+    self.prepared: dict | None = None  # and as prepared, every key (the train step reads the spec's fields)
     # Generation reads a copy of the weights in the compute dtype laid out by these rules (default:
     # sharded over tensor only, so a decode step gathers no weights), refitted once per rollout; kept
     # between rollouts unless settings.unload_engine_train (what the planner counts).
@@ -128,16 +133,21 @@ class Rollouts:
     chosen = self._prompt_indices(index)
     prompts = [self.prompts[i] for i in chosen for _ in range(k)]
     group_ids = np.repeat(np.arange(len(chosen)), k)
-    responses, is_end = self._generate(prompts, seed=self.c.seed + 7919 * index)
+    responses, is_end, sampled = self._generate(prompts, seed=self.c.seed + 7919 * index)
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
     rows = [build_row([ex], self.c.data.max_seq_length, self.pad) for ex in examples]
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    engine = np.zeros(batch["tokens"].shape, np.float32)  # in the log-prob layout: column t scores token t+1
+    for row, (p, logprobs) in enumerate(zip(prompts, sampled)):
+      engine[row, len(p) - 1:len(p) - 1 + len(logprobs)] = logprobs
+    batch["engine_logprobs"] = engine
     rewards = self.score(examples)
     stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
              "fraction_ended": float(np.mean(is_end))}
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
     self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
-    batch = self.prepare(self, batch, stats, step)
+    batch = self.prepared = self.prepare(self, batch, stats, step)
+    batch = {key: batch[key] for key in self.fields}
     self.loop.metrics.write(step, stats, prefix="rollout")
     self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
     order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
@@ -148,17 +158,18 @@ class Rollouts:
     """One response to each validation prompt from the current policy (the same seed every time, so
     that checkpoints compare on equal terms), scored: ``val_reward`` (the checkpoint monitor), lengths."""
     with self._optimizer_away():
-      responses, is_end = self._generate(self.val_prompts, seed=self.c.seed + 1)
+      responses, is_end, _ = self._generate(self.val_prompts, seed=self.c.seed + 1)
       examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
       rewards = self.score(examples)
     return {"val_reward": float(np.mean(rewards)), "val_response_length": float(np.mean([len(x) for x in responses])),
             "val_fraction_ended": float(np.mean(is_end))}
 
   def _generate(self, prompts, *, seed):
-    """Responses (token lists, the stop token included when there is one) and ``is_end``."""
+    """Responses (token lists, the stop token included when there is one), ``is_end``, and the engine's
+    log-prob of each response token under its model's own softmax (arrays of the responses' lengths)."""
     model = self.generation_model()
     size = self.generate_batch
-    responses, ended = [], []
+    responses, ended, sampled = [], [], []
     # Each data-parallel group decodes its own rows of a batch (all of them when they do not divide).
     rules = self.generation_rules or self.rules
     split = self.mesh is not None and size % pmesh.data_parallel_size(self.mesh, rules) == 0
@@ -171,7 +182,9 @@ class Rollouts:
                      prompt_width=self.width, batch_sharding=rows)
       responses += out.responses()[:len(chunk)]
       ended += pmesh.fetch(out.is_end)[:len(chunk)].tolist()
-    return responses, np.asarray(ended, bool)
+      logprobs, lengths = pmesh.fetch(out.policy_logprobs), pmesh.fetch(out.lengths)
+      sampled += [logprobs[b, len(p):lengths[b]] for b, p in enumerate(chunk)]
+    return responses, np.asarray(ended, bool), sampled
 
   def logprobs(self, batch):
     """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's,
@@ -185,6 +198,14 @@ class Rollouts:
       old.append(pmesh.fetch(self.current(state.params, state.rest, part)["token_logprobs"]))
       init.append(pmesh.fetch(self.initial(part, state)["token_logprobs"]))
     return np.concatenate(old), np.concatenate(init)
+
+  def compare_engine(self, batch: dict, old, stats: dict) -> None:
+    """Adds the gap between the engine's log-probs and the trainer's ``old`` ones over the responses
+    to ``stats``; with ``rollout.tis_cap``, the tokens' truncated importance weights to ``batch``."""
+    engine, mask = batch["engine_logprobs"], batch["loss_mask"]
+    stats.update(offpolicy.logprob_gap(engine, old, mask))
+    if self.tis_cap:
+      batch["tis_weights"] = offpolicy.tis_weights(engine, old, mask, self.tis_cap)
 
 
 def generation_rows(settings: RolloutSettings, data_parallel: int) -> int:

@@ -4,7 +4,9 @@
 rows start with their prompt at column 0 and continue with the response, right-padded with
 ``pad_id``. Sampling follows Hugging Face's order: temperature, then top-k, then top-p; stop ids are
 suppressed until ``min_new_tokens`` tokens exist. ``logprobs`` are the log-probs of the sampled
-tokens under the distribution they were drawn from (the plain softmax when greedy).
+tokens under the distribution they were drawn from (the plain softmax when greedy); ``policy_logprobs``
+under the model's own softmax, before temperature, top-k, top-p and the stop-id suppression (what the
+trainer computes for the same tokens: ``jalign.losses.offpolicy`` compares the two).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Rollout:
   lengths: jax.Array         # [B] prompt + response, stop token included
   is_end: jax.Array          # [B] stopped on a stop id rather than the length limit
   logprobs: jax.Array        # [B,T] sampling log-prob of generated tokens, 0 elsewhere
+  policy_logprobs: jax.Array | None = None  # [B,T] the model's own log-prob of generated tokens, 0 elsewhere
 
   def responses(self) -> list[list[int]]:
     tokens, start, end = (fetch(x) for x in (self.tokens, self.prompt_lengths, self.lengths))
@@ -59,7 +62,8 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0):
 def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_new_tokens, min_new_tokens,
                     temperature, top_k, top_p, greedy, stop_ids, pad_id):
   """The jitted loop ``generate`` runs, on arrays: a model's ``nnx.split`` state, prompts ``[B,P]``
-  right-padded, their lengths ``[B]`` and a PRNG key; returns ``(tokens, lengths, is_end, logprobs)``."""
+  right-padded, their lengths ``[B]`` and a PRNG key; returns ``(tokens, lengths, is_end, logprobs,
+  policy_logprobs)``."""
   def forward(tokens, positions, cache):
     # Merged afresh at each trace level: NNX modules may not cross into the loop's trace.
     fresh = jax.tree.map(lambda x: x, state)
@@ -74,6 +78,7 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
   tokens = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(
       jnp.where(jnp.arange(p)[None] < prompt_lengths[:, None], prompt_tokens, pad_id))
   logprobs = jnp.zeros((b, total), jnp.float32)
+  policy_logprobs = jnp.zeros((b, total), jnp.float32)
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
 
   def cond(carry):
@@ -81,8 +86,9 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    step, key, last, cache, tokens, done, is_end, logprobs, count = carry
+    step, key, last, cache, tokens, done, is_end, logprobs, policy_logprobs, count = carry
     key, sample_key = jax.random.split(key)
+    policy = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
     if stops is not None:
       suppress = jnp.zeros(last.shape[-1], bool).at[stops].set(True) & (step < min_new_tokens)
       last = jnp.where(suppress, _NEG_INF, last)
@@ -97,17 +103,18 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
     active = ~done
     tokens = tokens.at[rows, pos].set(jnp.where(active, token, pad_id))
     logprobs = logprobs.at[rows, pos].set(jnp.where(active, lp, 0.0))
+    policy_logprobs = policy_logprobs.at[rows, pos].set(jnp.where(active, policy[rows, token], 0.0))
     hit = jnp.isin(token, stops) if stops is not None else jnp.zeros_like(done)
     is_end = is_end | (active & hit)
     count = count + active
     done = done | hit
     logits, cache = forward(token[:, None], pos[:, None], cache)
-    return step + 1, key, logits[:, 0], cache, tokens, done, is_end, logprobs, count
+    return step + 1, key, logits[:, 0], cache, tokens, done, is_end, logprobs, policy_logprobs, count
 
   done = jnp.zeros((b,), bool)
-  carry = (jnp.int32(0), key, last, cache, tokens, done, done, logprobs, jnp.zeros((b,), jnp.int32))
-  _, _, _, _, tokens, _, is_end, logprobs, count = jax.lax.while_loop(cond, body, carry)
-  return tokens, prompt_lengths + count, is_end, logprobs
+  carry = (jnp.int32(0), key, last, cache, tokens, done, done, logprobs, policy_logprobs, jnp.zeros((b,), jnp.int32))
+  _, _, _, _, tokens, _, is_end, logprobs, policy_logprobs, count = jax.lax.while_loop(cond, body, carry)
+  return tokens, prompt_lengths + count, is_end, logprobs, policy_logprobs
 
 
 def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
@@ -140,10 +147,10 @@ def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, te
     prompt_lengths = from_host(lengths, batch_sharding)
   else:
     prompt_tokens, prompt_lengths = jnp.asarray(padded), jnp.asarray(lengths)
-  tokens, out_lengths, is_end, logprobs = generate_arrays(
+  tokens, out_lengths, is_end, logprobs, policy_logprobs = generate_arrays(
       state, prompt_tokens, prompt_lengths, jax.random.key(seed), graphdef=graphdef,
       max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
       stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
   return Rollout(tokens=tokens, prompt_lengths=jnp.asarray(lengths), lengths=out_lengths,
-                 is_end=is_end, logprobs=logprobs)
+                 is_end=is_end, logprobs=logprobs, policy_logprobs=policy_logprobs)

@@ -94,6 +94,8 @@ def validate(c, check_files):
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
   require(c.critic.max_request_rows >= s.prompts, "critic.max_request_rows",
           f"{c.critic.max_request_rows} is fewer than the {s.prompts} rows of a rollout, which the actor sends at once")
+  require(not c.lora.rank, "lora.rank", f"{c.lora.rank}: {c.algorithm}'s rollout policy takes no LoRA adapters yet (it would train nothing); 0 trains every parameter")
+  require(c.rollout.tis_cap >= 0, "rollout.tis_cap", f"{c.rollout.tis_cap}: must be 0 (off) or a positive cap")
   for name in ("connect_timeout_s", "timeout_s"):
     require(c.critic[name] > 0, f"critic.{name}", f"{c.critic[name]} is not a positive number of seconds")
   for name in ("init", "reward_model"):
@@ -101,7 +103,8 @@ def validate(c, check_files):
 
 
 def train_fields(c) -> dict:
-  return {name: ("token", jnp.float32) for name in ("mask", "old_logprobs", "advantages")}
+  names = ("mask", "old_logprobs", "advantages") + (("tis_weights",) if c.rollout.tis_cap else ())
+  return {name: ("token", jnp.float32) for name in names}
 
 
 def actor_loss(c):

@@ -24,6 +24,7 @@ def validate(c, check_files):
   require(1 <= s.kept <= s.per_prompt, "rs.top_n_rollouts",
           f"{s.kept} is not within 1..{s.keys['per_prompt']} {s.per_prompt}")
   reinforce.validate_sampling(c, check_files, s)
+  require(not c.rollout.tis_cap, "rollout.tis_cap", "rs trains on its best samples with the SFT loss, without importance weights")
 
 
 SPEC = AlgorithmSpec(

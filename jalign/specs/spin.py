@@ -38,6 +38,7 @@ def validate(c, check_files):
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
   require(s.greedy or s.temperature > 0, s.keys["temperature"], "must be positive (or spin.greedy)")
   require(c.dpo.beta > 0, "dpo.beta", "must be positive")
+  require(not c.rollout.tis_cap, "rollout.tis_cap", "spin trains with the DPO loss, without importance weights")
 
 
 SPEC = AlgorithmSpec("spin", formats=("chat",), recipe="spin", blocks={"spin": block}, validate=validate,

@@ -180,7 +180,8 @@ def test_reinforce_loss_and_sequence_kl(seed):
   np.testing.assert_allclose(value, want, rtol=1e-12)
 
 
-def test_reinforce_train_loss_is_the_masked_mean_over_the_model_log_probs():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reinforce_train_loss_is_the_masked_mean_over_the_model_log_probs(weighted):
   from flax import nnx
 
   from jalign.models import LlamaConfig, Transformer
@@ -190,10 +191,15 @@ def test_reinforce_train_loss_is_the_masked_mean_over_the_model_log_probs():
   batch = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "positions": np.tile(np.arange(10), (3, 1)),
            "segment_ids": np.ones((3, 10), np.int32), "loss_mask": (rng.random((3, 10)) < 0.6).astype(np.float32),
            "advantages": rng.normal(size=3).astype(np.float32)}
+  weights = np.ones((3, 10))
+  if weighted:  # truncated importance weights (rollout.tis_cap) scale each token's term
+    batch["tis_weights"] = weights = rng.uniform(0.2, 2.0, (3, 10)).astype(np.float32)
   total, count, metrics = rloo.train_loss(model, {k: jnp.asarray(v) for k, v in batch.items()})
   logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(tokens)), axis=-1), np.float64)
   lp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-  want = -(lp * batch["advantages"][:, None] * batch["loss_mask"]).sum()
+  want = -(lp * batch["advantages"][:, None] * batch["loss_mask"] * weights).sum()
   np.testing.assert_allclose(total, want, rtol=2e-5)
   assert count == batch["loss_mask"].sum()
   np.testing.assert_allclose(metrics["response_logprob"], (lp * batch["loss_mask"]).sum(), rtol=2e-5)
+  if weighted:
+    np.testing.assert_allclose(metrics["tis_weight"], (weights * batch["loss_mask"]).sum(), rtol=1e-6)

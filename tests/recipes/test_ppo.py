@@ -67,6 +67,11 @@ def test_first_rollout_matches_numpy_and_trains_the_critic(tmp_path, reward_run,
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   picked = np.take_along_axis(logp, every["targets"][..., None], -1)[..., 0]
   np.testing.assert_allclose(every["old_logprobs"][mask > 0], picked[mask > 0], rtol=1e-4, atol=1e-4)
+  # The engine's own log-probs of what it sampled, in the same layout: the same float32 model decoding
+  # with its KV cache, so the gap to the trainer's is rounding alone.
+  engine = every["engine_logprobs"]
+  np.testing.assert_allclose(engine[mask > 0], picked[mask > 0], atol=1e-4)
+  assert not engine[mask == 0].any()
   # Step 0: the policy is the initial one, so the KL is 0 and the only reward is the score at the last
   # response token (index length - 2 in the log-prob layout).
   rewards = np.zeros(mask.shape)
@@ -172,4 +177,9 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"rollout.num_prompts": 12}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
+  # Not yet built: adapters on the rollout policy. Refused rather than training nothing.
+  with pytest.raises(config_lib.ConfigError, match="config.lora.rank: 8: ppo's rollout policy takes no LoRA"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"lora.rank": 8}), log=quiet)
+  with pytest.raises(config_lib.ConfigError, match="config.rollout.tis_cap: -1.0: must be 0"):
+    run(ppo_config(tmp_path, reward_run, sft_run, **{"rollout.tis_cap": -1.0}), log=quiet)
 

@@ -2,6 +2,7 @@
 advantages as plain numpy computes them, and the shared loop's checkpoints and resume."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ def test_first_rollout_scores_and_advantages(tmp_path, reward_run, sft_run):
   loop, rollouts = reinforce.build(c, log=quiet)
   batches = rollouts.rollout()
   assert len(batches) == 2 and all(len(b["tokens"]) == 16 for b in batches)
-  batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  assert sorted(batches[0]) == sorted(reinforce.specs.get("reinforce").rollout.fields(c))  # what the step reads
+  batch = rollouts.prepared  # the whole rollout, in sampling order, with what it was prepared from
   groups, ended, rewards = batch["group_ids"], batch["is_end"], batch["rewards"]
   assert sorted(np.bincount(groups)) == [4] * 8
   # Rewards: the reward model's scores of the sampled sequences, computed again here.
@@ -50,20 +52,43 @@ def test_first_rollout_scores_and_advantages(tmp_path, reward_run, sft_run):
 
 
 def test_training_logs_rollouts_and_resumes_at_the_next_one(tmp_path, reward_run, sft_run):
-  summary = run(reinforce_config(tmp_path, reward_run, sft_run), log=quiet)
+  summary = run(reinforce_config(tmp_path, reward_run, sft_run, **{"rollout.tis_cap": 2.0}), log=quiet)
   assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))
   rows = [json.loads(line) for line in open(tmp_path / "rf" / "metrics.jsonl")]
   rollout_rows = [r for r in rows if r["split"] == "rollout"]
   assert [r["step"] for r in rollout_rows] == [0, 2]
   assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[1]["init_policy_kl"] > 0.0
+  # Engine and trainer compute the same float32 model: their gap is rounding, and the truncated
+  # importance weights the loss applies are 1 to as much.
+  assert all(0 <= r["logprob_gap_mean"] <= r["logprob_gap_max"] < 1e-3 and 0 <= r["logprob_gap_kl"] < 1e-6
+             for r in rollout_rows)
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert len(train_rows) == 4 and all(abs(r["tis_weight"] - 1) < 1e-3 for r in train_rows)
   # Validation: one reply to each validation prompt, scored, at every val_check_interval.
   val_rows = [r for r in rows if r["split"] == "val"]
   assert [r["step"] for r in val_rows] == [2, 4] and all(np.isfinite(r["val_reward"]) for r in val_rows)
   assert summary["val"]["val_reward"] == pytest.approx(val_rows[-1]["val_reward"])
-  summary = run(reinforce_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6}), log=quiet)
+  summary = run(reinforce_config(tmp_path, reward_run, sft_run, **{"train.max_steps": 6, "rollout.tis_cap": 2.0}),
+                log=quiet)
   assert summary["steps"] == 6 and sorted(summary["losses"]) == [5, 6]
   rows = [json.loads(line) for line in open(tmp_path / "rf" / "metrics.jsonl")]
   assert [r["step"] for r in rows if r["split"] == "rollout"] == [0, 2, 4]
+
+
+def test_a_bfloat16_engine_shows_its_gap_and_tis_weights_correct_for_it(tmp_path, reward_run, sft_run):
+  said = []
+  c = reinforce_config(tmp_path, reward_run, sft_run, **{"model.dtype": "bfloat16", "rollout.tis_cap": 2.0})
+  loop, rollouts = reinforce.build(c, log=said.append)
+  batches = rollouts.rollout()
+  assert "tis_weights" in batches[0]
+  logged = dict(re.findall(r"(logprob_gap_\w+)=([0-9.e+-]+)", said[-1]))
+  assert float(logged["logprob_gap_mean"]) > 1e-3 and float(logged["logprob_gap_kl"]) > 0  # bfloat16 rounding
+  prepared = rollouts.prepared
+  old, _ = rollouts.logprobs(prepared)
+  engine, weights, on = prepared["engine_logprobs"], prepared["tis_weights"], prepared["loss_mask"] > 0
+  want = np.minimum(np.exp(old.astype(np.float64) - engine.astype(np.float64)), 2.0)
+  np.testing.assert_allclose(weights[on], want[on], rtol=1e-6)
+  assert (weights[on] != 1).any() and weights.max() <= 2.0
 
 
 def test_a_reward_model_is_required_and_must_fit(tmp_path, reward_run, sft_run):
@@ -81,7 +106,7 @@ def test_rejection_sampling_trains_on_each_prompts_best_sample(tmp_path, reward_
       "train.max_steps": 4, "train.save_interval": 4, "train.val_check_interval": 4})
   loop, rollouts = reinforce.build(c, log=quiet)
   batches = rollouts.rollout()
-  kept = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  kept = rollouts.prepared
   every = rollouts.last
   want = []
   for g in range(16):  # each prompt's two best samples, by a plain loop

@@ -119,6 +119,16 @@ def test_served_critic_computes_what_the_in_process_one_does(server):
   mask = batch["loss_mask"]
   np.testing.assert_allclose(remote.values(batch) * mask, local.values(batch) * mask, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(remote.rewards(examples), local.rewards(examples), rtol=1e-5, atol=1e-5)
+  # A rollout scores its samples, then asks their values: one critic_infer answers both (NeMo's
+  # protocol), so the reward model runs once per rollout.
+  calls, infer = [], remote._server.infer
+  remote._server.infer = lambda name, **kw: calls.append(name) or infer(name, **kw)
+  np.testing.assert_allclose(remote.rewards(examples), local.rewards(examples), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(remote.values(batch) * mask, local.values(batch) * mask, rtol=1e-5, atol=1e-5)
+  assert calls == ["critic_infer"]
+  remote.values(batch)  # asked again, or for other rows: a call of its own
+  assert calls == ["critic_infer", "critic_infer"]
+  remote._server.infer = infer
   train_batch = {**{k: batch[k] for k in ("tokens", "positions", "segment_ids")}, "mask": mask,
                  "old_values": local.values(batch), "returns": rng.normal(size=mask.shape).astype(np.float32)}
   assert remote.train(train_batch)["critic_loss"] == pytest.approx(local.train(train_batch)["critic_loss"], rel=1e-4)
