@@ -1,8 +1,8 @@
 """The real-size configs run as their docstrings and docs/scale.md say, through the scripts' local mode
 (``JALIGN_LOCAL``: processes with fake CPU devices): ``model.init`` at the SmolLM2-135M Hugging Face
 folder, each config's own mesh scaled to 8 devices, a few short steps. PPO's critic and reward model
-run as a served job in a second process, which the actor finds through the address file the critic's
-script writes."""
+(SmolLM2-135M with a fresh value head, as a Hugging Face reward model folder) run as a served job in a
+second process, which the actor finds through the address file the critic's script writes."""
 
 import json
 import os
@@ -11,7 +11,10 @@ import sys
 
 import pytest
 
-from jalign.models import gguf, hf
+from flax import nnx
+
+from jalign.models import gguf, hf, hf_value
+from jalign.models.heads import ValueModel
 from tests.conftest import ROOT
 
 SCRIPTS = ROOT / "scripts"
@@ -24,6 +27,17 @@ def smollm2_folder(tmp_path_factory, smollm2_file):
   folder = tmp_path_factory.mktemp("smollm2") / "hf"
   model, tokenizer = gguf.load(smollm2_file)
   hf.save(model, folder, dtype="bfloat16", tokenizer=tokenizer)
+  del model
+  return folder
+
+
+@pytest.fixture(scope="module")
+def smollm2_reward_folder(tmp_path_factory, smollm2_file):
+  """SmolLM2-135M-Instruct with a fresh value head, as a Hugging Face reward model folder (bfloat16): a
+  reward model on the policy's vocabulary, as PPO needs."""
+  folder = tmp_path_factory.mktemp("smollm2_rm") / "hf"
+  model, tokenizer = gguf.load(smollm2_file)
+  hf_value.save(ValueModel.from_transformer(model, 1, rngs=nnx.Rngs(0)), folder, dtype="bfloat16", tokenizer=tokenizer)
   del model
   return folder
 
@@ -82,17 +96,12 @@ def test_dpo_llama3_70b_trains_the_pretrained_folder_with_its_reference_in_host_
   assert saved_mesh(run_dir)["tensor"] == 4
 
 
-def test_ppo_70b_trains_against_its_critic_served_by_a_second_job(tmp_path, smollm2_folder):
-  reward_run = tmp_path / "rm"  # a reward model on the policy's vocabulary: one step from the same folder
-  train("--config=configs/rm_tiny.py", f"--config.model.init=hf:{smollm2_folder}", "--config.tokenizer=model",
-        f"--config.run_dir={reward_run}", "--config.train.max_steps=1", "--config.train.global_batch_size=8",
-        "--config.train.micro_batch_size=1", "--config.train.val_check_interval=0",
-        "--config.mesh.data=1", "--config.mesh.fsdp=8", *SHORT)  # sharded: 8 replicas would take 17 GB
+def test_ppo_70b_trains_against_its_critic_served_by_a_second_job(tmp_path, smollm2_folder, smollm2_reward_folder):
   import portpicker
   env = local_env(CRITIC_ADDRESS_FILE=str(tmp_path / "critic_address"), CRITIC_PORT=str(portpicker.pick_unused_port()))
   run_dir = tmp_path / "ppo"
   args = ["--config=configs/ppo_70b.py", f"--config.model.init=hf:{smollm2_folder}", f"--config.run_dir={run_dir}",
-          f"--config.critic.init=run:{reward_run}", f"--config.critic.reward_model=run:{reward_run}",
+          f"--config.critic.init=hf:{smollm2_reward_folder}", f"--config.critic.reward_model=hf:{smollm2_reward_folder}",
           "--config.rollout.max_new_tokens=16", "--config.rollout.num_prompts=8", "--config.rollout.micro_batch_size=8",
           "--config.train.global_batch_size=8", "--config.critic.global_batch_size=8", "--config.train.max_steps=1",
           "--config.mesh.fsdp=2", "--config.mesh.tensor=4",  # the actor's 8 x 8 scaled to 2 x 4
