@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -32,6 +31,9 @@ class MetricsWriter:
     self._file = open(self.path, "a")
     if resumed_from:
       self._file.write(json.dumps({"step": resumed_from, "split": "resume"}) + "\n")
+    # Imported here: tensorboardX imports torch when it is installed (over a second), which a command
+    # that stops before it writes metrics (a bad flag, the planner, a server) need not wait for.
+    from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None)
     if self._wandb_project:
       import wandb  # optional: only when the config asks for it
