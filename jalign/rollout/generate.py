@@ -72,9 +72,11 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
   b, p = prompt_tokens.shape
   total = p + max_new_tokens
   rows = jnp.arange(b)
-  cache = nnx.merge(graphdef, state).init_cache(b, total)
-  logits, cache = forward(prompt_tokens, None, cache)
-  last = logits[rows, prompt_lengths - 1]
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  cache = model.init_cache(b, total)
+  # The prefill's logits at each row's last prompt token only: a [B,V] projection, not [B,P,V].
+  hidden, cache = model.hidden_states(prompt_tokens, cache=cache)
+  last = model.logits(hidden[rows, prompt_lengths - 1][:, None])[:, 0]
   tokens = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(
       jnp.where(jnp.arange(p)[None] < prompt_lengths[:, None], prompt_tokens, pad_id))
   logprobs = jnp.zeros((b, total), jnp.float32)
