@@ -180,10 +180,11 @@ class Rollouts:
                      min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature, top_k=self.r.top_k,
                      top_p=self.r.top_p, stop_ids=self.stop_ids, pad_id=self.pad, seed=seed + start,
                      prompt_width=self.width, batch_sharding=rows)
-      responses += out.responses()[:len(chunk)]
+      replies = out.responses()[:len(chunk)]
+      responses += replies
       ended += pmesh.fetch(out.is_end)[:len(chunk)].tolist()
-      logprobs, lengths = pmesh.fetch(out.policy_logprobs), pmesh.fetch(out.lengths)
-      sampled += [logprobs[b, len(p):lengths[b]] for b, p in enumerate(chunk)]
+      logprobs = pmesh.fetch(out.policy_logprobs)
+      sampled += [logprobs[b, len(p):len(p) + len(r)] for b, (p, r) in enumerate(zip(chunk, replies))]
     return responses, np.asarray(ended, bool), sampled
 
   def logprobs(self, batch):

@@ -36,6 +36,13 @@ def message_format(c, tok=None):
   return NemoChatFormat.extra_id() if c.data.chat_prompt_tokens == "extra_id" else NemoChatFormat()
 
 
+def require_rollout_policy(c) -> None:
+  """The checks every algorithm that trains its policy on its own rollouts (reinforce, rs, ppo) shares."""
+  require(not c.lora.rank, "lora.rank", f"{c.lora.rank}: {c.algorithm}'s rollout policy takes no LoRA adapters yet "
+          "(it would train nothing); 0 trains every parameter")
+  require(c.rollout.tis_cap >= 0, "rollout.tis_cap", f"{c.rollout.tis_cap}: must be 0 (off) or a positive cap")
+
+
 def require_reward_model(value: str, key: str, check_files: bool, *, random: bool = False) -> None:
   """A reward model name: ``run:<jalign rm run folder>``, ``hf:<Hugging Face reward model folder>``, or
   (with ``random``) ``random``; with ``check_files``, the folder has its config.json."""

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import ppo
-from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model, sampling
+from jalign.specs.base import (AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model,
+                               require_rollout_policy, sampling)
 
 
 def block():
@@ -94,8 +95,7 @@ def validate(c, check_files):
           f"{s.max_new_tokens} leaves no room for a prompt in data.max_seq_length {length}")
   require(c.critic.max_request_rows >= s.prompts, "critic.max_request_rows",
           f"{c.critic.max_request_rows} is fewer than the {s.prompts} rows of a rollout, which the actor sends at once")
-  require(not c.lora.rank, "lora.rank", f"{c.lora.rank}: {c.algorithm}'s rollout policy takes no LoRA adapters yet (it would train nothing); 0 trains every parameter")
-  require(c.rollout.tis_cap >= 0, "rollout.tis_cap", f"{c.rollout.tis_cap}: must be 0 (off) or a positive cap")
+  require_rollout_policy(c)
   for name in ("connect_timeout_s", "timeout_s"):
     require(c.critic[name] > 0, f"critic.{name}", f"{c.critic[name]} is not a positive number of seconds")
   for name in ("init", "reward_model"):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import rloo
-from jalign.specs.base import AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model, sampling
+from jalign.specs.base import (AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model,
+                               require_rollout_policy, sampling)
 
 
 def block():
@@ -51,12 +52,11 @@ def validate_sampling(c, check_files, s: RolloutSettings):
   require(0 <= s.max_new_tokens < length and 0 <= s.min_new_tokens <= (s.max_new_tokens or length // 2),
           key["max_new_tokens"], f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {length}")
   require(s.temperature > 0, key["temperature"], "must be positive")
-  require(not c.lora.rank, "lora.rank", f"{c.lora.rank}: {c.algorithm}'s rollout policy takes no LoRA adapters yet (it would train nothing); 0 trains every parameter")
+  require_rollout_policy(c)
 
 
 def validate(c, check_files):
   validate_sampling(c, check_files, settings(c))
-  require(c.rollout.tis_cap >= 0, "rollout.tis_cap", f"{c.rollout.tis_cap}: must be 0 (off) or a positive cap")
 
 
 def train_fields(c) -> dict:
