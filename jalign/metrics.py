@@ -31,10 +31,7 @@ class MetricsWriter:
     self._file = open(self.path, "a")
     if resumed_from:
       self._file.write(json.dumps({"step": resumed_from, "split": "resume"}) + "\n")
-    # Imported here: tensorboardX imports torch when it is installed (over a second), which a command
-    # that stops before it writes metrics (a bad flag, the planner, a server) need not wait for.
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None)
+    self._tb = _summary_writer()(str(self.run_dir / "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None)
     if self._wandb_project:
       import wandb  # optional: only when the config asks for it
       self._wandb = wandb.init(project=self._wandb_project, config=self._config, dir=str(self.run_dir))
@@ -117,3 +114,18 @@ def peak_flops() -> float | None:
 def train_flops_per_token(config, seq_len: int) -> float:
   """Forward + backward FLOPs per token: 6 per parameter, plus attention scores and values."""
   return 6.0 * config.num_params + 12.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported when a run first writes metrics (a command that stops before,
+  such as a bad flag, the planner or a server, never waits for it) and without torch: tensorboardX imports
+  torch when it is installed (a second or more) only to accept torch tensors, which jalign never writes."""
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter

@@ -254,3 +254,18 @@ def test_a_resume_logs_each_step_once_and_marks_where_it_resumed(tmp_path):
   purges = [e.step for e in _tensorboard_events(tmp_path / "run" / "tensorboard")
             if e.HasField("session_log") and e.session_log.status == e.session_log.START]
   assert purges == [3]  # TensorBoard drops the first run's steps 3 and 4
+
+
+def test_metrics_are_written_to_tensorboard_without_importing_torch(tmp_path):
+  import subprocess
+  import sys
+  code = ("import sys, pathlib; from jalign.metrics import MetricsWriter\n"
+          f"w = MetricsWriter(pathlib.Path({str(tmp_path)!r})); w.start(); w.write(1, {{'loss': 2.5}}); w.close()\n"
+          "print('torch' in sys.modules); import torch; print(torch.tensor([1]).item())\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False", "1"]  # torch was not imported for TensorBoard, and imports after
+  scalars = [(e.step, v.tag, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")
+             for v in e.summary.value]
+  assert scalars == [(1, "train/loss", 2.5)]
