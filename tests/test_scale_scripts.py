@@ -72,7 +72,7 @@ def saved_mesh(run_dir) -> dict:
 def test_sft_llama3_8b_trains_the_pretrained_folder(tmp_path, smollm2_folder):
   run_dir = tmp_path / "sft"
   out = train("--config=configs/sft_llama3_8b.py", f"--config.model.init=hf:{smollm2_folder}",
-              f"--config.run_dir={run_dir}", "--config.train.max_steps=2", "--config.train.global_batch_size=8", *SHORT)
+              f"--config.run_dir={run_dir}", "--config.train.max_steps=2", "--config.train.global_batch_size=8", "--config.data.max_seq_length=32", *SHORT[1:])
   assert "training 134,515,008 of 134,515,008 parameters" in out  # SmolLM2-135M's, with its tied embedding
   steps = metrics(run_dir)
   assert [r["step"] for r in steps] == [1, 2]
@@ -100,12 +100,21 @@ def test_ppo_70b_trains_against_its_critic_served_by_a_second_job(tmp_path, smol
   import portpicker
   env = local_env(CRITIC_ADDRESS_FILE=str(tmp_path / "critic_address"), CRITIC_PORT=str(portpicker.pick_unused_port()))
   run_dir = tmp_path / "ppo"
+  # Questions with one-word answers in SmolLM2's chat template: replies that end within 16 tokens, which
+  # the actor trains on (a reply cut off by the length limit trains the critic only).
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"text": f"<|im_start|>user\n{q} Answer in one word.<|im_end|>\n"
+                                                 "<|im_start|>assistant\n"}) + "\n"
+                             for q in ["What is two plus two?", "What color is the sky on a clear day?",
+                                       "How many legs does a cat have?", "What is the capital of France?"]))
   args = ["--config=configs/ppo_70b.py", f"--config.model.init=hf:{smollm2_folder}", f"--config.run_dir={run_dir}",
           f"--config.critic.init=hf:{smollm2_reward_folder}", f"--config.critic.reward_model=hf:{smollm2_reward_folder}",
-          "--config.rollout.max_new_tokens=16", "--config.rollout.num_prompts=8", "--config.rollout.micro_batch_size=8",
-          "--config.train.global_batch_size=8", "--config.critic.global_batch_size=8", "--config.train.max_steps=1",
+          f"--config.data.train={prompts}", "--config.rollout.max_new_tokens=16", "--config.rollout.num_prompts=4",
+          "--config.rollout.micro_batch_size=4", "--config.train.global_batch_size=4",
+          "--config.critic.global_batch_size=4", "--config.train.max_steps=1",
           "--config.mesh.fsdp=2", "--config.mesh.tensor=4",  # the actor's 8 x 8 scaled to 2 x 4
-          "--config.critic.mesh.fsdp=2", "--config.critic.mesh.tensor=4", *SHORT]  # the critic's 4 x 8
+          "--config.critic.mesh.fsdp=2", "--config.critic.mesh.tensor=4",  # the critic's 4 x 8
+          "--config.data.max_seq_length=40", *SHORT[1:]]
   critic = script("ppo_critic.sbatch", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                   start_new_session=True)
   try:
@@ -116,6 +125,7 @@ def test_ppo_70b_trains_against_its_critic_served_by_a_second_job(tmp_path, smol
   assert "serving" in critic_out and "critic" in critic_out, critic_out[-3000:]
   assert "finished after 1 steps" in out
   rollout = metrics(run_dir, "rollout")[0]
-  assert rollout["response_length"] > 0 and "values_mean" in rollout
-  assert [r["step"] for r in metrics(run_dir)] == [1]
+  assert rollout["response_length"] > 0 and rollout["fraction_ended"] > 0 and "values_mean" in rollout
+  [step] = metrics(run_dir)
+  assert step["step"] == 1 and step["grad_norm"] > 0  # the actor trained on the replies that ended
   assert (run_dir / "checkpoints" / "1").is_dir() and (run_dir / "critic" / "checkpoints" / "1").is_dir()
