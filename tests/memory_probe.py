@@ -6,9 +6,10 @@ python tests/memory_probe.py <mode> <folder> writes <folder>/<mode>.json. Modes:
            each array's per-device bytes beside the planner's; then (set-up for hf) writes the model
            to <folder>/hf as a ~1 GB bfloat16 Hugging Face folder
   hf       that folder read onto the same mesh
-  rm-run   trains a reward model of the smollm2-135m shape for one step into <folder>/rm (set-up)
+  rm-folder  writes a random reward model of the smollm2-135m shape to <folder>/rm as a bfloat16
+           Hugging Face reward-model folder (set-up)
   ppo      a PPO job's actor with its optimizer state and reference copy, critic with its optimizer
-           state, and reward model (that run), each built on its mesh
+           state, and reward model (both read from that folder), each built on its mesh
 """
 
 import json
@@ -26,7 +27,9 @@ from flax import nnx  # noqa: E402
 
 from jalign import plan, specs, trainer  # noqa: E402
 from jalign.config import load_config_file  # noqa: E402
-from jalign.models import Transformer, hf  # noqa: E402
+from jalign.models import LlamaConfig, Transformer, hf, hf_value  # noqa: E402
+from jalign.data.tokenizer import Tokenizer  # noqa: E402
+from jalign.models.heads import ValueModel  # noqa: E402
 from jalign.parallel import mesh as pmesh  # noqa: E402
 from jalign.recipes import build, critic, rollouts  # noqa: E402
 
@@ -91,16 +94,15 @@ def hf_model(folder: Path) -> dict:
   return {"params_bytes": nbytes(nnx.state(model)), "params_peak": peak}
 
 
-def rm_run(folder: Path) -> dict:
-  from jalign.train import run
-  c = config("rm_tiny", folder, **{"run_dir": str(folder / "rm"), "model.preset": "smollm2-135m",
-                                   "train.max_steps": 1, "train.global_batch_size": 8, "train.micro_batch_size": 1,
-                                   "train.val_check_interval": 0, "data.validation": ""})
-  return run(c, log=quiet)
+def rm_folder(folder: Path) -> dict:
+  model = Transformer(LlamaConfig.preset("smollm2-135m"), rngs=nnx.Rngs(0))
+  hf_value.save(ValueModel.from_transformer(model, 1, rngs=nnx.Rngs(1)), folder / "rm", dtype="bfloat16",
+                tokenizer=Tokenizer.tiny())  # the PPO config's
+  return {}
 
 
 def ppo(folder: Path) -> dict:
-  rm = f"run:{folder / 'rm'}"
+  rm = f"hf:{folder / 'rm'}"
   c = config("ppo_tiny", folder, **{"model.init": "random", "model.preset": "smollm2-135m", "critic.init": rm,
                                     "critic.reward_model": rm, **{f"critic.mesh.{k}": v for k, v in MESH.items()},
                                     "train.global_batch_size": 16, "train.micro_batch_size": 1,
@@ -118,7 +120,7 @@ def ppo(folder: Path) -> dict:
   return {"bytes": parts, "total_bytes": sum(parts.values()), "peak": peak}
 
 
-MODES = {"random": random_model, "hf": hf_model, "rm-run": rm_run, "ppo": ppo}
+MODES = {"random": random_model, "hf": hf_model, "rm-folder": rm_folder, "ppo": ppo}
 
 if __name__ == "__main__":
   mode, out = sys.argv[1], Path(sys.argv[2])

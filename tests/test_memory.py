@@ -47,7 +47,7 @@ def test_a_hugging_face_folder_is_read_onto_the_mesh(folder, random_model):
 
 
 def test_a_ppo_jobs_actor_reference_critic_and_reward_model_are_built_in_their_shardings(folder):
-  probe("rm-run", folder)
+  probe("rm-folder", folder)
   out = probe("ppo", folder)
   assert set(out["bytes"]) == {"actor", "actor_optimizer", "reference", "critic", "critic_optimizer", "reward_model"}
   assert out["bytes"]["reference"] == out["bytes"]["actor"] and out["bytes"]["critic_optimizer"] > 0
