@@ -31,6 +31,19 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ
 # out first, so that no two of them share the machine's memory and the longest unit does not end the run.
 HEAVY_MODULES = ("tests/test_memory.py", "tests/test_scale_scripts.py")
 HEAVY = "heavy modules"
+# The modules of 40 s or more on a fresh clone, longest first, handed out next: xdist's own order (most
+# tests first) leaves files of one long test to the end, where one worker runs them while the other
+# has nothing left. The rest follow in xdist's order.
+LONG_MODULES = (
+    "tests/recipes/test_supervised_preference.py", "tests/test_train_cli.py", "tests/test_plan.py",
+    "tests/serve/test_critic_server.py", "tests/parallel/test_multihost.py", "tests/recipes/test_supervised_rm.py",
+    "tests/recipes/test_supervised_steerlm2.py", "tests/models/test_llama.py", "tests/test_plan_matches_run.py",
+    "tests/parallel/test_sharded_step.py", "tests/models/test_gguf.py", "tests/test_gpu_scale_bench.py",
+    "tests/kernels/test_kernels.py", "tests/test_trainer.py", "tests/recipes/test_distill.py",
+    "tests/recipes/test_ppo.py", "tests/recipes/test_reward.py", "tests/losses/test_pair_rows.py",
+    "tests/recipes/test_spin.py", "tests/losses/test_steerlm2.py", "tests/recipes/test_reinforce.py",
+    "tests/test_notebook.py", "tests/rollout/test_generate.py", "tests/models/test_lora.py")
+ORDER = {module: rank for rank, module in enumerate((HEAVY,) + LONG_MODULES)}
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -38,17 +51,18 @@ def pytest_xdist_make_scheduler(config, log):
     return None
   from xdist.scheduler import LoadFileScheduling
 
-  class HeavyModulesTogether(LoadFileScheduling):
+  class LongestFirst(LoadFileScheduling):
     def _split_scope(self, nodeid):
       module = super()._split_scope(nodeid)
       return HEAVY if module in HEAVY_MODULES else module
 
     def _assign_work_unit(self, node):
-      if HEAVY in self.workqueue:
-        self.workqueue.move_to_end(HEAVY, last=False)
+      first = sorted(self.workqueue, key=lambda scope: ORDER.get(scope, len(ORDER)))  # stable: the rest keep theirs
+      for scope in reversed(first):
+        self.workqueue.move_to_end(scope, last=False)
       super()._assign_work_unit(node)
 
-  return HeavyModulesTogether(config, log)
+  return LongestFirst(config, log)
 
 
 def load(name, run_dir, **overrides):
