@@ -277,13 +277,17 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = job.state(model, tx, trainable=build.trainable_filter(c))
-    params, optimizer = per_device_bytes(state.params), per_device_bytes(state.opt_state)
-    initial = 0 if c.reference.offload or not spec.rollout.with_kl else params  # the initial policy, frozen
+    policy = nnx.eval_shape(lambda: build.add_adapters(c, Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = job.state(policy, tx, trainable=build.trainable_filter(c))
+    # The policy's weights (with LoRA: its adapters and the frozen base) and optimizer state.
+    params = per_device_bytes(state.params) + per_device_bytes(state.rest)
+    optimizer = per_device_bytes(state.opt_state)
+    # The initial policy, frozen: a copy of the weights (none with LoRA: the base, adapters off).
+    initial = 0 if c.reference.offload or c.lora.rank or not spec.rollout.with_kl else params
     optimizer_resident = 0 if settings.offload_optimizer else optimizer
 
     # Generation: a copy of the weights in the compute dtype, laid out by the generation rules
-    # (default: sharded over tensor only), refitted from the trained ones.
+    # (default: sharded over tensor only), refitted from the trained ones (LoRA's adapters folded in).
     gen_rules = rollouts.generation_rules(settings, rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)

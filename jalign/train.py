@@ -17,6 +17,7 @@ from jalign import checkpoints
 from jalign import config_flag as config_flag_lib
 from jalign import specs
 from jalign.data import formats
+from jalign.metrics import MetricsError
 from jalign.parallel import distributed
 from jalign.recipes import ppo, reinforce, spin, supervised
 from jalign.specs.base import ConfigError
@@ -46,7 +47,7 @@ def main(argv, config_flag):
     run(config, log=print if jax.process_index() == 0 else (lambda *_: None))
   except (ConfigError, formats.DataError) as e:
     distributed.end_job(str(e), 2)
-  except TrainingError as e:  # a run that went wrong (a NaN loss, a failed save): its checkpoints say where it got
+  except (TrainingError, MetricsError) as e:  # a run that went wrong (a NaN loss, a failed save or write)
     distributed.end_job(str(e), 1)
   except Exception as e:  # a bug: its traceback, then the job ends as for any failure of one of its processes
     if jax.process_count() == 1:

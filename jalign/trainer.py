@@ -473,7 +473,12 @@ class Trainer:
         if self.companion is not None:
           self.companion.wait()
         progress.close()
-        self.metrics.close()
+        failing = sys.exc_info()[0] is not None
+        try:
+          self.metrics.close()
+        except metrics_lib.MetricsError:
+          if not failing:  # else the run's own error says what went wrong (a full disk fails both)
+            raise
     return {"steps": step, "stopped": reason, "run_dir": str(self.run_dir),
             "last_checkpoint": self.checkpoints.latest_step(), "val": self.last_val}
 

@@ -269,3 +269,16 @@ def test_metrics_are_written_to_tensorboard_without_importing_torch(tmp_path):
   scalars = [(e.step, v.tag, v.simple_value) for e in _tensorboard_events(tmp_path / "tensorboard")
              for v in e.summary.value]
   assert scalars == [(1, "train/loss", 2.5)]
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_error_naming_it(tmp_path):
+  from jalign.metrics import MetricsError, MetricsWriter
+  (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # every write: No space left on device
+  writer = MetricsWriter(tmp_path)
+  writer.start()
+  with pytest.raises(MetricsError) as error:
+    writer.write(1, {"loss": 2.5})
+  assert str(error.value) == f"{tmp_path / 'metrics.jsonl'} could not be written: No space left on device"
+  with pytest.raises(MetricsError, match="metrics.jsonl could not be written"):  # the line it still holds
+    writer.close()
+  writer.close()  # closed: nothing is left to fail

@@ -164,15 +164,23 @@ def algorithm_parts(c, model, mesh=None, rules=None):
   """``(model, loss_fn, reference_fn or None)`` of the algorithm's spec (a reward model puts a value
   head on the model); ``config.lora`` adds adapters (``trainable_filter`` says what then trains). With
   ``mesh``, what they add is placed by ``rules`` beside the parameters already there."""
-  model, loss_fn, reference_fn = specs.get(c.algorithm).parts(c, model)
-  if c.lora.rank:
-    lora.add_lora(model, targets=c.lora.targets.split(","), rank=c.lora.rank, alpha=c.lora.alpha or None,
-                  rngs=nnx.Rngs(c.seed + 1))
+  parts = specs.get(c.algorithm).parts
+  # A rollout algorithm's policy is the model as it is (its losses come with its rollouts).
+  model, loss_fn, reference_fn = parts(c, model) if parts is not None else (model, None, None)
+  add_adapters(c, model)
   if mesh is not None:
     rules = rules_of(c) if rules is None else rules
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, pmesh.place(state, pmesh.tree_shardings(state, mesh, rules)))
   return model, loss_fn, reference_fn
+
+
+def add_adapters(c, model):
+  """``config.lora``'s adapters added to ``model`` in place (none when ``lora.rank`` is 0); ``model``."""
+  if c.lora.rank:
+    lora.add_lora(model, targets=c.lora.targets.split(","), rank=c.lora.rank, alpha=c.lora.alpha or None,
+                  rngs=nnx.Rngs(c.seed + 1))
+  return model
 
 
 def trainable_filter(c):

@@ -2,7 +2,7 @@
 
 A rollout takes the next ``prompts`` prompts of the data (one shuffled order per pass), samples
 ``per_prompt`` responses to each from the current policy (the JAX decode loop, on a copy of the weights
-in the compute dtype refitted once per rollout), scores them with the ``score`` it is given (a reward
+in the compute dtype, LoRA adapters folded in, refitted once per rollout), scores them with the ``score`` it is given (a reward
 model, a critic job's reward model) and hands the scored batch to the algorithm's ``prepare`` (RLOO
 advantages, the best samples, PPO's values and GAE), which returns what the train step reads (the
 spec's fields, and no more). The batch is shuffled into global batches for the shared ``Trainer``.
@@ -34,6 +34,7 @@ from jalign.data.packing import build_row
 from jalign.data.prompts import encode_prompts
 from jalign.data.sft import _example
 from jalign.losses import offpolicy, rloo
+from jalign.models import lora
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import build
 from jalign.rollout.generate import generate
@@ -121,9 +122,9 @@ class Rollouts:
       state = self.loop.state
       weights = (state.params, state.rest)
       if self._refit is None:
-        self._refit = generation_copy(self.c, weights, self.mesh, self.generation_rules)
-      weights = self._refit(weights)
-      self._generation_copy = (step, nnx.merge(self.loop.graphdef, *weights))
+        self._refit = generation_copy(self.c, self.loop.graphdef, weights, self.mesh, self.generation_rules)
+      graphdef, refit = self._refit
+      self._generation_copy = (step, nnx.merge(graphdef, refit(weights)))
     return self._generation_copy[1]
 
   def _rollout(self) -> list[dict]:
@@ -221,13 +222,21 @@ def generation_rules(settings: RolloutSettings, rules):
   return settings.generation_rules or pmesh.inference_rules(rules)
 
 
-def generation_copy(c, weights, mesh, rules):
-  """The jitted refit: weights like ``weights`` to their generation copy, cast to ``model.dtype`` and laid
-  out by the generation ``rules`` in one compiled copy, shard to shard."""
+def generation_copy(c, graphdef, weights, mesh, rules):
+  """The refit: ``(graphdef, jitted copy)``. The copy takes weights like ``weights`` (the trainer's
+  parameters and the rest of model ``graphdef``) to the state of their generation copy, the model of
+  the returned graphdef: LoRA adapters folded into their kernels, cast to ``model.dtype``, laid out by
+  the generation ``rules``, in one compiled copy, shard to shard."""
   dtype = jnp.dtype(c.model.dtype)
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-  shardings = pmesh.tree_shardings(jax.eval_shape(lambda w: jax.tree.map(cast, w), weights), mesh, rules)
-  return jax.jit(lambda w: jax.tree.map(cast, w), out_shardings=shardings)
+
+  def plain(w):
+    model = nnx.merge(graphdef, *w, copy=True)
+    return lora.merge_lora(model) if lora.has_lora(model) else model
+
+  copy = lambda w: jax.tree.map(cast, nnx.state(plain(w)))  # noqa: E731
+  shardings = pmesh.tree_shardings(jax.eval_shape(copy, weights), mesh, rules)
+  return nnx.graphdef(nnx.eval_shape(lambda: plain(weights))), jax.jit(copy, out_shardings=shardings)
 
 
 def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> list[list[int]]:
@@ -267,6 +276,7 @@ def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
   the log-prob passes of the initial and current policy."""
   mesh, rules, _ = build.prepare_run(c)
   model, own = build.build_model(c, mesh, rules)
+  model = build.algorithm_parts(c, model, mesh, rules)[0]  # config.lora's adapters, which alone then train
   tok = build.build_tokenizer(c, own)
   prompts = load_prompts(c, settings, tok, log)
   val_prompts = load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation else None
@@ -277,8 +287,8 @@ def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
                                        rules=rules)
   initial = current = None
   if with_kl:
-    initial = trainer.ReferencePass(graphdef, state, rloo.token_logprobs_of, mesh=mesh, rules=rules,
-                                    offload=c.reference.offload, micro_batches=micro_batches)
+    # With LoRA the starting policy is the base model, adapters off: no copy of its weights.
+    initial = build.reference_pass(c, graphdef, state, rloo.token_logprobs_of, mesh, rules)
     current = trainer.jit_reference_pass(graphdef, rloo.token_logprobs_of, micro_batches=micro_batches)
   return Policy(tok, prompts, val_prompts, graphdef, state, tx, schedule, mesh, rules, initial, current)
 

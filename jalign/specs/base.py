@@ -38,8 +38,6 @@ def message_format(c, tok=None):
 
 def require_rollout_policy(c) -> None:
   """The checks every algorithm that trains its policy on its own rollouts (reinforce, rs, ppo) shares."""
-  require(not c.lora.rank, "lora.rank", f"{c.lora.rank}: {c.algorithm}'s rollout policy takes no LoRA adapters yet "
-          "(it would train nothing); 0 trains every parameter")
   require(c.rollout.tis_cap >= 0, "rollout.tis_cap", f"{c.rollout.tis_cap}: must be 0 (off) or a positive cap")
 
 

@@ -14,6 +14,7 @@ from jalign.data.packing import build_row
 from jalign.recipes import critic as critic_lib
 from jalign.recipes import ppo, rollouts
 from jalign.data.sft import Example
+from jalign.models import lora
 from jalign.recipes.build import load_trained
 from jalign.recipes.reward import RewardModel
 from jalign.train import run
@@ -177,9 +178,45 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"rollout.num_prompts": 12}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.critic.reward_model: it scores up to 80"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"data.max_seq_length": 96}), log=quiet)
-  # Not yet built: adapters on the rollout policy. Refused rather than training nothing.
-  with pytest.raises(config_lib.ConfigError, match="config.lora.rank: 8: ppo's rollout policy takes no LoRA"):
-    run(ppo_config(tmp_path, reward_run, sft_run, **{"lora.rank": 8}), log=quiet)
   with pytest.raises(config_lib.ConfigError, match="config.rollout.tis_cap: -1.0: must be 0"):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"rollout.tis_cap": -1.0}), log=quiet)
 
+
+
+def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_raises_the_reward(
+    tmp_path, reward_run, sft_run, monkeypatch):
+  """lora.rank on the rollout policy: the adapters alone train (the base stays frozen and, adapters
+  off, is the KL's initial policy), generation reads a plain copy with the adapters folded into its
+  kernels, and the rollouts' mean reward rises."""
+  seen = []
+  generation_model = rollouts.Rollouts.generation_model
+
+  def compared(self):
+    copy, policy = generation_model(self), self.loop.model()
+    tokens = jax.numpy.asarray([[5, 17, 42, 99, 3, 250, 7, 64]])
+    gap = float(jax.numpy.abs(copy(tokens) - policy(tokens)).max())
+    seen.append((lora.has_lora(copy), lora.has_lora(policy), gap, self.loop))
+    return copy
+  monkeypatch.setattr(rollouts.Rollouts, "generation_model", compared)
+
+  steps = 24
+  c = ppo_config(tmp_path, reward_run, sft_run, **{
+      "lora.rank": 8, "optimizer.lr": 5e-3, "optimizer.min_lr": 5e-4, "train.max_steps": steps,
+      "train.save_interval": steps, "train.val_check_interval": 0})
+  summary = run(c, log=quiet)
+  assert summary["steps"] == steps
+  loop = seen[-1][3]
+  trained, frozen = trainer.count(loop.state.params), trainer.count(loop.state.rest)
+  assert trained / (trained + frozen) < 0.05, (trained, frozen)
+  assert all(not on_copy and on_policy for on_copy, on_policy, _, _ in seen)
+  assert max(gap for _, _, gap, _ in seen) < 1e-4  # the folded copy computes what the adapters do
+  rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+  rollout_rows = [r for r in rows if r["split"] == "rollout"]
+  assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[-1]["init_policy_kl"] > 0.0
+  rewards = [r["reward"] for r in rollout_rows]
+  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+  # The checkpoint holds the adapters and their optimizer state, no base weight.
+  metadata = json.loads((tmp_path / "ppo" / "checkpoints" / str(steps) / "state" / "_METADATA").read_text())
+  weights = [key for key, value in metadata["tree_metadata"].items()
+             if value["value_metadata"].get("write_shape") is not None and "params" in key]
+  assert weights and all("_lora_" in key for key in weights), weights
