@@ -184,10 +184,10 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
 
 
 def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_raises_the_reward(
-    tmp_path, reward_run, sft_run, monkeypatch):
+    tmp_path, facts_reward_run, sft_run, monkeypatch):
   """lora.rank on the rollout policy: the adapters alone train (the base stays frozen and, adapters
   off, is the KL's initial policy), generation reads a plain copy with the adapters folded into its
-  kernels, and the rollouts' mean reward rises."""
+  kernels, and the mean reward of the rollouts (a reward model that learned the bundled facts) rises."""
   seen = []
   generation_model = rollouts.Rollouts.generation_model
 
@@ -199,10 +199,10 @@ def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_raises_
     return copy
   monkeypatch.setattr(rollouts.Rollouts, "generation_model", compared)
 
-  steps = 24
-  c = ppo_config(tmp_path, reward_run, sft_run, **{
-      "lora.rank": 8, "optimizer.lr": 5e-3, "optimizer.min_lr": 5e-4, "train.max_steps": steps,
-      "train.save_interval": steps, "train.val_check_interval": 0})
+  steps = 40  # 20 rollouts
+  c = ppo_config(tmp_path, facts_reward_run, sft_run, **{
+      "lora.rank": 8, "optimizer.lr": 5e-3, "optimizer.min_lr": 5e-4, "ppo.kl_coef": 0.01,
+      "train.max_steps": steps, "train.save_interval": steps, "train.val_check_interval": 0})
   summary = run(c, log=quiet)
   assert summary["steps"] == steps
   loop = seen[-1][3]
@@ -214,9 +214,13 @@ def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_raises_
   rollout_rows = [r for r in rows if r["split"] == "rollout"]
   assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[-1]["init_policy_kl"] > 0.0
   rewards = [r["reward"] for r in rollout_rows]
-  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+  assert np.mean(rewards[-5:]) > np.mean(rewards[:3]) + 0.5, rewards  # scores spread over about +-2.5
   # The checkpoint holds the adapters and their optimizer state, no base weight.
   metadata = json.loads((tmp_path / "ppo" / "checkpoints" / str(steps) / "state" / "_METADATA").read_text())
   weights = [key for key, value in metadata["tree_metadata"].items()
              if value["value_metadata"].get("write_shape") is not None and "params" in key]
   assert weights and all("_lora_" in key for key in weights), weights
+  # The run as a starting point (run:<folder>, export): its base with the trained adapters.
+  restored, _, _ = load_trained(tmp_path / "ppo")
+  tokens = jax.numpy.asarray([[5, 17, 42, 99, 3, 250, 7, 64]])
+  np.testing.assert_allclose(restored(tokens), loop.model()(tokens), atol=1e-5)
