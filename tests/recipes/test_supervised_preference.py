@@ -18,8 +18,8 @@ from tests.conftest import load, quiet
 
 
 def test_dpo_starts_at_log2_and_raises_margin_and_accuracy(tmp_path):
-  c = load("dpo_tiny", tmp_path / "dpo", **{"train.max_steps": 150, "train.val_check_interval": 150,
-                                            "train.save_interval": 0})
+  c = load("dpo_tiny", tmp_path / "dpo", **{"train.max_steps": 100, "train.val_check_interval": 100,
+                                            "train.save_interval": 0, "optimizer.lr": 2e-3, "optimizer.min_lr": 2e-4})
   loop = build_trainer(c, log=quiet)
   before = loop.validate()
   # The reference pass and the policy run the same function of the same weights at step 0.
@@ -87,8 +87,8 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_lora_dpo_trains_few_parameters_from_the_base_as_reference_and_saves_only_adapters(tmp_path):
-  c = load("dpo_tiny", tmp_path / "lora", **{"lora.rank": 8, "optimizer.lr": 5e-3, "optimizer.min_lr": 5e-4,
-                                             "train.max_steps": 150, "train.val_check_interval": 150,
+  c = load("dpo_tiny", tmp_path / "lora", **{"lora.rank": 8, "optimizer.lr": 1e-2, "optimizer.min_lr": 1e-3,
+                                             "train.max_steps": 100, "train.val_check_interval": 100,
                                              "train.save_interval": 0})
   loop = build_trainer(c, log=quiet)
   trained, fixed = trainer.count(loop.state.params), trainer.count(loop.state.rest)
@@ -100,7 +100,7 @@ def test_lora_dpo_trains_few_parameters_from_the_base_as_reference_and_saves_onl
   # The checkpoint's arrays (orbax's tree metadata: a write shape for every array it holds) are the
   # adapters, their Adam moments and counters: no base weight. (Its byte count is no measure: orbax's
   # own files vary in size from run to run.)
-  metadata = json.loads((tmp_path / "lora" / "checkpoints" / "150" / "state" / "_METADATA").read_text())
+  metadata = json.loads((tmp_path / "lora" / "checkpoints" / "100" / "state" / "_METADATA").read_text())
   arrays = [ast.literal_eval(key) for key, value in metadata["tree_metadata"].items()  # keys: tuples
             if value["value_metadata"].get("write_shape") is not None]
   weights = [key for key in arrays if key[0] in ("params", "rest") or "mu" in key or "nu" in key]
