@@ -191,9 +191,3 @@ def _tensorboard_protos():
       del sys.modules["torch"]
   protos = types.SimpleNamespace(Event=event_pb2.Event, SessionLog=event_pb2.SessionLog, Summary=summary_pb2.Summary)
   return protos, masked_crc32c
-  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
-  try:
-    from tensorboardX import SummaryWriter
-  finally:
-    del sys.modules["torch"]
-  return SummaryWriter

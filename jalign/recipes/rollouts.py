@@ -2,14 +2,14 @@
 
 A rollout takes the next ``prompts`` prompts of the data (one shuffled order per pass), samples
 ``per_prompt`` responses to each from the current policy (the JAX decode loop, on a copy of the weights
-in the compute dtype, LoRA adapters folded in, refitted once per rollout), scores them with the ``score`` it is given (a reward
-model, a critic job's reward model) and hands the scored batch to the algorithm's ``prepare`` (RLOO
-advantages, the best samples, PPO's values and GAE), which returns what the train step reads (the
-spec's fields, and no more). The batch is shuffled into global batches for the shared ``Trainer``.
-The engine's own log-probs of the tokens it sampled ride along (``engine_logprobs``): ``compare_engine``
-logs their gap to the trainer's and, with ``rollout.tis_cap``, weights the loss's tokens by it.
-Rollout statistics go to ``metrics.jsonl`` with split ``rollout``; validation answers each validation
-prompt once with a fixed seed and reports ``val_reward``.
+in the compute dtype with any LoRA adapters folded in, refitted once per rollout), scores them with the
+``score`` it is given (a reward model, a critic job's reward model) and hands the scored batch to the
+algorithm's ``prepare`` (RLOO advantages, the best samples, PPO's values and GAE), which returns what the
+train step reads (the spec's fields, and no more). The batch is shuffled into global batches for the
+shared ``Trainer``. The engine's own log-probs of the tokens it sampled ride along (``engine_logprobs``):
+``compare_engine`` logs their gap to the trainer's and, with ``rollout.tis_cap``, weights the loss's
+tokens by it. Rollout statistics go to ``metrics.jsonl`` with split ``rollout``; validation answers each
+validation prompt once with a fixed seed and reports ``val_reward``.
 
 Over several processes every process computes the whole rollout (one SPMD program over the job's
 devices; each data-parallel group decodes its own rows) and hands the trainer its own rows.
