@@ -93,9 +93,10 @@ def test_group_rows_give_each_responses_log_prob(tmp_path):
 
 
 def test_steerlm2_learns_to_prefer_the_weighted_answer(tmp_path):
-  c = load("steerlm2_tiny", tmp_path / "sl2", **{"train.max_steps": 150, "train.val_check_interval": 150,
+  c = load("steerlm2_tiny", tmp_path / "sl2", **{"train.max_steps": 120, "train.val_check_interval": 120,
                                                  "train.micro_batch_size": 2,  # one micro-batch per step
-                                                 "train.save_interval": 0})
+                                                 "train.save_interval": 0, "optimizer.lr": 2e-3,
+                                                 "optimizer.min_lr": 2e-4})
   loop = build_trainer(c, log=quiet)
   before = loop.validate()
   summary = loop.run()
