@@ -8,6 +8,7 @@ with their rotary halves interleaved; they are put back in the half-split order 
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -65,12 +66,21 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
   return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-class GGUFTensors:
-  """The tensors of a GGUF file under their Hugging Face names, dequantized on read."""
+# Dequantized tensors kept for the next reads when loading onto a mesh, where every device's slice of a
+# parameter is read from the whole tensor (of every layer), which would otherwise be dequantized once per
+# device. Bounded, so that a large file never holds more than this beside what it loads.
+DEQUANTIZED_CACHE_BYTES = 1 << 30
 
-  def __init__(self, reader: gguf.GGUFReader, path: Path, cfg: LlamaConfig):
+
+class GGUFTensors:
+  """The tensors of a GGUF file under their Hugging Face names, dequantized on read (the most recently
+  read kept for the next reads, up to ``cache_bytes``)."""
+
+  def __init__(self, reader: gguf.GGUFReader, path: Path, cfg: LlamaConfig, *, cache_bytes: int = 0):
     self.path_ = path
     self.cfg = cfg
+    self.cache_bytes = cache_bytes
+    self._recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     self.tensors = {}
     for t in reader.tensors:
       name = t.name
@@ -91,12 +101,20 @@ class GGUFTensors:
     return self.path_
 
   def get(self, name: str) -> np.ndarray:
+    if name in self._recent:
+      self._recent.move_to_end(name)
+      return self._recent[name]
     t = self.tensors[name]
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(self.shape(name))
     if name.endswith("q_proj.weight"):
       w = _unpermute(w, self.cfg.num_heads)
     elif name.endswith("k_proj.weight"):
       w = _unpermute(w, self.cfg.num_kv_heads)
+    if self.cache_bytes:
+      w.flags.writeable = False  # shared by every later read
+      self._recent[name] = w
+      while sum(x.nbytes for x in self._recent.values()) > self.cache_bytes and len(self._recent) > 1:
+        self._recent.popitem(last=False)
     return w
 
 
@@ -218,5 +236,6 @@ def load(path, *, dtype="float32", mesh=None, compute_dtype=None, **config_overr
   cfg = config_from_gguf(reader, path, param_dtype=str(jnp.dtype(dtype)),
                          dtype=str(jnp.dtype(compute_dtype or dtype)), **config_overrides)
   tokenizer = tokenizer_from_gguf(reader, path)
-  model: Transformer = hf.load_weights(GGUFTensors(reader, path, cfg), cfg, mesh=mesh, source=path)
+  tensors = GGUFTensors(reader, path, cfg, cache_bytes=DEQUANTIZED_CACHE_BYTES if mesh is not None else 0)
+  model: Transformer = hf.load_weights(tensors, cfg, mesh=mesh, source=path)
   return model, tokenizer

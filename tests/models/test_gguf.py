@@ -36,14 +36,19 @@ def test_config_read_from_the_file(smollm2):
   assert tok.eos_token == "<|im_end|>" and tok.bos_id == 1
 
 
-def test_read_onto_a_mesh_each_device_gets_its_shard_of_the_same_weights(smollm2, smollm2_file):
+def test_read_onto_a_mesh_each_device_gets_its_shard_of_the_same_weights(smollm2, smollm2_file, monkeypatch):
   import jax
   from flax import nnx
 
   from jalign.parallel import mesh as pmesh
+  dequantized = []
+  dequantize = gguf.quants.dequantize
+  monkeypatch.setattr(gguf.quants, "dequantize", lambda data, kind: dequantized.append(1) or dequantize(data, kind))
   mesh = pmesh.make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
   with pmesh.use(mesh, pmesh.DEFAULT_RULES):
     sharded, _ = jgguf.load(smollm2_file, mesh=mesh)
+  # Each tensor once, not once per device that holds a slice of it (2 + 9 per layer; the head is tied).
+  assert len(dequantized) == 2 + 9 * 30
   whole = nnx.state(smollm2[0], nnx.Param)
   placed = nnx.state(sharded, nnx.Param)
   expected = pmesh.tree_shardings(placed, mesh, pmesh.DEFAULT_RULES)
