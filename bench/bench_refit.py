@@ -42,22 +42,19 @@ def main():
   from flax import nnx
 
   from jalign.config import base_config
-  from jalign.models import gguf, lora
+  from jalign.models import gguf
   from jalign.models.pretrained import smollm2_path
   from jalign.parallel import mesh as pmesh
-  from jalign.recipes import rollouts
+  from jalign.recipes import build, rollouts
 
   mesh = pmesh.make_mesh({"data": 1, "pipeline": 1, "fsdp": -1, "tensor": 1})
   rules = pmesh.DEFAULT_RULES
+  c = base_config()
+  c.model.dtype, c.lora.rank = args.dtype, args.lora
   with pmesh.use(mesh, rules):
     model, _ = gguf.load(smollm2_path(), mesh=mesh)
-  if args.lora:
-    lora.add_lora(model, rank=args.lora, rngs=nnx.Rngs(1))
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, pmesh.place(state, pmesh.tree_shardings(state, mesh, rules)))
+  model = build.algorithm_parts(c, model, mesh, rules)[0]  # with --lora, its adapters placed beside the weights
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  c = base_config()
-  c.model.dtype = args.dtype
   gen_graphdef, refit = rollouts.generation_copy(c, graphdef, (params, rest), mesh, pmesh.inference_rules(rules))
   copy = jax.block_until_ready(refit((params, rest)))  # compiles
   times = []
