@@ -27,8 +27,8 @@ from flax import nnx  # noqa: E402
 
 from jalign import plan, specs, trainer  # noqa: E402
 from jalign.config import load_config_file  # noqa: E402
-from jalign.models import LlamaConfig, Transformer, hf, hf_value  # noqa: E402
 from jalign.data.tokenizer import Tokenizer  # noqa: E402
+from jalign.models import LlamaConfig, Transformer, hf, hf_value  # noqa: E402
 from jalign.models.heads import ValueModel  # noqa: E402
 from jalign.parallel import mesh as pmesh  # noqa: E402
 from jalign.recipes import build, critic, rollouts  # noqa: E402
