@@ -66,7 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
       # reinforce and ppo: weight each token of the policy loss by min(pi_old / pi_engine, tis_cap), the
       # trainer's over the engine's probability of the sampled token (truncated importance sampling);
       # 0: off. The gap itself is logged with every rollout (logprob_gap_*).
-      tis_cap=0.0))
+      tis_cap=0.0,
+      # Continuous batching: micro_batch_size rows per data-parallel rank decode together and a row that
+      # stops takes the next prompt at once, instead of every batch waiting for its longest reply. The
+      # samples are the same either way.
+      continuous_batching=False,
+      # A rollout's rows are padded to the smallest multiple of this that holds its longest sample (at
+      # most data.max_seq_length), so that its log-prob, value and train passes cost what its replies
+      # do; 0: always data.max_seq_length.
+      pad_to_multiple=256))
   # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
   # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
   # The default address leaves 5556-5558 (HTTP, gRPC, metrics) to the critic server's default.

@@ -52,7 +52,7 @@ from jalign.recipes import critic as critic_lib
 from jalign.recipes import reward as reward_lib
 from jalign.recipes import rollouts
 from jalign.recipes import spin as spin_lib
-from jalign.rollout.generate import generate_arrays
+from jalign.rollout.generate import continuous_arrays, generate_arrays
 from jalign.specs.base import ROW_FIELDS, ConfigError
 
 GiB = 1024**3
@@ -233,26 +233,36 @@ def _rollout_rows(settings, data_parallel: int) -> tuple[int, int]:
 
 
 def _add_generation(job, name, model, graphdef, weights, rules, sampling, cfg, *, rows, length, max_new, resident,
-                    repeats, hbm_bytes_per_s, greedy=False):
-  """A generation call of ``rows`` prompts of ``length - max_new`` tokens: the decode loop the run calls
-  (``generate_arrays``) compiled for the job's mesh with ``weights`` laid out by ``rules``, timed at the
-  memory bandwidth (weights and KV cache read once per new token)."""
+                    repeats, hbm_bytes_per_s, greedy=False, continuous=0):
+  """``repeats`` generation calls of ``rows`` prompts of ``length - max_new`` tokens: the decode loop the
+  run calls (``generate_arrays``) compiled for the job's mesh with ``weights`` laid out by ``rules``,
+  timed at the memory bandwidth (weights and KV cache read once per new token). ``continuous``: one call
+  of the continuous-batching loop over that many prompts with ``rows`` slots, as a run with
+  ``rollout.continuous_batching`` makes it (timed as the static calls: its bound when every reply is as
+  long as the longest)."""
   mesh = job.mesh
-  prompts = job.batch({"tokens": jnp.zeros((length - max_new,), jnp.int32), "lengths": jnp.zeros((), jnp.int32)},
-                      rows, rules)
+  row = {"tokens": jnp.zeros((length - max_new,), jnp.int32), "lengths": jnp.zeros((), jnp.int32),
+         "ids": jnp.zeros((), jnp.int32), "limits": jnp.zeros((), jnp.int32)}
   static = dict(graphdef=graphdef, max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy,
                 stop_ids=(0,), pad_id=0)
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if continuous:  # every prompt of the rollout, on every device (the loop places each in a slot)
+    prompts = job.batch(row, continuous, rules)
+    prompts = _abstract(prompts, jax.tree.map(lambda _: replicated, prompts))
+    static.update(slots=rows, prefill_rows=pmesh.data_parallel_size(mesh, rules))
+    loop, calls = continuous_arrays, 1
+  else:
+    prompts, loop, calls = job.batch(row, rows, rules), generate_arrays, repeats
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
   with pmesh.use(mesh, rules):
     cache = jax.eval_shape(lambda: model.init_cache(rows, length))
   cache_spec = fit_spec(logical_to_spec((None, "batch", None, "act_kv_heads", None), rules), cache.k.shape, mesh)
   decode_read = per_device_bytes(weights) + per_device_bytes(cache, [jax.sharding.NamedSharding(mesh, cache_spec)] * 2)
   with pmesh.use(mesh, rules):
-    job.add(name, generate_arrays, (weights, prompts["tokens"], prompts["lengths"], key), static=static,
-            resident=resident, flops=_flops(cfg, rows * length, length, backward=False),
-            seconds=max_new * decode_read / hbm_bytes_per_s, repeats=repeats)
+    job.add(name, loop, (weights, *(prompts[k] for k in ("tokens", "lengths", "ids", "limits")), key),
+            static=static, resident=resident, flops=_flops(cfg, rows * repeats * length, length, backward=False) / calls,
+            seconds=repeats * max_new * decode_read / hbm_bytes_per_s / calls, repeats=calls)
 
 
 def _train_row(c, spec, length: int) -> dict:
@@ -294,7 +304,8 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout
     _add_generation(job, "rollout", model, gen_graphdef, gen_weights, gen_rules, settings, cfg, rows=rows,
                     length=length, max_new=settings.max_new_tokens or length // 2,
-                    resident=params + initial + optimizer_resident, repeats=rounds, hbm_bytes_per_s=hbm_bytes_per_s)
+                    resident=params + initial + optimizer_resident, repeats=rounds, hbm_bytes_per_s=hbm_bytes_per_s,
+                    continuous=settings.samples if c.rollout.continuous_batching else 0)
     rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
 
     if not spec.rollout.critic:  # the reward model scores in the actor's job (PPO: in the critic's)

@@ -136,7 +136,9 @@ class Rollouts:
     group_ids = np.repeat(np.arange(len(chosen)), k)
     responses, is_end, sampled = self._generate(prompts, seed=self.c.seed + 7919 * index)
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
-    rows = [build_row([ex], self.c.data.max_seq_length, self.pad) for ex in examples]
+    width = row_width(max(len(p) + len(r) for p, r in zip(prompts, responses)), self.c.data.max_seq_length,
+                      self.c.rollout.pad_to_multiple)
+    rows = [build_row([ex], width, self.pad) for ex in examples]
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
     engine = np.zeros(batch["tokens"].shape, np.float32)  # in the log-prob layout: column t scores token t+1
     for row, (p, logprobs) in enumerate(zip(prompts, sampled)):
@@ -167,23 +169,33 @@ class Rollouts:
 
   def _generate(self, prompts, *, seed):
     """Responses (token lists, the stop token included when there is one), ``is_end``, and the engine's
-    log-prob of each response token under its model's own softmax (arrays of the responses' lengths)."""
+    log-prob of each response token under its model's own softmax (arrays of the responses' lengths).
+    Prompt i samples with the seed folded with i, however the prompts are batched."""
     model = self.generation_model()
     size = self.generate_batch
-    responses, ended, sampled = [], [], []
     # Each data-parallel group decodes its own rows of a batch (all of them when they do not divide).
     rules = self.generation_rules or self.rules
-    split = self.mesh is not None and size % pmesh.data_parallel_size(self.mesh, rules) == 0
-    rows = pmesh.batch_sharding(self.mesh, rules) if split else None
-    for start in range(0, len(prompts), size):
-      chunk = prompts[start:start + size]
-      out = generate(model, chunk + [chunk[0]] * (size - len(chunk)), max_new_tokens=self.max_new,
-                     min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature, top_k=self.r.top_k,
-                     top_p=self.r.top_p, stop_ids=self.stop_ids, pad_id=self.pad, seed=seed + start,
-                     prompt_width=self.width, batch_sharding=rows)
-      replies = out.responses()[:len(chunk)]
+    groups = pmesh.data_parallel_size(self.mesh, rules) if self.mesh is not None else 1
+    rows = pmesh.batch_sharding(self.mesh, rules) if self.mesh is not None and size % groups == 0 else None
+    settings = dict(max_new_tokens=self.max_new, min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature,
+                    top_k=self.r.top_k, top_p=self.r.top_p, stop_ids=self.stop_ids, pad_id=self.pad, seed=seed,
+                    prompt_width=self.width)
+    if self.c.rollout.continuous_batching:  # every prompt in one call, ``size`` rows decoding at once
+      calls = [(prompts, np.arange(len(prompts)), dict(slots=size, prefill_rows=groups))]
+    else:  # batches of ``size`` (the last filled up with copies of its first prompt: one compiled shape)
+      calls = []
+      for start in range(0, len(prompts), size):
+        chunk = prompts[start:start + size]
+        ids = np.arange(start, start + size)
+        calls.append((chunk + [chunk[0]] * (size - len(chunk)), ids, dict(batch_sharding=rows)))
+    responses, ended, sampled = [], [], []
+    for chunk, ids, how in calls:
+      with pmesh.use(self.mesh, rules):  # the continuous loop's slots over the data-parallel groups
+        out = generate(model, chunk, prompt_ids=ids, **settings, **how)
+      kept = min(len(chunk), len(prompts) - len(responses))
+      replies = out.responses()[:kept]
       responses += replies
-      ended += pmesh.fetch(out.is_end)[:len(chunk)].tolist()
+      ended += pmesh.fetch(out.is_end)[:kept].tolist()
       logprobs = pmesh.fetch(out.policy_logprobs)
       sampled += [logprobs[b, len(p):len(p) + len(r)] for b, (p, r) in enumerate(zip(chunk, replies))]
     return responses, np.asarray(ended, bool), sampled
@@ -214,6 +226,14 @@ def generation_rows(settings: RolloutSettings, data_parallel: int) -> int:
   """Rows of one generation call: NeMo's rollout micro-batch on each of ``data_parallel`` ranks, fewer
   when a rollout's samples do not fill them."""
   return min(settings.micro_batch, -(-settings.samples // data_parallel)) * data_parallel
+
+
+def row_width(longest: int, max_seq_length: int, multiple: int) -> int:
+  """The width of a rollout's rows: the smallest multiple of ``multiple`` that holds ``longest`` tokens,
+  at most ``max_seq_length`` (which ``multiple`` 0 always takes). A few widths, so a few compiled passes."""
+  if not multiple:
+    return max_seq_length
+  return min(max_seq_length, -(-longest // multiple) * multiple)
 
 
 def generation_rules(settings: RolloutSettings, rules):

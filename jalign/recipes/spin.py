@@ -75,8 +75,8 @@ def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_form
     filled = batch + [batch[0]] * (size - len(batch))  # one compiled shape for the last batch too
     rollout = generate(model, filled, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k,
                        top_p=s.top_p, greedy=s.greedy, stop_ids=tuple(stops),
-                       pad_id=tok.pad_id if tok.pad_id is not None else 0, seed=seed + start,
-                       prompt_width=width)
+                       pad_id=tok.pad_id if tok.pad_id is not None else 0, seed=seed,
+                       prompt_ids=range(start, start + size), prompt_width=width)
     is_end = np.asarray(rollout.is_end)
     for b, reply in enumerate(rollout.responses()[:len(batch)]):
       reply = reply[:-1] if is_end[b] else reply  # the stop token

@@ -57,13 +57,42 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0):
   return logits
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "min_new_tokens", "temperature",
-                                   "top_k", "top_p", "greedy", "stop_ids", "pad_id"))
-def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_new_tokens, min_new_tokens,
-                    temperature, top_k, top_p, greedy, stop_ids, pad_id):
-  """The jitted loop ``generate`` runs, on arrays: a model's ``nnx.split`` state, prompts ``[B,P]``
-  right-padded, their lengths ``[B]`` and a PRNG key; returns ``(tokens, lengths, is_end, logprobs,
-  policy_logprobs)``."""
+def choose_tokens(last, steps, keys, *, min_new_tokens, temperature, top_k, top_p, greedy, stop_ids):
+  """The next token of each row from its logits ``last [B,V]`` after ``steps [B]`` generated tokens:
+  ``(token, sampling log-prob, the model's own log-prob)``. Row b draws with ``fold_in(keys[b], steps[b])``,
+  so a prompt's sample depends on its key and its step only, not on its row or the rows beside it."""
+  policy = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
+  if stop_ids:
+    stops = jnp.zeros(last.shape[-1], bool).at[jnp.asarray(stop_ids, jnp.int32)].set(True)
+    last = jnp.where(stops[None] & (steps < min_new_tokens)[:, None], _NEG_INF, last)
+  if greedy:
+    dist = last
+    token = jnp.argmax(last, axis=-1).astype(jnp.int32)
+  else:
+    dist = filter_logits(last, temperature=temperature, top_k=top_k, top_p=top_p)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    token = jax.vmap(jax.random.categorical)(step_keys, dist).astype(jnp.int32)
+  rows = jnp.arange(last.shape[0])
+  return token, jax.nn.log_softmax(dist, axis=-1)[rows, token], policy[rows, token]
+
+
+def row_keys(key, prompt_ids):
+  """Each row's sampling key: the call's ``key`` folded with the row's prompt id."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, prompt_ids)
+
+
+SAMPLING_STATICS = ("graphdef", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "greedy",
+                    "stop_ids", "pad_id")
+
+
+@partial(jax.jit, static_argnames=SAMPLING_STATICS)
+def generate_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, key, *, graphdef, max_new_tokens,
+                    min_new_tokens, temperature, top_k, top_p, greedy, stop_ids, pad_id):
+  """The jitted static-batch loop ``generate`` runs, on arrays: a model's ``nnx.split`` state, prompts
+  ``[B,P]`` right-padded, their lengths ``[B]``, their ids ``[B]`` (row b samples with ``key`` folded with
+  ``prompt_ids[b]``) and limits of new tokens ``[B]`` (at most ``max_new_tokens``), and the call's PRNG
+  ``key``; returns ``(tokens, lengths, is_end, logprobs, policy_logprobs)``. Every row keeps its slot
+  until the last row stops."""
   def forward(tokens, positions, cache):
     # Merged afresh at each trace level: NNX modules may not cross into the loop's trace.
     fresh = jax.tree.map(lambda x: x, state)
@@ -82,77 +111,163 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, key, *, graphdef, max_
   logprobs = jnp.zeros((b, total), jnp.float32)
   policy_logprobs = jnp.zeros((b, total), jnp.float32)
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
+  keys = row_keys(key, prompt_ids)
+  choose = partial(choose_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, greedy=greedy, stop_ids=stop_ids)
 
   def cond(carry):
-    step, done = carry[0], carry[5]
+    step, done = carry[0], carry[4]
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    step, key, last, cache, tokens, done, is_end, logprobs, policy_logprobs, count = carry
-    key, sample_key = jax.random.split(key)
-    policy = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
-    if stops is not None:
-      suppress = jnp.zeros(last.shape[-1], bool).at[stops].set(True) & (step < min_new_tokens)
-      last = jnp.where(suppress, _NEG_INF, last)
-    if greedy:
-      dist = last
-      token = jnp.argmax(last, axis=-1).astype(jnp.int32)
-    else:
-      dist = filter_logits(last, temperature=temperature, top_k=top_k, top_p=top_p)
-      token = jax.random.categorical(sample_key, dist, axis=-1).astype(jnp.int32)
-    lp = jax.nn.log_softmax(dist, axis=-1)[rows, token]
+    step, last, cache, tokens, done, is_end, logprobs, policy_logprobs, count = carry
+    token, lp, own = choose(last, jnp.full((b,), step), keys)
     pos = prompt_lengths + step
     active = ~done
     tokens = tokens.at[rows, pos].set(jnp.where(active, token, pad_id))
     logprobs = logprobs.at[rows, pos].set(jnp.where(active, lp, 0.0))
-    policy_logprobs = policy_logprobs.at[rows, pos].set(jnp.where(active, policy[rows, token], 0.0))
+    policy_logprobs = policy_logprobs.at[rows, pos].set(jnp.where(active, own, 0.0))
     hit = jnp.isin(token, stops) if stops is not None else jnp.zeros_like(done)
     is_end = is_end | (active & hit)
     count = count + active
-    done = done | hit
+    done = done | hit | (count >= limits)
     logits, cache = forward(token[:, None], pos[:, None], cache)
-    return step + 1, key, logits[:, 0], cache, tokens, done, is_end, logprobs, policy_logprobs, count
+    return step + 1, logits[:, 0], cache, tokens, done, is_end, logprobs, policy_logprobs, count
 
   done = jnp.zeros((b,), bool)
-  carry = (jnp.int32(0), key, last, cache, tokens, done, done, logprobs, policy_logprobs, jnp.zeros((b,), jnp.int32))
-  _, _, _, _, tokens, _, is_end, logprobs, policy_logprobs, count = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(0), last, cache, tokens, done, done, logprobs, policy_logprobs, jnp.zeros((b,), jnp.int32))
+  _, _, _, tokens, _, is_end, logprobs, policy_logprobs, count = jax.lax.while_loop(cond, body, carry)
   return tokens, prompt_lengths + count, is_end, logprobs, policy_logprobs
 
 
-def generate(model, prompts, *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0,
+@partial(jax.jit, static_argnames=SAMPLING_STATICS + ("slots", "prefill_rows"))
+def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, key, *, graphdef, slots,
+                      prefill_rows, max_new_tokens, min_new_tokens, temperature, top_k, top_p, greedy, stop_ids,
+                      pad_id):
+  """The jitted continuous-batching loop, on ``generate_arrays``'s arrays and with its results: ``slots``
+  rows of KV cache decode together, and when a row stops the next prompts are prefilled into the free
+  slots (up to ``prefill_rows`` prompts at a time, one prefill per decode step), so that a short reply
+  frees its slot at once instead of waiting for the longest. A prompt's tokens do not depend on which
+  slot it lands in or beside which others it decodes."""
+  def merged():
+    # Merged afresh at each trace level: NNX modules may not cross into the loop's trace.
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+
+  n, p = prompt_tokens.shape
+  total = p + max_new_tokens
+  empty = n  # what a slot that holds no prompt points at (scatters to it are dropped)
+  keys = row_keys(key, prompt_ids)
+  stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
+  choose = partial(choose_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, greedy=greedy, stop_ids=stop_ids)
+  tokens = jnp.full((n, total), pad_id, jnp.int32).at[:, :p].set(
+      jnp.where(jnp.arange(p)[None] < prompt_lengths[:, None], prompt_tokens, pad_id))
+  model = merged()
+  cache = model.init_cache(slots, total)
+  last = jnp.zeros((slots, model.config.vocab_size), jnp.float32)
+
+  def refill(args):
+    """Prefills the next prompts into the lowest free slots; their logits at the last prompt token."""
+    cache, last, slot_prompt, slot_count, next_prompt = args
+    ids = next_prompt + jnp.arange(prefill_rows)
+    free = slot_prompt == empty
+    target = jnp.argsort(~free, stable=True)[:prefill_rows]  # free slots first, lowest first
+    placed = (ids < n) & free[target]  # a prefix: prompts in order, free slots in order
+    into = jnp.where(placed, target, slots)
+    rows = jnp.minimum(ids, n - 1)
+    model = merged()
+    hidden, fresh = model.hidden_states(prompt_tokens[rows], cache=model.init_cache(prefill_rows, p))
+    logits = model.logits(hidden[jnp.arange(prefill_rows), prompt_lengths[rows] - 1][:, None])[:, 0]
+    cache = type(cache)(k=cache.k.at[:, into, :p].set(fresh.k, mode="drop"),
+                        v=cache.v.at[:, into, :p].set(fresh.v, mode="drop"))
+    return (cache, last.at[into].set(logits, mode="drop"), slot_prompt.at[into].set(ids, mode="drop"),
+            slot_count.at[into].set(0, mode="drop"), next_prompt + jnp.sum(placed))
+
+  def cond(carry):
+    slot_prompt, next_prompt = carry[2], carry[4]
+    return (next_prompt < n) | jnp.any(slot_prompt != empty)
+
+  def body(carry):
+    cache, last, slot_prompt, slot_count, next_prompt, tokens, is_end, logprobs, policy_logprobs, counts = carry
+    wanted = jnp.any(slot_prompt == empty) & (next_prompt < n)
+    cache, last, slot_prompt, slot_count, next_prompt = jax.lax.cond(
+        wanted, refill, lambda args: args, (cache, last, slot_prompt, slot_count, next_prompt))
+    active = slot_prompt != empty
+    prompt = jnp.minimum(slot_prompt, n - 1)
+    token, lp, own = choose(last, slot_count, keys[prompt])
+    pos = jnp.where(active, prompt_lengths[prompt] + slot_count, 0)
+    token = jnp.where(active, token, pad_id)
+    tokens = tokens.at[slot_prompt, pos].set(token, mode="drop")
+    logprobs = logprobs.at[slot_prompt, pos].set(lp, mode="drop")
+    policy_logprobs = policy_logprobs.at[slot_prompt, pos].set(own, mode="drop")
+    hit = active & (jnp.isin(token, stops) if stops is not None else False)
+    is_end = is_end.at[slot_prompt].set(hit, mode="drop")
+    slot_count = slot_count + 1
+    counts = counts.at[slot_prompt].set(slot_count, mode="drop")
+    logits, cache = merged()(token[:, None], positions=pos[:, None], cache=cache)
+    finished = hit | (slot_count >= limits[prompt])
+    slot_prompt = jnp.where(finished, empty, slot_prompt)
+    return (cache, logits[:, 0], slot_prompt, slot_count, next_prompt, tokens, is_end, logprobs, policy_logprobs,
+            counts)
+
+  zeros = jnp.zeros((n, total), jnp.float32)
+  carry = (cache, last, jnp.full((slots,), empty, jnp.int32), jnp.zeros((slots,), jnp.int32), jnp.int32(0),
+           tokens, jnp.zeros((n,), bool), zeros, zeros, jnp.zeros((n,), jnp.int32))
+  out = jax.lax.while_loop(cond, body, carry)
+  tokens, is_end, logprobs, policy_logprobs, counts = out[5:]
+  return tokens, prompt_lengths + counts, is_end, logprobs, policy_logprobs
+
+
+def generate(model, prompts, *, max_new_tokens, min_new_tokens: int = 0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=(), pad_id: int = 0,
-             seed: int = 0, prompt_width: int = 0, batch_sharding=None) -> Rollout:
-  """Generate up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
+             seed: int = 0, prompt_ids=None, prompt_width: int = 0, batch_sharding=None, slots: int = 0,
+             prefill_rows: int = 1) -> Rollout:
+  """Generate up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists);
+  ``max_new_tokens`` is one limit or one per prompt.
+
+  Prompt i samples with ``jax.random.key(seed)`` folded with ``prompt_ids[i]`` (default ``i``): callers
+  that split one set of prompts over several calls pass their ids, and a prompt's sample depends on its
+  id and the seed only. With ``slots`` the prompts go through the continuous-batching loop with that many
+  rows decoding at once (``continuous_arrays``; ``prefill_rows`` prompts prefilled at a time), otherwise
+  all of them decode as one static batch. Both give each prompt the same tokens.
 
   Prompts are right-padded to the longest of them, or to ``prompt_width`` when that is more: callers
   that generate batch after batch pass one width so that every batch runs one compiled loop.
   ``batch_sharding`` (a sharding of ``[B]`` arrays, e.g. ``jalign.parallel.mesh.batch_sharding``)
-  splits the rows over devices, so that each data-parallel group decodes its own rows instead of all of
-  them; every process passes the same prompts. Samples do not depend on it.
+  splits the static batch's rows over devices, so that each data-parallel group decodes its own rows
+  instead of all of them; every process passes the same prompts. Samples do not depend on it.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-  if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+  limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),))
+  longest = int(limits.max())
+  if limits.min() < 1 or not 0 <= min_new_tokens <= limits.min():
     raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens; "
-                     f"got {max_new_tokens}, {min_new_tokens}")
+                     f"got {int(limits.min())}, {min_new_tokens}")
   if not greedy and temperature <= 0:
     raise ValueError("temperature must be positive (use greedy=True for argmax decoding)")
+  if slots < 0 or not 1 <= prefill_rows:
+    raise ValueError(f"need slots >= 0 and prefill_rows >= 1; got {slots}, {prefill_rows}")
   lengths = np.array([len(p) for p in prompts], np.int32)
+  ids = np.arange(len(prompts), dtype=np.int32) if prompt_ids is None else np.asarray(prompt_ids, np.int32)
   width = max(int(lengths.max()), int(prompt_width))
   padded = np.full((len(prompts), width), pad_id, np.int32)
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p
   graphdef, state = nnx.split(model)
-  if batch_sharding is not None:
-    rows = batch_sharding.spec[0] if batch_sharding.spec else None
-    prompt_tokens = from_host(padded, NamedSharding(batch_sharding.mesh, PartitionSpec(rows, None)))
-    prompt_lengths = from_host(lengths, batch_sharding)
+  rows = batch_sharding if batch_sharding is not None and not slots else None
+  if rows is not None:
+    axis = rows.spec[0] if rows.spec else None
+    arrays = (from_host(padded, NamedSharding(rows.mesh, PartitionSpec(axis, None))),
+              *(from_host(x, rows) for x in (lengths, ids, limits)))
   else:
-    prompt_tokens, prompt_lengths = jnp.asarray(padded), jnp.asarray(lengths)
-  tokens, out_lengths, is_end, logprobs, policy_logprobs = generate_arrays(
-      state, prompt_tokens, prompt_lengths, jax.random.key(seed), graphdef=graphdef,
-      max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
-      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
-      stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
+    arrays = tuple(jnp.asarray(x) for x in (padded, lengths, ids, limits))
+  settings = dict(graphdef=graphdef, max_new_tokens=longest, min_new_tokens=int(min_new_tokens),
+                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
+                  stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
+  if slots:
+    settings.update(slots=int(slots), prefill_rows=min(int(prefill_rows), int(slots)))
+  loop = continuous_arrays if slots else generate_arrays
+  tokens, out_lengths, is_end, logprobs, policy_logprobs = loop(state, *arrays, jax.random.key(seed), **settings)
   return Rollout(tokens=tokens, prompt_lengths=jnp.asarray(lengths), lengths=out_lengths,
                  is_end=is_end, logprobs=logprobs, policy_logprobs=policy_logprobs)

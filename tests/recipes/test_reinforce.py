@@ -51,6 +51,25 @@ def test_first_rollout_scores_and_advantages(tmp_path, reward_run, sft_run):
   assert ended.sum() >= 4 and np.abs(batch["advantages"]).max() > 1e-3
 
 
+def test_continuous_batching_rolls_out_the_same_samples_in_rows_as_wide_as_the_longest(tmp_path, reward_run,
+                                                                                      sft_run):
+  prepared = {}
+  for continuous in (False, True):  # 4 static batches of 8, or 8 slots the 32 samples flow through
+    c = reinforce_config(tmp_path / str(continuous), reward_run, sft_run, **{
+        "rollout.continuous_batching": continuous, "rollout.micro_batch_size": 8, "rollout.pad_to_multiple": 8})
+    rollouts = reinforce.build(c, log=quiet)[1]
+    rollouts.rollout()
+    prepared[continuous] = rollouts.prepared
+  static, flowing = prepared[False], prepared[True]
+  for key in ("tokens", "loss_mask", "is_end", "group_ids"):
+    np.testing.assert_array_equal(flowing[key], static[key])
+  for key in ("rewards", "advantages", "engine_logprobs"):
+    np.testing.assert_allclose(flowing[key], static[key], rtol=1e-5, atol=1e-6)
+  # The rows are as wide as the longest sample rounded up to 8 tokens, not data.max_seq_length (80).
+  longest = int((static["segment_ids"] > 0).sum(1).max())
+  assert static["tokens"].shape[1] == -(-longest // 8) * 8 < c.data.max_seq_length
+
+
 def test_training_logs_rollouts_and_resumes_at_the_next_one(tmp_path, reward_run, sft_run):
   summary = run(reinforce_config(tmp_path, reward_run, sft_run, **{"rollout.tis_cap": 2.0}), log=quiet)
   assert summary["steps"] == 4 and all(np.isfinite(list(summary["losses"].values())))

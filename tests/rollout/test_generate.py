@@ -94,3 +94,35 @@ def test_rows_split_over_devices_generate_what_one_device_does(pair):
     assert split.tokens.sharding.spec[0] == "data"  # each device decoded its own two rows
     np.testing.assert_array_equal(split.tokens, whole.tokens)
     np.testing.assert_allclose(split.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_a_prompts_sample_depends_on_its_id_not_its_row(pair):
+  model, _ = pair
+  prompts = [PROMPTS[i % 3][: 1 + i % 4] for i in range(6)]
+  whole = generate(model, prompts, max_new_tokens=5, temperature=0.9, seed=2)
+  order = [4, 1, 5, 0, 3, 2]
+  shuffled = generate(model, [prompts[i] for i in order], max_new_tokens=5, temperature=0.9, seed=2,
+                      prompt_ids=order)
+  for row, i in enumerate(order):
+    assert shuffled.tokens[row].tolist() == whole.tokens[i].tolist()
+  assert len({tuple(whole.tokens[i, len(prompts[i]):].tolist()) for i in (0, 3)}) == 2  # same prompt, own key
+
+
+def test_continuous_batching_gives_each_prompt_the_static_batchs_tokens(pair):
+  model, _ = pair
+  prompts = [PROMPTS[i % 3][: 1 + i % 5] + [20 + i] for i in range(7)]
+  limits = [3, 9, 1, 6, 12, 2, 8]  # replies of mixed lengths: slots free up at different steps
+  free = generate(model, prompts, max_new_tokens=limits, greedy=True)
+  assert [int(n) - len(p) for n, p in zip(free.lengths, prompts)] == limits
+  stop = int(free.tokens[4, len(prompts[4]) + 2])  # a token some replies stop at
+  for kwargs in (dict(greedy=True, stop_ids=(stop,)), dict(temperature=0.8, top_p=0.9, seed=4, min_new_tokens=1)):
+    static = generate(model, prompts, max_new_tokens=limits, **kwargs)
+    if "stop_ids" in kwargs:
+      assert bool(static.is_end[4]) and not bool(static.is_end.all())
+    for slots, prefill_rows in ((3, 1), (2, 2)):
+      flowing = generate(model, prompts, max_new_tokens=limits, slots=slots, prefill_rows=prefill_rows, **kwargs)
+      np.testing.assert_array_equal(flowing.tokens, static.tokens)
+      np.testing.assert_array_equal(flowing.lengths, static.lengths)
+      np.testing.assert_array_equal(flowing.is_end, static.is_end)
+      np.testing.assert_allclose(flowing.logprobs, static.logprobs, atol=1e-5)
+      np.testing.assert_allclose(flowing.policy_logprobs, static.policy_logprobs, atol=1e-5)
