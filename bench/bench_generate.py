@@ -1,7 +1,7 @@
 """Rollout generation, side by side in one run; each part prints its ratios.
 
   python bench/bench_generate.py split [--devices 8] [--batch 64] [--new 24] [--preset tiny] [--rounds 3]
-  python bench/bench_generate.py continuous [--prompts 24] [--slots 8] [--rounds 1]
+  python bench/bench_generate.py continuous [--prompts 48] [--slots 8] [--rounds 1]
   python bench/bench_generate.py decode [--new 64] [--rounds 2]
 
 ``split``: the rows of a batch split over the data-parallel devices against every device decoding the
@@ -19,7 +19,8 @@ one, over ``--new - 1`` steps) against transformers' ``generate`` on the same we
 floor on this machine: a decode step reads every weight once (bytes over the measured memory bandwidth)
 and does 2 FLOPs per weight per row (over the measured float32 matmul rate); the floor is the larger.
 
-Times are the fastest of ``--rounds`` runs after a compiling one.
+Times are the fastest of ``--rounds`` runs after a compiling one (``continuous``: of the programs compiled
+ahead, without a run).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import os
 import time
 
 
-def fastest(run, rounds: int) -> tuple[float, object]:
-  """The fastest of ``rounds`` timed calls of ``run`` (after one untimed) and the last result."""
+def fastest(run, rounds: int, warm: bool = True) -> tuple[float, object]:
+  """The fastest of ``rounds`` timed calls of ``run`` (after an untimed one, when ``warm``) and the
+  last result."""
   import jax
-  out = jax.block_until_ready(run())
+  out = jax.block_until_ready(run()) if warm else None
   best = float("inf")
   for _ in range(rounds):
     t0 = time.perf_counter()
@@ -83,35 +85,35 @@ def smollm2_prompts(count: int, seed: int = 0):
   return model, tok, [rng.integers(100, 20000, n).tolist() for n in lengths[:count]]
 
 
+def compiled(model, prompts, **options):
+  """``generate``'s loop for these prompts, compiled ahead (not run), and a call of it on them."""
+  from jalign.rollout.generate import generation_call
+  loop, arguments, settings = generation_call(model, prompts, **options)
+  program = loop.lower(*arguments, **settings).compile()
+  return lambda: program(*arguments)
+
+
 def continuous(args):
   import jax
   import numpy as np
-
-  from jalign.rollout import generate
 
   model, _, prompts = smollm2_prompts(args.prompts)
   limits = np.random.default_rng(1).integers(8, 257, len(prompts)).tolist()
   limits[:2] = [8, 256]
   width = max(len(p) for p in prompts)
   common = dict(greedy=True, prompt_width=width)
-
-  def static():
-    parts = []
-    for start in range(0, len(prompts), args.slots):  # every batch compiled for the longest limit
-      batch, cap = prompts[start:start + args.slots], limits[start:start + args.slots]
-      parts.append(generate(model, batch + [batch[0]] * (args.slots - len(batch)),
-                            max_new_tokens=cap + [1] * (args.slots - len(batch)), **common).tokens[:len(batch)])
-    return parts
-
-  def flowing():
-    return generate(model, prompts, max_new_tokens=limits, slots=args.slots, **common).tokens
-
-  t_static, parts = fastest(static, args.rounds)
-  t_flowing, out = fastest(flowing, args.rounds)
+  batches = []
+  for start in range(0, len(prompts), args.slots):  # each batch compiled for its longest limit
+    batch, cap = prompts[start:start + args.slots], limits[start:start + args.slots]
+    batches.append(compiled(model, batch + [batch[0]] * (args.slots - len(batch)),
+                            max_new_tokens=cap + [1] * (args.slots - len(batch)), **common))
+  flowing = compiled(model, prompts, max_new_tokens=limits, slots=args.slots, **common)
+  t_static, parts = fastest(lambda: [run()[0] for run in batches], args.rounds, warm=False)
+  t_flowing, out = fastest(lambda: flowing()[0], args.rounds, warm=False)
   tokens = sum(limits)
   same = True
   for i, part in enumerate(parts):
-    for b, row in enumerate(np.asarray(part)):
+    for b, row in enumerate(np.asarray(part)[:len(prompts[i * args.slots:(i + 1) * args.slots])]):
       n = i * args.slots + b
       end = len(prompts[n]) + limits[n]
       same &= np.array_equal(row[:end], np.asarray(out)[n, :end])
@@ -195,7 +197,7 @@ def main():
   p.add_argument("--new", type=int, default=None)
   p.add_argument("--preset", default="tiny")
   p.add_argument("--rounds", type=int, default=None)
-  p.add_argument("--prompts", type=int, default=24)
+  p.add_argument("--prompts", type=int, default=48)
   p.add_argument("--slots", type=int, default=8)
   args = p.parse_args()
   if args.part == "split":

@@ -166,22 +166,22 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
   cache = model.init_cache(slots, total)
   last = jnp.zeros((slots, model.config.vocab_size), jnp.float32)
 
-  def refill(args):
-    """Prefills the next prompts into the lowest free slots; their logits at the last prompt token."""
-    cache, last, slot_prompt, slot_count, next_prompt = args
-    ids = next_prompt + jnp.arange(prefill_rows)
-    free = slot_prompt == empty
-    target = jnp.argsort(~free, stable=True)[:prefill_rows]  # free slots first, lowest first
-    placed = (ids < n) & free[target]  # a prefix: prompts in order, free slots in order
-    into = jnp.where(placed, target, slots)
-    rows = jnp.minimum(ids, n - 1)
+  # A prompt is prefilled at the narrowest of these widths that holds it (a quarter of the padded
+  # width at a time), not at the width of the longest prompt as a static batch must.
+  widths = sorted({-(-p * k // 4) for k in range(1, 5)})
+
+  def prefill(width, rows):
+    """Logits at the last prompt token of prompts ``rows`` and their keys and values, prefilled at
+    ``width`` and padded to the prompts' full width (the padding's positions are rewritten by decoding
+    before anything reads them)."""
     model = merged()
-    hidden, fresh = model.hidden_states(prompt_tokens[rows], cache=model.init_cache(prefill_rows, p))
+    hidden, fresh = model.hidden_states(prompt_tokens[rows, :width], cache=model.init_cache(prefill_rows, width))
     logits = model.logits(hidden[jnp.arange(prefill_rows), prompt_lengths[rows] - 1][:, None])[:, 0]
-    cache = type(cache)(k=cache.k.at[:, into, :p].set(fresh.k, mode="drop"),
-                        v=cache.v.at[:, into, :p].set(fresh.v, mode="drop"))
-    return (cache, last.at[into].set(logits, mode="drop"), slot_prompt.at[into].set(ids, mode="drop"),
-            slot_count.at[into].set(0, mode="drop"), next_prompt + jnp.sum(placed))
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, p - width), (0, 0), (0, 0)))  # noqa: E731
+    return logits, pad(fresh.k), pad(fresh.v)
+
+  def skip(rows):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(partial(prefill, p), rows))
 
   def cond(carry):
     slot_prompt, next_prompt = carry[2], carry[4]
@@ -189,9 +189,23 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
 
   def body(carry):
     cache, last, slot_prompt, slot_count, next_prompt, tokens, is_end, logprobs, policy_logprobs, counts = carry
-    wanted = jnp.any(slot_prompt == empty) & (next_prompt < n)
-    cache, last, slot_prompt, slot_count, next_prompt = jax.lax.cond(
-        wanted, refill, lambda args: args, (cache, last, slot_prompt, slot_count, next_prompt))
+    # The next prompts go into the lowest free slots. Only the prefill is conditional: the KV cache is
+    # written outside the branch, in place (a branch that took the cache would copy it every step).
+    ids = next_prompt + jnp.arange(prefill_rows)
+    free = slot_prompt == empty
+    target = jnp.argsort(~free, stable=True)[:prefill_rows]  # free slots first, lowest first
+    placed = (ids < n) & free[target]  # a prefix: prompts in order, free slots in order
+    into = jnp.where(placed, target, slots)  # a slot past the last: the write is dropped
+    rows = jnp.minimum(ids, n - 1)
+    needed = jnp.max(jnp.where(placed, prompt_lengths[rows], 1))
+    which = jnp.where(jnp.any(placed), 1 + jnp.searchsorted(jnp.asarray(widths), needed), 0)
+    fresh_logits, fresh_k, fresh_v = jax.lax.switch(which, [skip] + [partial(prefill, w) for w in widths], rows)
+    cache = type(cache)(k=cache.k.at[:, into, :p].set(fresh_k, mode="drop"),
+                        v=cache.v.at[:, into, :p].set(fresh_v, mode="drop"))
+    last = last.at[into].set(fresh_logits, mode="drop")
+    slot_prompt = slot_prompt.at[into].set(ids, mode="drop")
+    slot_count = slot_count.at[into].set(0, mode="drop")
+    next_prompt = next_prompt + jnp.sum(placed)
     active = slot_prompt != empty
     prompt = jnp.minimum(slot_prompt, n - 1)
     token, lp, own = choose(last, slot_count, keys[prompt])
@@ -237,6 +251,23 @@ def generate(model, prompts, *, max_new_tokens, min_new_tokens: int = 0, tempera
   splits the static batch's rows over devices, so that each data-parallel group decodes its own rows
   instead of all of them; every process passes the same prompts. Samples do not depend on it.
   """
+  loop, args, settings = generation_call(model, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                         stop_ids=stop_ids, pad_id=pad_id, seed=seed, prompt_ids=prompt_ids,
+                                         prompt_width=prompt_width, batch_sharding=batch_sharding, slots=slots,
+                                         prefill_rows=prefill_rows)
+  tokens, out_lengths, is_end, logprobs, policy_logprobs = loop(*args, **settings)
+  prompt_lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+  return Rollout(tokens=tokens, prompt_lengths=prompt_lengths, lengths=out_lengths, is_end=is_end, logprobs=logprobs,
+                 policy_logprobs=policy_logprobs)
+
+
+def generation_call(model, prompts, *, max_new_tokens, min_new_tokens: int = 0, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=(), pad_id: int = 0,
+                    seed: int = 0, prompt_ids=None, prompt_width: int = 0, batch_sharding=None, slots: int = 0,
+                    prefill_rows: int = 1) -> tuple:
+  """What ``generate`` calls, uncalled: ``(jitted loop, arguments, static settings)``, so that a caller
+  can lower and compile the loop ahead of running it (``loop.lower(*arguments, **settings)``)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
   limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),))
@@ -268,6 +299,4 @@ def generate(model, prompts, *, max_new_tokens, min_new_tokens: int = 0, tempera
   if slots:
     settings.update(slots=int(slots), prefill_rows=min(int(prefill_rows), int(slots)))
   loop = continuous_arrays if slots else generate_arrays
-  tokens, out_lengths, is_end, logprobs, policy_logprobs = loop(state, *arrays, jax.random.key(seed), **settings)
-  return Rollout(tokens=tokens, prompt_lengths=jnp.asarray(lengths), lengths=out_lengths,
-                 is_end=is_end, logprobs=logprobs, policy_logprobs=policy_logprobs)
+  return loop, (state, *arrays, jax.random.key(seed)), settings
