@@ -63,12 +63,13 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_ppo_over_two_processes_matches_one(tmp_path, reward_run):
+def test_ppo_over_two_processes_matches_one(tmp_path, reward_run, sft_run):
   """Every process computes the whole rollout (generation, reward, values, log-probs) as one program
-  over the job's devices and trains on its rows of each batch: the numbers are one process's."""
-  common = ["--config.model.init=random", f"--config.critic.init=run:{reward_run}",
+  over the job's devices and trains on its rows of each batch: the numbers are one process's. The
+  policy is the fine-tuned tiny one, which ends replies: the actor trains on those."""
+  common = [f"--config.model.init=run:{sft_run}", f"--config.critic.init=run:{reward_run}",
             f"--config.critic.reward_model=run:{reward_run}", "--config.rollout.num_prompts=8",
-            "--config.rollout.micro_batch_size=8", "--config.rollout.max_new_tokens=8",
+            "--config.rollout.micro_batch_size=8", "--config.rollout.max_new_tokens=12",
             "--config.train.global_batch_size=8", "--config.train.micro_batch_size=1",
             "--config.critic.global_batch_size=8", "--config.critic.micro_batch_size=1", "--config.train.max_steps=2",
             "--config.train.save_interval=2", "--config.train.val_check_interval=0"]
