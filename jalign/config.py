@@ -219,6 +219,10 @@ def _validate_model(c, check_files: bool) -> None:
     require(not init.startswith("run:") or (Path(init[4:]) / "config.json").is_file(), "model.init",
             f"{init[4:]} is not a jalign run folder")
     require(not init.startswith("hf:") or Path(init[3:]).is_dir(), "model.init", f"{init[3:]} is not a folder")
+    require(not init.startswith("hf:") or (Path(init[3:]) / "config.json").is_file(), "model.init",
+            f"{init[3:] or repr('')} holds no config.json: not a Hugging Face model folder")
+    if init.startswith("hf:"):
+      _require_json(Path(init[3:]) / "config.json")
     require(not init.startswith("gguf:") or Path(init[5:]).is_file(), "model.init", f"{init[5:]} is not a file")
   if init == "random":
     require(c.model.preset in PRESETS, "model.preset", f"{c.model.preset!r} is not one of {sorted(PRESETS)}")
@@ -226,6 +230,13 @@ def _validate_model(c, check_files: bool) -> None:
     require(c.model[key] in DTYPES, f"model.{key}", f"{c.model[key]!r} is not float32, bfloat16 or float16")
   require(c.tokenizer in ("model", "tiny") or Path(c.tokenizer).is_dir() or not check_files, "tokenizer",
           f"{c.tokenizer!r} is not 'model', 'tiny' or a folder")
+
+
+def _require_json(path: Path) -> None:
+  try:
+    json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def require_training_start(c) -> None:

@@ -18,6 +18,7 @@ from jalign import config_flag as config_flag_lib
 from jalign import specs
 from jalign.data import formats
 from jalign.metrics import MetricsError
+from jalign.models.safetensors_io import CheckpointError
 from jalign.parallel import distributed
 from jalign.recipes import ppo, reinforce, spin, supervised
 from jalign.specs.base import ConfigError
@@ -45,7 +46,7 @@ def main(argv, config_flag):
   distributed.watch_for_failures()
   try:
     run(config, log=print if jax.process_index() == 0 else (lambda *_: None))
-  except (ConfigError, formats.DataError) as e:
+  except (ConfigError, formats.DataError, CheckpointError) as e:  # bad input: a config, data or model file
     distributed.end_job(str(e), 2)
   except (TrainingError, MetricsError) as e:  # a run that went wrong (a NaN loss, a failed save or write)
     distributed.end_job(str(e), 1)

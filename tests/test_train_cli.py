@@ -50,7 +50,14 @@ def test_invalid_config_names_the_key_before_compiling(tmp_path):
 def test_bad_flags_and_config_files_end_in_one_line(tmp_path):
   (tmp_path / "syntax.py").write_text("def get_config(:\n")
   (tmp_path / "broken.py").write_text("from jalign.config import base_config\n\ndef get_config():\n  return 1 / 0\n")
+  (tmp_path / "bad_hf").mkdir()
+  (tmp_path / "bad_hf" / "config.json").write_text("{")
   cases = [
+      ([f"--config.model.init=hf:{tmp_path}"],
+       f"error: config.model.init: {tmp_path} holds no config.json: not a Hugging Face model folder"),
+      ([f"--config.model.init=hf:{tmp_path / 'bad_hf'}"],
+       f"error: {tmp_path / 'bad_hf' / 'config.json'}: not valid JSON (Expecting property name enclosed in double "
+       "quotes: line 1 column 2 (char 1))"),
       (["--config.optimizer.lrr=1"], 'error: --config.optimizer.lrr: no such key \'lrr\' (did you mean "lr" instead of "lrr"?)'),
       (["--config.train.global_batch_size=0"], "error: config.train.global_batch_size: must be at least 1"),
       (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such file"),
