@@ -81,6 +81,19 @@ def row_keys(key, prompt_ids):
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, prompt_ids)
 
 
+def _merged(graphdef, state):
+  """The model of ``state``, merged afresh: NNX modules may not cross into a loop's trace, so each
+  trace level merges its own."""
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+
+
+def _output_tokens(prompt_tokens, prompt_lengths, total: int, pad_id: int):
+  """``[N, total]`` rows holding each prompt (its padding as ``pad_id``), the rest ``pad_id``."""
+  p = prompt_tokens.shape[1]
+  return jnp.full((prompt_tokens.shape[0], total), pad_id, jnp.int32).at[:, :p].set(
+      jnp.where(jnp.arange(p)[None] < prompt_lengths[:, None], prompt_tokens, pad_id))
+
+
 SAMPLING_STATICS = ("graphdef", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "greedy",
                     "stop_ids", "pad_id")
 
@@ -93,21 +106,15 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, ke
   ``prompt_ids[b]``) and limits of new tokens ``[B]`` (at most ``max_new_tokens``), and the call's PRNG
   ``key``; returns ``(tokens, lengths, is_end, logprobs, policy_logprobs)``. Every row keeps its slot
   until the last row stops."""
-  def forward(tokens, positions, cache):
-    # Merged afresh at each trace level: NNX modules may not cross into the loop's trace.
-    fresh = jax.tree.map(lambda x: x, state)
-    return nnx.merge(graphdef, fresh)(tokens, positions=positions, cache=cache)
-
   b, p = prompt_tokens.shape
   total = p + max_new_tokens
   rows = jnp.arange(b)
-  model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  model = _merged(graphdef, state)
   cache = model.init_cache(b, total)
   # The prefill's logits at each row's last prompt token only: a [B,V] projection, not [B,P,V].
   hidden, cache = model.hidden_states(prompt_tokens, cache=cache)
   last = model.logits(hidden[rows, prompt_lengths - 1][:, None])[:, 0]
-  tokens = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(
-      jnp.where(jnp.arange(p)[None] < prompt_lengths[:, None], prompt_tokens, pad_id))
+  tokens = _output_tokens(prompt_tokens, prompt_lengths, total, pad_id)
   logprobs = jnp.zeros((b, total), jnp.float32)
   policy_logprobs = jnp.zeros((b, total), jnp.float32)
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
@@ -131,7 +138,7 @@ def generate_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, ke
     is_end = is_end | (active & hit)
     count = count + active
     done = done | hit | (count >= limits)
-    logits, cache = forward(token[:, None], pos[:, None], cache)
+    logits, cache = _merged(graphdef, state)(token[:, None], positions=pos[:, None], cache=cache)
     return step + 1, logits[:, 0], cache, tokens, done, is_end, logprobs, policy_logprobs, count
 
   done = jnp.zeros((b,), bool)
@@ -149,10 +156,6 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
   slots (up to ``prefill_rows`` prompts at a time, one prefill per decode step), so that a short reply
   frees its slot at once instead of waiting for the longest. A prompt's tokens do not depend on which
   slot it lands in or beside which others it decodes."""
-  def merged():
-    # Merged afresh at each trace level: NNX modules may not cross into the loop's trace.
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
-
   n, p = prompt_tokens.shape
   total = p + max_new_tokens
   empty = n  # what a slot that holds no prompt points at (scatters to it are dropped)
@@ -160,9 +163,8 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
   stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
   choose = partial(choose_tokens, min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, greedy=greedy, stop_ids=stop_ids)
-  tokens = jnp.full((n, total), pad_id, jnp.int32).at[:, :p].set(
-      jnp.where(jnp.arange(p)[None] < prompt_lengths[:, None], prompt_tokens, pad_id))
-  model = merged()
+  tokens = _output_tokens(prompt_tokens, prompt_lengths, total, pad_id)
+  model = _merged(graphdef, state)
   cache = model.init_cache(slots, total)
   last = jnp.zeros((slots, model.config.vocab_size), jnp.float32)
 
@@ -174,7 +176,7 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
     """Logits at the last prompt token of prompts ``rows`` and their keys and values, prefilled at
     ``width`` and padded to the prompts' full width (the padding's positions are rewritten by decoding
     before anything reads them)."""
-    model = merged()
+    model = _merged(graphdef, state)
     hidden, fresh = model.hidden_states(prompt_tokens[rows, :width], cache=model.init_cache(prefill_rows, width))
     logits = model.logits(hidden[jnp.arange(prefill_rows), prompt_lengths[rows] - 1][:, None])[:, 0]
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, p - width), (0, 0), (0, 0)))  # noqa: E731
@@ -218,7 +220,7 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
     is_end = is_end.at[slot_prompt].set(hit, mode="drop")
     slot_count = slot_count + 1
     counts = counts.at[slot_prompt].set(slot_count, mode="drop")
-    logits, cache = merged()(token[:, None], positions=pos[:, None], cache=cache)
+    logits, cache = _merged(graphdef, state)(token[:, None], positions=pos[:, None], cache=cache)
     finished = hit | (slot_count >= limits[prompt])
     slot_prompt = jnp.where(finished, empty, slot_prompt)
     return (cache, logits[:, 0], slot_prompt, slot_count, next_prompt, tokens, is_end, logprobs, policy_logprobs,
@@ -232,12 +234,12 @@ def continuous_arrays(state, prompt_tokens, prompt_lengths, prompt_ids, limits, 
   return tokens, prompt_lengths + counts, is_end, logprobs, policy_logprobs
 
 
-def generate(model, prompts, *, max_new_tokens, min_new_tokens: int = 0, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_ids=(), pad_id: int = 0,
-             seed: int = 0, prompt_ids=None, prompt_width: int = 0, batch_sharding=None, slots: int = 0,
-             prefill_rows: int = 1) -> Rollout:
+def generate(model, prompts, **options) -> Rollout:
   """Generate up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists);
-  ``max_new_tokens`` is one limit or one per prompt.
+  ``max_new_tokens`` is one limit or one per prompt. The options and their defaults are
+  ``generation_call``'s: ``min_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``greedy``,
+  ``stop_ids``, ``pad_id``, ``seed``, ``prompt_ids``, ``prompt_width``, ``batch_sharding``, ``slots``,
+  ``prefill_rows``.
 
   Prompt i samples with ``jax.random.key(seed)`` folded with ``prompt_ids[i]`` (default ``i``): callers
   that split one set of prompts over several calls pass their ids, and a prompt's sample depends on its
@@ -251,11 +253,7 @@ def generate(model, prompts, *, max_new_tokens, min_new_tokens: int = 0, tempera
   splits the static batch's rows over devices, so that each data-parallel group decodes its own rows
   instead of all of them; every process passes the same prompts. Samples do not depend on it.
   """
-  loop, args, settings = generation_call(model, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                         temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                         stop_ids=stop_ids, pad_id=pad_id, seed=seed, prompt_ids=prompt_ids,
-                                         prompt_width=prompt_width, batch_sharding=batch_sharding, slots=slots,
-                                         prefill_rows=prefill_rows)
+  loop, args, settings = generation_call(model, prompts, **options)
   tokens, out_lengths, is_end, logprobs, policy_logprobs = loop(*args, **settings)
   prompt_lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
   return Rollout(tokens=tokens, prompt_lengths=prompt_lengths, lengths=out_lengths, is_end=is_end, logprobs=logprobs,
