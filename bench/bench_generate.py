@@ -111,12 +111,11 @@ def continuous(args):
   t_static, parts = fastest(lambda: [run()[0] for run in batches], args.rounds, warm=False)
   t_flowing, out = fastest(lambda: flowing()[0], args.rounds, warm=False)
   tokens = sum(limits)
-  same = True
-  for i, part in enumerate(parts):
-    for b, row in enumerate(np.asarray(part)[:len(prompts[i * args.slots:(i + 1) * args.slots])]):
-      n = i * args.slots + b
-      end = len(prompts[n]) + limits[n]
-      same &= np.array_equal(row[:end], np.asarray(out)[n, :end])
+  out = np.asarray(out)
+  # Each static batch is as wide as its own longest reply: compare each prompt's row up to its end.
+  ends = [len(p) + limit for p, limit in zip(prompts, limits)]
+  same = all(np.array_equal(np.asarray(parts[n // args.slots])[n % args.slots, :end], out[n, :end])
+             for n, end in enumerate(ends))
   print(f"SmolLM2-135M float32 on {jax.devices()[0].platform}, {len(prompts)} prompts of 37-176 tokens, replies of "
         f"8-256 tokens ({tokens} in all, mean {tokens / len(prompts):.0f}), {args.slots} rows at a time; "
         f"every prompt's tokens equal: {same}")
