@@ -218,11 +218,12 @@ def _validate_model(c, check_files: bool) -> None:
   if check_files:
     require(not init.startswith("run:") or (Path(init[4:]) / "config.json").is_file(), "model.init",
             f"{init[4:]} is not a jalign run folder")
-    require(not init.startswith("hf:") or Path(init[3:]).is_dir(), "model.init", f"{init[3:]} is not a folder")
-    require(not init.startswith("hf:") or (Path(init[3:]) / "config.json").is_file(), "model.init",
-            f"{init[3:] or repr('')} holds no config.json: not a Hugging Face model folder")
     if init.startswith("hf:"):
-      _require_json(Path(init[3:]) / "config.json")
+      folder = Path(init[3:])
+      require(folder.is_dir(), "model.init", f"{init[3:]} is not a folder")
+      require((folder / "config.json").is_file(), "model.init",
+              f"{init[3:] or repr('')} holds no config.json: not a Hugging Face model folder")
+      _require_json(folder / "config.json")
     require(not init.startswith("gguf:") or Path(init[5:]).is_file(), "model.init", f"{init[5:]} is not a file")
   if init == "random":
     require(c.model.preset in PRESETS, "model.preset", f"{c.model.preset!r} is not one of {sorted(PRESETS)}")
