@@ -1,4 +1,4 @@
-"""The local refit of a rollout's generation copy (``jalign.recipes.rollouts.generation_copy``): the
+"""The local refit of a rollout's generation copy (``jalign.rollout.engine.generation_copy``): the
 trained weights, float32 and laid out as training lays them out (fsdp over every device), to the compute
 dtype laid out by the generation rules (tensor only; replicated here, with no tensor axis), LoRA
 adapters folded in when there are any, in one compiled copy. SmolLM2-135M, timed beside its floor:
@@ -45,7 +45,8 @@ def main():
   from jalign.models import gguf
   from jalign.models.pretrained import smollm2_path
   from jalign.parallel import mesh as pmesh
-  from jalign.recipes import build, rollouts
+  from jalign.recipes import build
+  from jalign.rollout import engine
 
   mesh = pmesh.make_mesh({"data": 1, "pipeline": 1, "fsdp": -1, "tensor": 1})
   rules = pmesh.DEFAULT_RULES
@@ -55,7 +56,7 @@ def main():
     model, _ = gguf.load(smollm2_path(), mesh=mesh)
   model = build.algorithm_parts(c, model, mesh, rules)[0]  # with --lora, its adapters placed beside the weights
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  gen_graphdef, refit = rollouts.generation_copy(c, graphdef, (params, rest), mesh, pmesh.inference_rules(rules))
+  gen_graphdef, refit = engine.generation_copy(c, graphdef, (params, rest), mesh, pmesh.inference_rules(rules))
   copy = jax.block_until_ready(refit((params, rest)))  # compiles
   times = []
   for _ in range(args.rounds):

@@ -207,7 +207,7 @@ def ppo_part(shape: Shape, run_dir: Path) -> dict:
     setattr(owner, attribute, call)
 
   critic = rollouts.prepare.critic
-  timing(rollouts, "generation_model", "refit")
+  timing(rollouts, "engine_ready", "refit")
   timing(rollouts, "_generate", "generate")
   timing(rollouts, "logprobs", "log-probs")
   timing(rollouts, "score", "reward")

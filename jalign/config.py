@@ -22,6 +22,7 @@ from jalign.models import lora
 from jalign.models.llama import PRESETS
 from jalign.parallel.logical import logical_to_spec
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
+from jalign.rollout import engine as engine_lib
 from jalign.specs.base import ConfigError, require
 
 ALGORITHMS = specs.ALGORITHMS
@@ -74,7 +75,16 @@ def base_config() -> ml_collections.ConfigDict:
       # A rollout's rows are padded to the smallest multiple of this that holds its longest sample (at
       # most data.max_seq_length), so that its log-prob, value and train passes cost what its replies
       # do; 0: always data.max_seq_length.
-      pad_to_multiple=256))
+      pad_to_multiple=256,
+      # Where the samples come from (jalign.rollout.engine): local (the decode loop in the actor's own
+      # process) or served (the generation server at engine_server, a job of its own started with
+      # python -m jalign.serve --config=<this config> --config.generation.serve=True, refitted with the
+      # actor's weights at every rollout in buckets of refit_bucket_mb, device to device).
+      engine="local",
+      engine_server="",
+      connect_timeout_s=600.0,  # waiting for the generation server to answer at the start
+      refit_bucket_mb=512.0,
+      refit_timeout_s=300.0))   # a refit that has not pulled every bucket by then fails (the old weights serve on)
   # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
   # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
   # The default address leaves 5556-5558 (HTTP, gRPC, metrics) to the critic server's default.
@@ -202,6 +212,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     except ValueError as e:
       raise ConfigError(f"config.lora.targets: {e}") from None
   _validate_data(c, check_files)
+  _validate_engine(c.rollout)
   dp, shape = _validate_mesh(c, device_count)
   _validate_train(c, dp, shape, process_count)
   o = c.optimizer
@@ -209,6 +220,14 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   require(o.min_lr is None or 0 <= o.min_lr <= o.lr, "optimizer.min_lr", "must be within [0, lr]")
   require(o.warmup_steps >= 0 and o.constant_steps >= 0, "optimizer.warmup_steps",
           "warmup_steps and constant_steps must be >= 0")
+
+
+def _validate_engine(r) -> None:
+  require(r.engine in engine_lib.ENGINES, "rollout.engine", f"{r.engine!r} is not one of {tuple(engine_lib.ENGINES)}")
+  require(r.engine != "served" or bool(r.engine_server), "rollout.engine_server",
+          "the served engine needs the generation server's host:port")
+  require(r.refit_bucket_mb > 0 and r.refit_timeout_s > 0 and r.connect_timeout_s > 0, "rollout.refit_bucket_mb",
+          "refit_bucket_mb, refit_timeout_s and connect_timeout_s must be positive")
 
 
 def _validate_model(c, check_files: bool) -> None:

@@ -52,6 +52,7 @@ from jalign.recipes import critic as critic_lib
 from jalign.recipes import reward as reward_lib
 from jalign.recipes import rollouts
 from jalign.recipes import spin as spin_lib
+from jalign.rollout import engine as engine_lib
 from jalign.rollout.generate import continuous_arrays, generate_arrays
 from jalign.specs.base import ROW_FIELDS, ConfigError
 
@@ -298,7 +299,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
 
     # Generation: a copy of the weights in the compute dtype, laid out by the generation rules
     # (default: sharded over tensor only), refitted from the trained ones (LoRA's adapters folded in).
-    gen_rules = rollouts.generation_rules(settings, rules)
+    gen_rules = engine_lib.generation_rules(settings, rules)
     gen_graphdef, gen_weights = job.weights(model, gen_rules, dtype=jnp.dtype(c.model.dtype))
     engine = per_device_bytes(gen_weights)
     rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, gen_rules))  # rounds per rollout

@@ -1,8 +1,10 @@
 """The rollout engine that REINFORCE, rejection sampling and PPO train on, and the policy they train.
 
 A rollout takes the next ``prompts`` prompts of the data (one shuffled order per pass), samples
-``per_prompt`` responses to each from the current policy (the JAX decode loop, on a copy of the weights
-in the compute dtype with any LoRA adapters folded in, refitted once per rollout), scores them with the
+``per_prompt`` responses to each from the current policy (the rollout engine of ``rollout.engine``,
+``jalign.rollout.engine``: the JAX decode loop in this process or in a generation server, on a copy of
+the weights in the compute dtype with any LoRA adapters folded in, refitted once per rollout; each
+rollout logs the ``weight_version`` that generated it and the ``refit_s`` it took), scores them with the
 ``score`` it is given (a reward model, a critic job's reward model) and hands the scored batch to the
 algorithm's ``prepare`` (RLOO advantages, the best samples, PPO's values and GAE), which returns what the
 train step reads (the spec's fields, and no more). The batch is shuffled into global batches for the
@@ -23,9 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jalign import config as config_lib
 from jalign import run_folder, specs, trainer
@@ -34,10 +34,10 @@ from jalign.data.packing import build_row
 from jalign.data.prompts import encode_prompts
 from jalign.data.sft import _example
 from jalign.losses import offpolicy, rloo
-from jalign.models import lora
 from jalign.parallel import mesh as pmesh
 from jalign.recipes import build
-from jalign.rollout.generate import generate
+from jalign.rollout import engine as engine_lib
+from jalign.rollout.sampling import Request
 from jalign.specs import RolloutSettings
 from jalign.specs.base import message_format
 
@@ -70,9 +70,9 @@ class Rollouts:
     # Generation reads a copy of the weights in the compute dtype laid out by these rules (default:
     # sharded over tensor only, so a decode step gathers no weights), refitted once per rollout; kept
     # between rollouts unless settings.unload_engine_train (what the planner counts).
-    self.generation_rules = None if mesh is None else generation_rules(settings, rules)
-    self._generation_copy = None  # (step, model)
-    self._refit = None  # the compiled copy that makes it
+    self.generation_rules = None if mesh is None else engine_lib.generation_rules(settings, rules)
+    self.engine = None  # made once the trainer exists
+    self.version = None  # of the weights that generated the latest rollout
     # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
     turn = tok.encode(message_format(c).turn_start, add_special_tokens=False)
     self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
@@ -107,25 +107,19 @@ class Rollouts:
   def rollout(self) -> list[dict]:
     with self._optimizer_away():
       batches = self._rollout()
-    if self.r.unload_engine_train:
-      self._generation_copy = None
+    if self.r.unload_engine_train and self.engine is not None:
+      self.engine.release()
     return batches
 
-  def generation_model(self):
-    """The policy generation runs: the trainer's current weights, or their generation copy (refitted
-    when the weights have changed since it was made)."""
-    if self.generation_rules is None:
-      return self.loop.model()
-    step = int(jax.device_get(self.loop.state.step))
-    if self._generation_copy is None or self._generation_copy[0] != step:
-      self._generation_copy = None  # its memory goes before the refit takes more
-      state = self.loop.state
-      weights = (state.params, state.rest)
-      if self._refit is None:
-        self._refit = generation_copy(self.c, self.loop.graphdef, weights, self.mesh, self.generation_rules)
-      graphdef, refit = self._refit
-      self._generation_copy = (step, nnx.merge(graphdef, refit(weights)))
-    return self._generation_copy[1]
+  def engine_ready(self):
+    """The rollout engine (``config.rollout.engine``), given the trainer's current weights (a refit when
+    they changed since it last had them)."""
+    if self.engine is None:
+      self.engine = engine_lib.make_engine(self.c, self.loop.graphdef, self.mesh, self.rules, self.generation_rules,
+                                           log=self.log)
+    state = self.loop.state
+    self.engine.update_weights(int(jax.device_get(state.step)), (state.params, state.rest))
+    return self.engine
 
   def _rollout(self) -> list[dict]:
     step = int(jax.device_get(self.loop.state.step))
@@ -146,7 +140,9 @@ class Rollouts:
     batch["engine_logprobs"] = engine
     rewards = self.score(examples)
     stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
-             "fraction_ended": float(np.mean(is_end))}
+             "fraction_ended": float(np.mean(is_end)), "weight_version": self.version}
+    if self.engine.refit_seconds is not None:
+      stats["refit_s"] = self.engine.refit_seconds
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
     self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
     batch = self.prepared = self.prepare(self, batch, stats, step)
@@ -169,36 +165,17 @@ class Rollouts:
 
   def _generate(self, prompts, *, seed):
     """Responses (token lists, the stop token included when there is one), ``is_end``, and the engine's
-    log-prob of each response token under its model's own softmax (arrays of the responses' lengths).
-    Prompt i samples with the seed folded with i, however the prompts are batched."""
-    model = self.generation_model()
-    size = self.generate_batch
-    # Each data-parallel group decodes its own rows of a batch (all of them when they do not divide).
-    rules = self.generation_rules or self.rules
-    groups = pmesh.data_parallel_size(self.mesh, rules) if self.mesh is not None else 1
-    rows = pmesh.batch_sharding(self.mesh, rules) if self.mesh is not None and size % groups == 0 else None
-    settings = dict(max_new_tokens=self.max_new, min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature,
-                    top_k=self.r.top_k, top_p=self.r.top_p, stop_ids=self.stop_ids, pad_id=self.pad, seed=seed,
-                    prompt_width=self.width)
-    if self.c.rollout.continuous_batching:  # every prompt in one call, ``size`` rows decoding at once
-      calls = [(prompts, np.arange(len(prompts)), dict(slots=size, prefill_rows=groups))]
-    else:  # batches of ``size`` (the last filled up with copies of its first prompt: one compiled shape)
-      calls = []
-      for start in range(0, len(prompts), size):
-        chunk = prompts[start:start + size]
-        ids = np.arange(start, start + size)
-        calls.append((chunk + [chunk[0]] * (size - len(chunk)), ids, dict(batch_sharding=rows)))
-    responses, ended, sampled = [], [], []
-    for chunk, ids, how in calls:
-      with pmesh.use(self.mesh, rules):  # the continuous loop's slots over the data-parallel groups
-        out = generate(model, chunk, prompt_ids=ids, **settings, **how)
-      kept = min(len(chunk), len(prompts) - len(responses))
-      replies = out.responses()[:kept]
-      responses += replies
-      ended += pmesh.fetch(out.is_end)[:kept].tolist()
-      logprobs = pmesh.fetch(out.policy_logprobs)
-      sampled += [logprobs[b, len(p):len(p) + len(r)] for b, (p, r) in enumerate(zip(chunk, replies))]
-    return responses, np.asarray(ended, bool), sampled
+    log-prob of each response token under its model's own softmax (arrays of the responses' lengths),
+    from the engine given the current weights. Prompt i samples with the seed folded with i, however the
+    prompts are batched."""
+    engine = self.engine_ready()
+    request = Request(max_new_tokens=self.max_new, min_new_tokens=self.r.min_new_tokens,
+                      temperature=self.r.temperature, top_k=self.r.top_k, top_p=self.r.top_p,
+                      stop_ids=self.stop_ids, pad_id=self.pad, seed=seed, prompt_width=self.width,
+                      rows=self.generate_batch, continuous=bool(self.c.rollout.continuous_batching))
+    out = engine.generate(prompts, request)
+    self.version = out.version
+    return out.responses, out.is_end, out.logprobs
 
   def logprobs(self, batch):
     """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's,
@@ -234,29 +211,6 @@ def row_width(longest: int, max_seq_length: int, multiple: int) -> int:
   if not multiple:
     return max_seq_length
   return min(max_seq_length, -(-longest // multiple) * multiple)
-
-
-def generation_rules(settings: RolloutSettings, rules):
-  """The rules of the generation copy of the weights: the settings', or by default the training
-  ``rules`` sharded over tensor only."""
-  return settings.generation_rules or pmesh.inference_rules(rules)
-
-
-def generation_copy(c, graphdef, weights, mesh, rules):
-  """The refit: ``(graphdef, jitted copy)``. The copy takes weights like ``weights`` (the trainer's
-  parameters and the rest of model ``graphdef``) to the state of their generation copy, the model of
-  the returned graphdef: LoRA adapters folded into their kernels, cast to ``model.dtype``, laid out by
-  the generation ``rules``, in one compiled copy, shard to shard."""
-  dtype = jnp.dtype(c.model.dtype)
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-
-  def plain(w):
-    model = nnx.merge(graphdef, *w, copy=True)
-    return lora.merge_lora(model) if lora.has_lora(model) else model
-
-  copy = lambda w: jax.tree.map(cast, nnx.state(plain(w)))  # noqa: E731
-  shardings = pmesh.tree_shardings(jax.eval_shape(copy, weights), mesh, rules)
-  return nnx.graphdef(nnx.eval_shape(lambda: plain(weights))), jax.jit(copy, out_shardings=shardings)
 
 
 def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> list[list[int]]:

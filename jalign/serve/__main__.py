@@ -31,7 +31,7 @@ from jalign.serve import triton
 
 # What a server's calls make each job do, which every process of a server job repeats.
 CRITIC_CALLS = ("values", "rewards", "train", "save", "wait", "restore")
-GENERATION_CALLS = ("generate",)
+GENERATION_CALLS = ("generate", "rollout")
 
 
 def _serves_critic(c) -> bool:

@@ -104,10 +104,11 @@ def test_actor_and_critic_checkpoint_and_resume_together(tmp_path, reward_run, s
 
   def recording(self, prompts, *, seed):
     kinds = frozenset(leaf.sharding.memory_kind for leaf in jax.tree.leaves(self.loop.state.opt_state))
-    copy = self.generation_model().layers.attn.q_proj.get_value().sharding.spec
+    out = generate(self, prompts, seed=seed)
+    copy = self.engine.model.layers.attn.q_proj.get_value().sharding.spec
     trained = self.loop.state.params["layers"]["attn"]["q_proj"].get_value().sharding.spec
     seen.add((kinds, tuple(copy), tuple(trained)))
-    return generate(self, prompts, seed=seed)
+    return out
   monkeypatch.setattr(rollouts.Rollouts, "_generate", recording)
 
   def config(*args, **overrides):  # this test's mesh: data 2, fsdp 2, tensor 2
@@ -188,15 +189,16 @@ def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_raises_
   off, is the KL's initial policy), generation reads a plain copy with the adapters folded into its
   kernels, and the mean reward of the rollouts (a reward model that learned the bundled facts) rises."""
   seen = []
-  generation_model = rollouts.Rollouts.generation_model
+  engine_ready = rollouts.Rollouts.engine_ready
 
   def compared(self):
-    copy, policy = generation_model(self), self.loop.model()
+    engine = engine_ready(self)
+    copy, policy = engine.model, self.loop.model()
     tokens = jax.numpy.asarray([[5, 17, 42, 99, 3, 250, 7, 64]])
     gap = float(jax.numpy.abs(copy(tokens) - policy(tokens)).max())
     seen.append((lora.has_lora(copy), lora.has_lora(policy), gap, self.loop))
-    return copy
-  monkeypatch.setattr(rollouts.Rollouts, "generation_model", compared)
+    return engine
+  monkeypatch.setattr(rollouts.Rollouts, "engine_ready", compared)
 
   steps = 40  # 20 rollouts, each of half the 32 validation prompts: every two see the same prompts
   c = ppo_config(tmp_path, facts_reward_run, sft_run, **{

@@ -20,7 +20,9 @@ from jalign import config as config_lib
 from jalign import trainer
 from jalign.config import load_config_file
 from jalign.recipes import critic as critic_lib
-from jalign.recipes import rollouts
+from jalign.recipes import ppo, reinforce, rollouts
+from jalign.rollout import engine as engine_lib
+from jalign.rollout.sampling import Request
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
 from jalign.rollout import generate
@@ -303,3 +305,58 @@ def _listening(port) -> bool:
       return True
     except ConnectionRefusedError:
       return False
+
+
+def _engine_run(algorithm, c):
+  """A rollout algorithm's run of ``c``: its losses, each rollout's samples and rollout metrics, and its
+  rollouts (their engine as the run left it)."""
+  build = {"reinforce": reinforce.build, "ppo": ppo.build}[algorithm]
+  loop, rollouts_ = build(c, log=quiet)
+  sampled, make = [], rollouts_.rollout
+
+  def rollout():
+    batches = make()
+    sampled.append(rollouts_.last["tokens"])
+    return batches
+  rollouts_.rollout = rollout
+  loop.run()
+  logged = [json.loads(line) for line in open(os.path.join(c.run_dir, "metrics.jsonl"))]
+  return loop.losses, sampled, [r for r in logged if r["split"] == "rollout"], rollouts_
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo"])
+def test_the_served_engine_samples_and_trains_as_the_local_one(server, tmp_path, reward_run, sft_run, algorithm):
+  """The module's server as a rollout engine refitted from this process at every rollout: the same
+  samples and losses as the local engine, each rollout recording the weights' version that made it,
+  and after a refit the server's greedy tokens are the new weights' own."""
+  address, values = server
+  common = {"train.max_steps": 4, "train.save_interval": 0, "train.val_check_interval": 0,
+            "rollout.engine_server": address, "rollout.refit_bucket_mb": 0.25}  # tiny: several buckets
+  if algorithm == "ppo":  # an in-process critic: the server is the engine only
+    settings = {**values, **common, "generation.serve": False}
+  else:
+    settings = {"model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}",
+                "rollout.num_prompts": 4, "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 16,
+                "rollout.max_new_tokens": 12, "train.global_batch_size": 8, "train.micro_batch_size": 1, **common}
+  runs = {}
+  for engine in ("local", "served"):
+    c = load_config_file(ROOT / "configs" / f"{algorithm}_tiny.py",
+                         {**settings, "run_dir": str(tmp_path / engine), "rollout.engine": engine})
+    runs[engine] = _engine_run(algorithm, c)
+  (local_losses, local_samples, local_rows, _), (losses, samples, rows, rollouts_) = runs["local"], runs["served"]
+  assert sorted(losses) == [1, 2, 3, 4]
+  np.testing.assert_allclose([losses[s] for s in sorted(losses)], [local_losses[s] for s in sorted(losses)],
+                             rtol=0, atol=1e-6)
+  assert len(samples) == 2 and all(np.array_equal(a, b) for a, b in zip(samples, local_samples))
+  assert [r["weight_version"] for r in rows] == [r["weight_version"] for r in local_rows] == [0, 2]
+  assert rows[1]["refit_s"] > 0
+  # Refitted to the trained weights: the server's greedy replies are those of the weights in this process.
+  engine = rollouts_.engine_ready()
+  assert engine.version == 4
+  local = engine_lib.LocalEngine(rollouts_.c, rollouts_.loop.graphdef, rollouts_.mesh, rollouts_.rules,
+                                 rollouts_.generation_rules)
+  local.update_weights(4, (rollouts_.loop.state.params, rollouts_.loop.state.rest))
+  request = Request(max_new_tokens=10, greedy=True, stop_ids=rollouts_.stop_ids, rows=8,
+                    prompt_width=rollouts_.width)
+  prompts = rollouts_.prompts[:8]
+  assert engine.generate(prompts, request).responses == local.generate(prompts, request).responses
