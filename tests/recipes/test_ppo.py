@@ -216,8 +216,9 @@ def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_raises_
   rollout_rows = [r for r in rows if r["split"] == "rollout"]
   assert rollout_rows[0]["init_policy_kl"] == 0.0 and rollout_rows[-1]["init_policy_kl"] > 0.0
   rewards = [r["reward"] for r in rollout_rows]
-  # Scores spread over about +-2.5; with seeds 0, 1, 2 the rise was 0.5, 1.3 and 0.8.
-  assert np.mean(rewards[-5:]) > np.mean(rewards[:3]) + 0.3, rewards
+  # Scores spread over about +-2.5; the rise of the last quarter's mean over the first's was 0.5 on
+  # this machine (the last five over the first three: 0.5, 1.3 and 0.8 with seeds 0, 1, 2 on another).
+  assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3, rewards
   # The checkpoint holds the adapters and their optimizer state, no base weight.
   metadata = json.loads((tmp_path / "ppo" / "checkpoints" / str(steps) / "state" / "_METADATA").read_text())
   weights = [key for key, value in metadata["tree_metadata"].items()
