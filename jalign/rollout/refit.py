@@ -109,13 +109,14 @@ class Pulled:
 
 
 def _pull(connection, uuid: int, specs: list, deadline: float):
-  """One bucket, or ``RefitError`` when it fails or is not there by ``deadline`` (a pull of an offer
-  that never comes does not return: it is left waiting in a thread of its own)."""
+  """One bucket, landed, or ``RefitError`` when it fails or is not there by ``deadline`` (a pull's arrays
+  come before their bytes, and those of an offer that never comes never do: the wait is left in a
+  thread of its own)."""
   outcome = {}
 
   def run():
     try:
-      outcome["arrays"] = connection.pull(uuid, specs)
+      outcome["arrays"] = jax.block_until_ready(connection.pull(uuid, specs))
     except Exception as e:  # noqa: BLE001 - handed to the caller's thread
       outcome["error"] = e
   thread = threading.Thread(target=run, name=f"refit:{uuid}", daemon=True)

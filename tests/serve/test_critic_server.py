@@ -5,6 +5,7 @@ generation. (How a server job of several processes drives its followers: tests/p
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -22,15 +24,17 @@ from jalign.config import load_config_file
 from jalign.recipes import critic as critic_lib
 from jalign.recipes import ppo, reinforce, rollouts
 from jalign.rollout import engine as engine_lib
+from jalign.rollout import refit
 from jalign.rollout.sampling import Request
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
 from jalign.rollout import generate
 from jalign.serve.critic import RemoteCritic
 from jalign.serve.generation import RemoteGenerator
+from jalign.serve.triton import ServeError
 from jalign.recipes.build import build_model, build_tokenizer
 from jalign.train import run
-from tests.conftest import ROOT, launch_job, run_job
+from tests.conftest import CPU_XLA_FLAGS, ROOT, launch_job, run_job
 from tests.conftest import quiet
 
 
@@ -68,11 +72,12 @@ def ppo_args(values) -> list[str]:
   return [f"--config={ROOT / 'configs' / 'ppo_tiny.py'}", *(f"--config.{key}={value}" for key, value in values.items())]
 
 
-def start_server(values):
-  """``python -m jalign.serve`` of ppo_tiny with ``values``, once it serves: ``(process, its output lines)``."""
+def start_server(values, lines=None):
+  """``python -m jalign.serve`` of ppo_tiny with ``values``, once it serves: ``(process, its output lines)``
+  (``lines``, when given, gets them)."""
   (process,) = launch_job("jalign.serve", ppo_args(values), 1, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
-  lines, ready = [], threading.Event()
+  lines, ready = ([] if lines is None else lines), threading.Event()
 
   def read():
     for line in process.stdout:
@@ -87,12 +92,16 @@ def start_server(values):
   return process, lines
 
 
+SERVER_OUTPUT: list[str] = []  # the module server's lines
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, reward_run, sft_run):
   """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
   address = f"127.0.0.1:{free_port_block()}"
   values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
-  process, lines = start_server(values)
+  SERVER_OUTPUT.clear()
+  process, lines = start_server(values, SERVER_OUTPUT)
   try:
     yield address, values
   finally:
@@ -360,3 +369,71 @@ def test_the_served_engine_samples_and_trains_as_the_local_one(server, tmp_path,
                     prompt_width=rollouts_.width)
   prompts = rollouts_.prompts[:8]
   assert engine.generate(prompts, request).responses == local.generate(prompts, request).responses
+
+
+# An actor that hands its generation server the first bucket of a refit (weights changed by +0.5) and
+# then stops answering: the test kills it while the server waits for the second.
+_HALF_REFIT = """
+import json, sys
+import jax, jax.numpy as jnp
+from jalign.config import load_config_file
+from jalign.recipes.generation import GenerationJob
+from jalign.rollout import refit
+from jalign.serve.generation import RemoteGenerator
+from jalign.serve.triton import ServeError
+
+config, values, address = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+job = GenerationJob(load_config_file(config, values), log=lambda *a, **k: None)
+shift = lambda x: jax.jit(lambda y: y + 0.5, out_shardings=x.sharding)(x)
+state = jax.tree_util.tree_unflatten(job.treedef, [shift(x) for x in job.weights])
+
+class FirstBucketOnly:
+  def __init__(self, server):
+    self.server, self.offered = server, 0
+  def await_pull(self, uuid, arrays):
+    if not self.offered:
+      self.server.await_pull(uuid, arrays)
+    self.offered += 1
+
+offer = refit.Offer(address)
+offer.server = FirstBucketOnly(offer.server)
+manifest = offer.offer(state, 999, 1 << 16)
+print("offered", len(manifest["buckets"]), flush=True)
+RemoteGenerator(address).refit(manifest, timeout_s=120)
+"""
+
+
+def test_a_refit_cut_off_midway_leaves_the_server_serving_the_weights_it_had(server):
+  address, values = server
+  remote = RemoteGenerator(address)
+  c = load_config_file(ROOT / "configs" / "ppo_tiny.py", values)
+  tok = build_tokenizer(c, build_model(c)[1])
+  prompts = [tok.encode(t, add_special_tokens=c.data.add_bos) for t in ("Name a colour.", "Hi", "Count to three.")]
+  request = Request(max_new_tokens=8, greedy=True, rows=8)
+  before = remote.rollout(prompts, request)
+  # A manifest that does not fit the served model is refused before anything moves.
+  job_weights = [dict(w) for w in refit.describe(jax.tree_util.tree_flatten_with_path(
+      {"w": jax.numpy.zeros((3, 5))})[0])]
+  with pytest.raises(ServeError, match=r"refit to version 7 failed: the actor sends 1 weights, this server's model "
+                                       rf"has \d+; serving version {before.version}"):
+    remote.refit({"version": 7, "address": "127.0.0.1:1", "weights": job_weights, "mesh": {}, "buckets": []},
+                 timeout_s=5)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}")
+  actor = subprocess.Popen([sys.executable, "-c", _HALF_REFIT, str(ROOT / "configs" / "ppo_tiny.py"),
+                            json.dumps(values), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    line = actor.stdout.readline()
+    assert line.startswith("offered "), line + actor.stdout.read()[-3000:]
+    assert int(line.split()[1]) > 2
+    time.sleep(3)  # the server has the first bucket and waits for the second
+  finally:
+    actor.kill()
+    actor.wait()
+  after = remote.rollout(prompts, request)
+  said = [line for line in SERVER_OUTPUT if line.startswith("refit to version 999 failed")]
+  assert len(said) == 1 and re.fullmatch(r"refit to version 999 failed: a pull failed \(.*Connection closed.*\); "
+                                         rf"serving version {before.version}\n", said[0]), SERVER_OUTPUT[-10:]
+  assert after.version == before.version != 999
+  assert after.responses == before.responses
+  np.testing.assert_array_equal(np.concatenate(after.logprobs), np.concatenate(before.logprobs))
