@@ -22,7 +22,6 @@ from jalign.models import lora
 from jalign.models.llama import PRESETS
 from jalign.parallel.logical import logical_to_spec
 from jalign.parallel.mesh import DEFAULT_RULES, mesh_shape
-from jalign.rollout import engine as engine_lib
 from jalign.specs.base import ConfigError, require
 
 ALGORITHMS = specs.ALGORITHMS
@@ -84,7 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
       engine_server="",
       connect_timeout_s=600.0,  # waiting for the generation server to answer at the start
       refit_bucket_mb=512.0,
-      refit_timeout_s=300.0))   # a refit that has not pulled every bucket by then fails (the old weights serve on)
+      refit_timeout_s=300.0,    # a refit that has not pulled every bucket by then fails (the old weights serve on)
+      # 1 (served engine): rollout k+1 generates while the actor trains on rollout k, with the weights of
+      # rollout k's start; the policy loss's importance ratio divides by the engine's log-probs (the
+      # behaviour policy). 0: each rollout generates with the weights that then train on it.
+      max_staleness=0))
   # python -m jalign.serve with generation.serve: config.model (the policy, with the config's tokenizer)
   # served for generation (jalign.serve.generation), on a ppo config's critic server, else at serve_address.
   # The default address leaves 5556-5558 (HTTP, gRPC, metrics) to the critic server's default.
@@ -223,9 +226,11 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
 
 
 def _validate_engine(r) -> None:
-  require(r.engine in engine_lib.ENGINES, "rollout.engine", f"{r.engine!r} is not one of {tuple(engine_lib.ENGINES)}")
   require(r.engine != "served" or bool(r.engine_server), "rollout.engine_server",
           "the served engine needs the generation server's host:port")
+  require(r.max_staleness in (0, 1), "rollout.max_staleness", f"{r.max_staleness} is not 0 or 1")
+  require(not r.max_staleness or r.engine == "served", "rollout.max_staleness",
+          "generating the next rollout while the actor trains needs rollout.engine='served'")
   require(r.refit_bucket_mb > 0 and r.refit_timeout_s > 0 and r.connect_timeout_s > 0, "rollout.refit_bucket_mb",
           "refit_bucket_mb, refit_timeout_s and connect_timeout_s must be positive")
 

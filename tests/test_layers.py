@@ -17,7 +17,7 @@ LAYERS = [
     ("specs",),
     ("config", "config_flag", "optim"),
     ("trainer", "checkpoints", "metrics", "run_folder", "rollout"),
-    ("serve.critic", "serve.generation", "serve.triton"),
+    ("serve.critic", "serve.engine", "serve.generation", "serve.triton"),
     ("recipes",),
     ("train", "plan", "score", "export", "distill", "steerlm", "demo", "report", "cli", "serve.__main__"),
 ]

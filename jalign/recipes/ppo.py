@@ -70,7 +70,8 @@ class GAEAdvantages:
     else:
       report(self.critic.train(critic_batch))
     # A response cut off by the length limit trains the critic only (NeMo's is_end mask).
-    batch.update(mask=mask * batch["is_end"][:, None], old_logprobs=old.astype(np.float32),
+    batch.update(mask=mask * batch["is_end"][:, None],
+                 old_logprobs=np.asarray(rollouts.behaviour_logprobs(batch, old), np.float32),
                  advantages=np.asarray(advantages, np.float32))
     return batch
 

@@ -19,8 +19,10 @@ devices; each data-parallel group decodes its own rows) and hands the trainer it
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,11 +40,15 @@ from jalign.parallel import mesh as pmesh
 from jalign.recipes import build
 from jalign.rollout import engine as engine_lib
 from jalign.rollout.sampling import Request
+from jalign.serve.engine import ServedEngine
 from jalign.specs import RolloutSettings
-from jalign.specs.base import message_format
+from jalign.specs.base import ConfigError, message_format
 
 # (rollouts, scored batch, statistics to add to, step) -> the batch the train step reads
 Prepare = Callable[["Rollouts", dict, dict, int], dict]
+
+# config.rollout.engine -> the engine rollouts generate with
+ENGINES = {"local": engine_lib.LocalEngine, "served": ServedEngine}
 
 
 class Rollouts:
@@ -73,6 +79,10 @@ class Rollouts:
     self.generation_rules = None if mesh is None else engine_lib.generation_rules(settings, rules)
     self.engine = None  # made once the trainer exists
     self.version = None  # of the weights that generated the latest rollout
+    # rollout.max_staleness 1: the next rollout generates (on the served engine) while the actor trains
+    # on this one, with the weights of this one's start; (index, its samples when they come).
+    self.max_staleness = int(c.rollout.max_staleness)
+    self._next: tuple[int, concurrent.futures.Future] | None = None
     # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
     turn = tok.encode(message_format(c).turn_start, add_special_tokens=False)
     self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
@@ -115,20 +125,57 @@ class Rollouts:
     """The rollout engine (``config.rollout.engine``), given the trainer's current weights (a refit when
     they changed since it last had them)."""
     if self.engine is None:
-      self.engine = engine_lib.make_engine(self.c, self.loop.graphdef, self.mesh, self.rules, self.generation_rules,
-                                           log=self.log)
+      self.engine = ENGINES[self.c.rollout.engine](self.c, self.loop.graphdef, self.mesh, self.rules,
+                                                   self.generation_rules, log=self.log)
     state = self.loop.state
     self.engine.update_weights(int(jax.device_get(state.step)), (state.params, state.rest))
     return self.engine
 
+  def _rollout_prompts(self, index: int) -> tuple[list, np.ndarray]:
+    """Rollout ``index``'s prompts, each repeated for its samples, and their group ids."""
+    k = self.r.per_prompt
+    chosen = self._prompt_indices(index)
+    return [self.prompts[i] for i in chosen for _ in range(k)], np.repeat(np.arange(len(chosen)), k)
+
+  def _seed(self, index: int) -> int:
+    return self.c.seed + 7919 * index
+
+  def _samples_of(self, index: int) -> tuple:
+    """Rollout ``index``'s samples from the engine as it is, and their weights' version."""
+    prompts = self._rollout_prompts(index)[0]
+    samples = self.engine.generate(prompts, self._request(self._seed(index)))
+    return samples.responses, samples.is_end, samples.logprobs, samples.version
+
+  @staticmethod
+  def _in_background(fn, *args) -> concurrent.futures.Future:
+    """``fn(*args)`` in a daemon thread (a rollout left generating must not hold the process at exit)."""
+    future = concurrent.futures.Future()
+
+    def run():
+      try:
+        future.set_result(fn(*args))
+      except BaseException as e:  # noqa: BLE001 - raised where the result is asked for
+        future.set_exception(e)
+    threading.Thread(target=run, name="next-rollout", daemon=True).start()
+    return future
+
+  def _settle(self) -> None:
+    """Waits for a rollout generating in the background: the engine is then free to be refitted."""
+    if self._next is not None:
+      concurrent.futures.wait([self._next[1]])
+
   def _rollout(self) -> list[dict]:
     step = int(jax.device_get(self.loop.state.step))
     index = step // self.steps_per_rollout
-    k = self.r.per_prompt
-    chosen = self._prompt_indices(index)
-    prompts = [self.prompts[i] for i in chosen for _ in range(k)]
-    group_ids = np.repeat(np.arange(len(chosen)), k)
-    responses, is_end, sampled = self._generate(prompts, seed=self.c.seed + 7919 * index)
+    prompts, group_ids = self._rollout_prompts(index)
+    if self._next is not None and self._next[0] == index:  # generated while the last rollout trained
+      responses, is_end, sampled, self.version = self._next[1].result()
+    else:
+      responses, is_end, sampled = self._generate(prompts, seed=self._seed(index))
+    self._next = None
+    if self.max_staleness:  # the next rollout, with the weights of now, while this one trains
+      self.engine_ready()
+      self._next = (index + 1, self._in_background(self._samples_of, index + 1))
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
     width = row_width(max(len(p) + len(r) for p, r in zip(prompts, responses)), self.c.data.max_seq_length,
                       self.c.rollout.pad_to_multiple)
@@ -168,14 +215,16 @@ class Rollouts:
     log-prob of each response token under its model's own softmax (arrays of the responses' lengths),
     from the engine given the current weights. Prompt i samples with the seed folded with i, however the
     prompts are batched."""
-    engine = self.engine_ready()
-    request = Request(max_new_tokens=self.max_new, min_new_tokens=self.r.min_new_tokens,
-                      temperature=self.r.temperature, top_k=self.r.top_k, top_p=self.r.top_p,
-                      stop_ids=self.stop_ids, pad_id=self.pad, seed=seed, prompt_width=self.width,
-                      rows=self.generate_batch, continuous=bool(self.c.rollout.continuous_batching))
-    out = engine.generate(prompts, request)
+    self._settle()
+    out = self.engine_ready().generate(prompts, self._request(seed))
     self.version = out.version
     return out.responses, out.is_end, out.logprobs
+
+  def _request(self, seed: int) -> Request:
+    return Request(max_new_tokens=self.max_new, min_new_tokens=self.r.min_new_tokens, temperature=self.r.temperature,
+                   top_k=self.r.top_k, top_p=self.r.top_p, stop_ids=self.stop_ids, pad_id=self.pad, seed=seed,
+                   prompt_width=self.width, rows=self.generate_batch,
+                   continuous=bool(self.c.rollout.continuous_batching))
 
   def logprobs(self, batch):
     """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's,
@@ -197,6 +246,11 @@ class Rollouts:
     stats.update(offpolicy.logprob_gap(engine, old, mask))
     if self.tis_cap:
       batch["tis_weights"] = offpolicy.tis_weights(engine, old, mask, self.tis_cap)
+
+  def behaviour_logprobs(self, batch: dict, old):
+    """The log-probs an importance ratio divides by: the trainer's ``old`` ones of the weights that
+    sampled the rollout, or with ``rollout.max_staleness`` the engine's, whose weights are older."""
+    return batch["engine_logprobs"] if self.max_staleness else old
 
 
 def generation_rows(settings: RolloutSettings, data_parallel: int) -> int:
@@ -248,6 +302,8 @@ class Policy:
 def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
   """The run folder, the policy of ``config.model``, its prompts and optimizer state; with ``with_kl``
   the log-prob passes of the initial and current policy."""
+  if c.rollout.engine not in ENGINES:
+    raise ConfigError(f"config.rollout.engine: {c.rollout.engine!r} is not one of {tuple(ENGINES)}")
   mesh, rules, _ = build.prepare_run(c)
   model, own = build.build_model(c, mesh, rules)
   model = build.algorithm_parts(c, model, mesh, rules)[0]  # config.lora's adapters, which alone then train
