@@ -42,6 +42,7 @@ class ServedEngine:
     self.refit_timeout_s = float(c.rollout.refit_timeout_s)
     self.version = None
     self.refit_seconds = None  # the last refit's: copy, offer and the server's pulls
+    self.pulled = None  # the server's answer to the last refit: version, buckets, bytes, seconds
 
   def update_weights(self, version: int, weights) -> None:
     if self.version == version:
@@ -54,7 +55,7 @@ class ServedEngine:
     if answer["version"] != version:
       raise TrainingError(f"generation server {self.client.url} serves version {answer['version']} after a refit "
                           f"to {version}")
-    self.version = version
+    self.version, self.pulled = version, answer
     self.refit_seconds = time.perf_counter() - began
 
   def generate(self, prompts, request: Request) -> Samples:

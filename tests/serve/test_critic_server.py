@@ -1,20 +1,18 @@
 """The critic server: ``python -m jalign.serve`` in a process of its own on loopback, against the
 in-process critic job it serves, and PPO trained through it with checkpoints and resume, from one actor
 process and from two; the policy served for generation on the same server, against in-process
-generation. (How a server job of several processes drives its followers: tests/parallel.)"""
+generation. (How a server job of several processes drives its followers: tests/parallel; the
+generation server as a rollout engine: test_served_engine.)"""
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -22,40 +20,17 @@ from jalign import config as config_lib
 from jalign import trainer
 from jalign.config import load_config_file
 from jalign.recipes import critic as critic_lib
-from jalign.recipes import ppo, reinforce, rollouts
-from jalign.rollout import engine as engine_lib
-from jalign.rollout import refit
-from jalign.rollout.sampling import Request
+from jalign.recipes import rollouts
 from jalign.data.packing import build_row
 from jalign.data.sft import Example
 from jalign.rollout import generate
 from jalign.serve.critic import RemoteCritic
 from jalign.serve.generation import RemoteGenerator
-from jalign.serve.triton import ServeError
 from jalign.recipes.build import build_model, build_tokenizer
 from jalign.train import run
-from tests.conftest import CPU_XLA_FLAGS, ROOT, launch_job, run_job
+from tests.conftest import ROOT, launch_job, run_job
 from tests.conftest import quiet
-
-
-def free_port_block(n=3) -> int:
-  """A port p with p .. p+n-1 free on loopback (Triton takes HTTP, gRPC and metrics ports)."""
-  for _ in range(50):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    if port + n < 65536 and all(_free(port + i) for i in range(n)):
-      return port
-  raise RuntimeError("no free block of ports")
-
-
-def _free(port) -> bool:
-  with socket.socket() as s:
-    try:
-      s.bind(("127.0.0.1", port))
-      return True
-    except OSError:
-      return False
+from tests.serve.servers import free_port_block, ppo_args, start_server
 
 
 def overrides(run_dir, reward_run, sft_run, address):
@@ -67,41 +42,12 @@ def overrides(run_dir, reward_run, sft_run, address):
           "train.val_check_interval": 2, "train.log_every": 1000, "generation.serve": True}
 
 
-def ppo_args(values) -> list[str]:
-  """Command-line arguments of ppo_tiny with the dotted-key ``values``."""
-  return [f"--config={ROOT / 'configs' / 'ppo_tiny.py'}", *(f"--config.{key}={value}" for key, value in values.items())]
-
-
-def start_server(values, lines=None):
-  """``python -m jalign.serve`` of ppo_tiny with ``values``, once it serves: ``(process, its output lines)``
-  (``lines``, when given, gets them)."""
-  (process,) = launch_job("jalign.serve", ppo_args(values), 1, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  lines, ready = ([] if lines is None else lines), threading.Event()
-
-  def read():
-    for line in process.stdout:
-      lines.append(line)
-      if line.startswith("serving "):
-        ready.set()
-  threading.Thread(target=read, daemon=True).start()
-  deadline = time.monotonic() + 180
-  while not ready.is_set() and process.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.2)
-  assert ready.is_set(), "".join(lines[-40:])
-  return process, lines
-
-
-SERVER_OUTPUT: list[str] = []  # the module server's lines
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, reward_run, sft_run):
   """A critic server for a PPO run folder; yields (address, that run's config overrides)."""
   address = f"127.0.0.1:{free_port_block()}"
   values = overrides(tmp_path_factory.mktemp("served") / "ppo", reward_run, sft_run, address)
-  SERVER_OUTPUT.clear()
-  process, lines = start_server(values, SERVER_OUTPUT)
+  process, lines = start_server(values)
   try:
     yield address, values
   finally:
@@ -314,126 +260,3 @@ def _listening(port) -> bool:
       return True
     except ConnectionRefusedError:
       return False
-
-
-def _engine_run(algorithm, c):
-  """A rollout algorithm's run of ``c``: its losses, each rollout's samples and rollout metrics, and its
-  rollouts (their engine as the run left it)."""
-  build = {"reinforce": reinforce.build, "ppo": ppo.build}[algorithm]
-  loop, rollouts_ = build(c, log=quiet)
-  sampled, make = [], rollouts_.rollout
-
-  def rollout():
-    batches = make()
-    sampled.append(rollouts_.last["tokens"])
-    return batches
-  rollouts_.rollout = rollout
-  loop.run()
-  logged = [json.loads(line) for line in open(os.path.join(c.run_dir, "metrics.jsonl"))]
-  return loop.losses, sampled, [r for r in logged if r["split"] == "rollout"], rollouts_
-
-
-@pytest.mark.parametrize("algorithm", ["reinforce", "ppo"])
-def test_the_served_engine_samples_and_trains_as_the_local_one(server, tmp_path, reward_run, sft_run, algorithm):
-  """The module's server as a rollout engine refitted from this process at every rollout: the same
-  samples and losses as the local engine, each rollout recording the weights' version that made it,
-  and after a refit the server's greedy tokens are the new weights' own."""
-  address, values = server
-  common = {"train.max_steps": 4, "train.save_interval": 0, "train.val_check_interval": 0,
-            "rollout.engine_server": address, "rollout.refit_bucket_mb": 0.25}  # tiny: several buckets
-  if algorithm == "ppo":  # an in-process critic: the server is the engine only
-    settings = {**values, **common, "generation.serve": False}
-  else:
-    settings = {"model.init": f"run:{sft_run}", "reinforce.reward_model": f"run:{reward_run}",
-                "rollout.num_prompts": 4, "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 16,
-                "rollout.max_new_tokens": 12, "train.global_batch_size": 8, "train.micro_batch_size": 1, **common}
-  runs = {}
-  for engine in ("local", "served"):
-    c = load_config_file(ROOT / "configs" / f"{algorithm}_tiny.py",
-                         {**settings, "run_dir": str(tmp_path / engine), "rollout.engine": engine})
-    runs[engine] = _engine_run(algorithm, c)
-  (local_losses, local_samples, local_rows, _), (losses, samples, rows, rollouts_) = runs["local"], runs["served"]
-  assert sorted(losses) == [1, 2, 3, 4]
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)], [local_losses[s] for s in sorted(losses)],
-                             rtol=0, atol=1e-6)
-  assert len(samples) == 2 and all(np.array_equal(a, b) for a, b in zip(samples, local_samples))
-  assert [r["weight_version"] for r in rows] == [r["weight_version"] for r in local_rows] == [0, 2]
-  assert rows[1]["refit_s"] > 0
-  # Refitted to the trained weights: the server's greedy replies are those of the weights in this process.
-  engine = rollouts_.engine_ready()
-  assert engine.version == 4
-  local = engine_lib.LocalEngine(rollouts_.c, rollouts_.loop.graphdef, rollouts_.mesh, rollouts_.rules,
-                                 rollouts_.generation_rules)
-  local.update_weights(4, (rollouts_.loop.state.params, rollouts_.loop.state.rest))
-  request = Request(max_new_tokens=10, greedy=True, stop_ids=rollouts_.stop_ids, rows=8,
-                    prompt_width=rollouts_.width)
-  prompts = rollouts_.prompts[:8]
-  assert engine.generate(prompts, request).responses == local.generate(prompts, request).responses
-
-
-# An actor that hands its generation server the first bucket of a refit (weights changed by +0.5) and
-# then stops answering: the test kills it while the server waits for the second.
-_HALF_REFIT = """
-import json, sys
-import jax, jax.numpy as jnp
-from jalign.config import load_config_file
-from jalign.recipes.generation import GenerationJob
-from jalign.rollout import refit
-from jalign.serve.generation import RemoteGenerator
-from jalign.serve.triton import ServeError
-
-config, values, address = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-job = GenerationJob(load_config_file(config, values), log=lambda *a, **k: None)
-shift = lambda x: jax.jit(lambda y: y + 0.5, out_shardings=x.sharding)(x)
-state = jax.tree_util.tree_unflatten(job.treedef, [shift(x) for x in job.weights])
-
-class FirstBucketOnly:
-  def __init__(self, server):
-    self.server, self.offered = server, 0
-  def await_pull(self, uuid, arrays):
-    if not self.offered:
-      self.server.await_pull(uuid, arrays)
-    self.offered += 1
-
-offer = refit.Offer(address)
-offer.server = FirstBucketOnly(offer.server)
-manifest = offer.offer(state, 999, 1 << 16)
-print("offered", len(manifest["buckets"]), flush=True)
-RemoteGenerator(address).refit(manifest, timeout_s=120)
-"""
-
-
-def test_a_refit_cut_off_midway_leaves_the_server_serving_the_weights_it_had(server):
-  address, values = server
-  remote = RemoteGenerator(address)
-  c = load_config_file(ROOT / "configs" / "ppo_tiny.py", values)
-  tok = build_tokenizer(c, build_model(c)[1])
-  prompts = [tok.encode(t, add_special_tokens=c.data.add_bos) for t in ("Name a colour.", "Hi", "Count to three.")]
-  request = Request(max_new_tokens=8, greedy=True, rows=8)
-  before = remote.rollout(prompts, request)
-  # A manifest that does not fit the served model is refused before anything moves.
-  job_weights = [dict(w) for w in refit.describe(jax.tree_util.tree_flatten_with_path(
-      {"w": jax.numpy.zeros((3, 5))})[0])]
-  with pytest.raises(ServeError, match=r"refit to version 7 failed: the actor sends 1 weights, this server's model "
-                                       rf"has \d+; serving version {before.version}"):
-    remote.refit({"version": 7, "address": "127.0.0.1:1", "weights": job_weights, "mesh": {}, "buckets": []},
-                 timeout_s=5)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}")
-  actor = subprocess.Popen([sys.executable, "-c", _HALF_REFIT, str(ROOT / "configs" / "ppo_tiny.py"),
-                            json.dumps(values), address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-  try:
-    line = actor.stdout.readline()
-    assert line.startswith("offered "), line + actor.stdout.read()[-3000:]
-    assert int(line.split()[1]) > 2
-    time.sleep(3)  # the server has the first bucket and waits for the second
-  finally:
-    actor.kill()
-    actor.wait()
-  after = remote.rollout(prompts, request)
-  said = [line for line in SERVER_OUTPUT if line.startswith("refit to version 999 failed")]
-  assert len(said) == 1 and re.fullmatch(r"refit to version 999 failed: a pull failed \(.*Connection closed.*\); "
-                                         rf"serving version {before.version}\n", said[0]), SERVER_OUTPUT[-10:]
-  assert after.version == before.version != 999
-  assert after.responses == before.responses
-  np.testing.assert_array_equal(np.concatenate(after.logprobs), np.concatenate(before.logprobs))

@@ -1,0 +1,57 @@
+"""Starting jalign's servers for tests: free ports on loopback, ``python -m jalign.serve`` once it serves."""
+
+import socket
+import subprocess
+import threading
+import time
+
+from tests.conftest import ROOT, launch_job
+
+
+def free_port_block(n=3) -> int:
+  """A port p with p .. p+n-1 free on loopback (Triton takes HTTP, gRPC and metrics ports)."""
+  for _ in range(50):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    if port + n < 65536 and all(_free(port + i) for i in range(n)):
+      return port
+  raise RuntimeError("no free block of ports")
+
+
+def _free(port) -> bool:
+  with socket.socket() as s:
+    try:
+      s.bind(("127.0.0.1", port))
+      return True
+    except OSError:
+      return False
+
+
+def config_args(values, config: str = "ppo_tiny") -> list[str]:
+  """Command-line arguments of a shipped config with the dotted-key ``values``."""
+  return [f"--config={ROOT / 'configs' / f'{config}.py'}", *(f"--config.{key}={value}" for key, value in values.items())]
+
+
+def ppo_args(values) -> list[str]:
+  return config_args(values)
+
+
+def start_server(values, lines=None, config: str = "ppo_tiny"):
+  """``python -m jalign.serve`` of a shipped config (8 CPU devices) with ``values``, once it serves:
+  ``(process, its output lines)`` (``lines``, when given, gets them)."""
+  (process,) = launch_job("jalign.serve", config_args(values, config), 1, 8, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines, ready = ([] if lines is None else lines), threading.Event()
+
+  def read():
+    for line in process.stdout:
+      lines.append(line)
+      if line.startswith("serving "):
+        ready.set()
+  threading.Thread(target=read, daemon=True).start()
+  deadline = time.monotonic() + 180
+  while not ready.is_set() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert ready.is_set(), "".join(lines[-40:])
+  return process, lines
