@@ -8,7 +8,7 @@ bandwidth (numpy, measured in the same run).
   python bench/bench_refit.py [--devices 8] [--dtype bfloat16] [--lora 0] [--rounds 5]
   python bench/bench_refit.py --served [--devices 1] [--dtype bfloat16] [--bucket-mb 512] [--rounds 5]
 
-``--served`` times the served engine's refit instead (``jalign.rollout.engine.ServedEngine``): a
+``--served`` times the served engine's refit instead (``jalign.serve.engine.ServedEngine``): a
 generation server of SmolLM2-135M started here (``python -m jalign.serve``, the same devices, its own
 process on loopback) pulls the copy from this process's transfer server bucket by bucket. Printed: the
 whole refit (local copy, offer, the server's pulls and swap), the server's pulls alone, and the floor of
@@ -103,7 +103,7 @@ def served(args):
   from jalign.models import gguf
   from jalign.models.pretrained import smollm2_path
   from jalign.parallel import mesh as pmesh
-  from jalign.rollout import engine
+  from jalign.serve.engine import ServedEngine
 
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -125,7 +125,7 @@ def served(args):
     with pmesh.use(mesh, rules):
       model, _ = gguf.load(smollm2_path(), mesh=mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    served_engine = engine.ServedEngine(c, graphdef, mesh, rules, pmesh.inference_rules(rules), log=lambda *_: None)
+    served_engine = ServedEngine(c, graphdef, mesh, rules, pmesh.inference_rules(rules), log=lambda *_: None)
     totals, pulls = [], []
     for version in range(args.rounds + 1):  # the first compiles the copy
       served_engine.update_weights(version, (params, rest))
