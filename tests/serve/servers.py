@@ -55,3 +55,16 @@ def start_server(values, lines=None, config: str = "ppo_tiny"):
     time.sleep(0.2)
   assert ready.is_set(), "".join(lines[-40:])
   return process, lines
+
+
+def listening(port) -> bool:
+  with socket.socket() as s:
+    try:
+      s.connect(("127.0.0.1", port))
+      return True
+    except ConnectionRefusedError:
+      return False
+
+
+def checkpoint_files(folder) -> dict:
+  return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from jalign.recipes.build import build_model, build_tokenizer
 from jalign.train import run
 from tests.conftest import ROOT, launch_job, run_job
 from tests.conftest import quiet
-from tests.serve.servers import free_port_block, ppo_args, start_server
+from tests.serve.servers import checkpoint_files, free_port_block, listening, ppo_args, start_server
 
 
 def overrides(run_dir, reward_run, sft_run, address):
@@ -214,10 +213,6 @@ def test_bad_requests_get_one_line_answers_and_the_server_keeps_serving(server):
   assert good["values"].shape == (2, 4) and np.isfinite(good["rewards"]).all()
 
 
-def _checkpoint_files(folder) -> dict:
-  return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_an_actor_whose_critic_server_dies_stops_within_seconds_naming_it(tmp_path, reward_run, sft_run):
   """kill -9 of the server while the actor trains through it: the actor ends within 30 s with one line
   naming the server, its finished checkpoints as they were, and nothing of the server left listening."""
@@ -234,7 +229,7 @@ def test_an_actor_whose_critic_server_dies_stops_within_seconds_naming_it(tmp_pa
     while not (checkpoints / "4").is_dir() and actor.poll() is None and time.monotonic() < deadline:
       time.sleep(0.2)
     assert (checkpoints / "4").is_dir(), actor.communicate(timeout=60)[1][-3000:]
-    saved = _checkpoint_files(checkpoints / "2")
+    saved = checkpoint_files(checkpoints / "2")
     server_process.kill()
     killed = time.monotonic()
     _, err = actor.communicate(timeout=60)
@@ -246,17 +241,8 @@ def test_an_actor_whose_critic_server_dies_stops_within_seconds_naming_it(tmp_pa
   assert actor.returncode == 1
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"error: critic server http://{address}: stopped answering during "), err[-3000:]
-  assert _checkpoint_files(checkpoints / "2") == saved
+  assert checkpoint_files(checkpoints / "2") == saved
   deadline = time.monotonic() + 15  # Triton, the server's child, goes with it
-  while any(_listening(port + i) for i in range(3)) and time.monotonic() < deadline:
+  while any(listening(port + i) for i in range(3)) and time.monotonic() < deadline:
     time.sleep(0.5)
-  assert not any(_listening(port + i) for i in range(3))
-
-
-def _listening(port) -> bool:
-  with socket.socket() as s:
-    try:
-      s.connect(("127.0.0.1", port))
-      return True
-    except ConnectionRefusedError:
-      return False
+  assert not any(listening(port + i) for i in range(3))

@@ -1,7 +1,8 @@
 """The generation server as the rollout engine (``rollout.engine="served"``): ``python -m jalign.serve``
 of a tiny policy in a process of its own on loopback, refitted from the actor in this process at every
 rollout, against the local engine; a refit cut off midway; the next rollout generated while the actor
-trains (``rollout.max_staleness``). (The generation server's own endpoints: test_critic_server.)"""
+trains (``rollout.max_staleness``); an actor whose engine server dies. (The generation server's own
+endpoints: test_critic_server.)"""
 
 import json
 import os
@@ -23,8 +24,8 @@ from jalign.rollout import refit
 from jalign.rollout.sampling import Request
 from jalign.serve.generation import RemoteGenerator
 from jalign.serve.triton import ServeError
-from tests.conftest import CPU_XLA_FLAGS, ROOT, quiet
-from tests.serve.servers import free_port_block, start_server
+from tests.conftest import CPU_XLA_FLAGS, ROOT, launch_job, quiet
+from tests.serve.servers import checkpoint_files, config_args, free_port_block, listening, start_server
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,41 @@ def test_with_max_staleness_one_the_next_rollout_generates_while_the_actor_train
   # Rollout 1 was sampled by version 0 and trained at version 1: the trainer's log-probs of its tokens
   # differ from the behaviour policy's, which the ratio used.
   assert rollout_rows[1]["logprob_gap_max"] > 1e-3, [(r["logprob_gap_max"], r["fraction_ended"]) for r in rollout_rows]
+
+
+def test_an_actor_whose_engine_server_dies_stops_within_seconds_naming_it(tmp_path, reward_run, sft_run):
+  """kill -9 of the generation server while a REINFORCE actor trains with it as its engine: the actor
+  ends within 30 s with one line naming the server, its finished checkpoints as they were, and nothing
+  of the server left listening."""
+  port = free_port_block()
+  address = f"127.0.0.1:{port}"
+  server_process, _ = start_server({"run_dir": str(tmp_path / "server"), "model.init": f"run:{sft_run}",
+                                    "reinforce.reward_model": f"run:{reward_run}", "generation.serve": True,
+                                    "generation.serve_address": address}, config="reinforce_tiny")
+  values = {**actor_settings("reinforce", address, reward_run, sft_run), "run_dir": str(tmp_path / "rf"),
+            "rollout.engine": "served", "train.max_steps": 200, "train.save_interval": 2, "train.keep_last": 100}
+  (actor,) = launch_job("jalign.train", config_args(values, "reinforce_tiny"), 1, 8, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+  checkpoints = tmp_path / "rf" / "checkpoints"
+  try:
+    deadline = time.monotonic() + 180
+    while not (checkpoints / "4").is_dir() and actor.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert (checkpoints / "4").is_dir(), actor.communicate(timeout=60)[1][-3000:]
+    saved = checkpoint_files(checkpoints / "2")
+    server_process.kill()
+    killed = time.monotonic()
+    _, err = actor.communicate(timeout=60)
+    assert time.monotonic() - killed < 30
+  finally:
+    for p in (actor, server_process):
+      if p.poll() is None:
+        p.kill()
+  assert actor.returncode == 1
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(f"error: generation server http://{address}: stopped answering during "), err[-3000:]
+  assert checkpoint_files(checkpoints / "2") == saved
+  deadline = time.monotonic() + 15  # Triton, the server's child, goes with it
+  while any(listening(port + i) for i in range(3)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not any(listening(port + i) for i in range(3))
