@@ -36,7 +36,8 @@ HEAVY = "heavy modules"
 # has nothing left. The rest follow in xdist's order.
 LONG_MODULES = (
     "tests/recipes/test_supervised_preference.py", "tests/test_train_cli.py", "tests/test_plan.py",
-    "tests/serve/test_critic_server.py", "tests/serve/test_served_engine.py", "tests/parallel/test_multihost.py", "tests/recipes/test_supervised_rm.py",
+    "tests/serve/test_critic_server.py", "tests/serve/test_served_engine.py", "tests/parallel/test_multihost.py",
+    "tests/recipes/test_supervised_rm.py",
     "tests/recipes/test_supervised_steerlm2.py", "tests/models/test_llama.py", "tests/test_plan_matches_run.py",
     "tests/parallel/test_sharded_step.py", "tests/models/test_gguf.py", "tests/test_gpu_scale_bench.py",
     "tests/kernels/test_kernels.py", "tests/test_trainer.py", "tests/recipes/test_distill.py",
