@@ -3,15 +3,15 @@
 The actor (``Offer``) runs a ``jax.experimental.transfer`` server of its own and offers each bucket of
 its generation copy under an id of its own; the generation server pulls the buckets one after another
 from that address into arrays laid out as its own weights are (``pull_weights``). A manifest (plain
-JSON, sent with the refit call) says what each bucket holds: the weights' paths, shapes, dtypes and
-partition specs, the actor's mesh, and the version (the trainer's step) they are.
+JSON, sent with the refit call) says what each bucket holds: the weights' paths, shapes, dtypes, partition
+specs and shard shapes, the actor's mesh, and the version (the trainer's step) they are.
 
 A refit is atomic: as each bucket lands, the server's old arrays of that bucket go to host memory, so
 that its devices never hold more than one bucket beyond one copy of the weights; when a pull fails or
 does not finish in time (the actor died, the network broke) the old arrays come back from the host and
 the server goes on serving the version it had. Transfer moves arrays shard to shard: the actor lays out
-its copy over a mesh of the server's shape (the same ``mesh`` and generation rules), which the manifest
-lets the server check before it pulls anything.
+its copy in shards of the server's (the same mesh shape and generation rules), which the manifest lets
+the server check before it pulls anything.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def _path(keys) -> str:
 
 
 def describe(leaves_with_paths) -> list[dict]:
-  """Each weight's path, shape, dtype and partition spec (what both sides must agree on)."""
+  """Each weight's path, shape, dtype, partition spec, shard shape and device count (the transfer moves
+  shards to shards: both sides must agree on all but the spec, which names their own mesh's axes)."""
   out = []
   for keys, x in leaves_with_paths:
     spec = getattr(x.sharding, "spec", None)
     out.append({"path": _path(keys), "shape": list(x.shape), "dtype": str(x.dtype),
-                "spec": None if spec is None else [list(a) if isinstance(a, tuple) else a for a in spec]})
+                "spec": None if spec is None else [list(a) if isinstance(a, tuple) else a for a in spec],
+                "shard": list(x.sharding.shard_shape(x.shape)), "devices": len(x.sharding.device_set)})
   return out
 
 
@@ -139,7 +141,7 @@ def check(manifest: dict, mine: list[dict], mesh: dict) -> None:
     if (a["path"], a["shape"], a["dtype"]) != (b["path"], b["shape"], b["dtype"]):
       raise RefitError(f"the actor's {a['path']} is {a['dtype']}{a['shape']}, this server's {b['path']} is "
                        f"{b['dtype']}{b['shape']}")
-    if a["spec"] != b["spec"] or manifest["mesh"] != mesh:
+    if (a["shard"], a["devices"]) != (b["shard"], b["devices"]):  # shards move to shards of the same shape
       raise RefitError(f"the actor lays out {a['path']} as {a['spec']} over mesh {manifest['mesh']}, this server as "
                        f"{b['spec']} over {mesh}: serve with the actor's mesh and generation rules")
 
