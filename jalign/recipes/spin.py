@@ -3,7 +3,8 @@ replies and the model's.
 
 Iteration k = 1 .. ``spin.iterations``:
   1. the model as it starts the iteration (the config's model, then iteration k-1's result) answers
-     the prompt of every chat record: the conversation up to its last assistant turn;
+     the prompt of every chat record, the conversation up to its last assistant turn, through the
+     rollout engine of ``rollout.engine`` given its weights (local, or a served one refitted);
   2. each (recorded reply, generated reply) becomes a comparison pair, written to
      ``<run_dir>/iteration_<k>/train_pairs.jsonl`` (and ``val_pairs.jsonl`` for ``data.validation``);
   3. DPO trains on those pairs for ``spin.epochs`` epochs with the starting model as its reference
@@ -31,8 +32,9 @@ from jalign.data.preference import render_prompt
 from jalign.data.tokenizer import Tokenizer
 from jalign.models import lora
 from jalign.parallel import mesh as pmesh
-from jalign.recipes import build
-from jalign.rollout.generate import generate
+from jalign.recipes import build, rollouts
+from jalign.rollout import engine as engine_lib
+from jalign.rollout.sampling import Request
 from jalign.specs.base import RolloutSettings, message_format
 
 _ROLES = {"User": "user", "Assistant": "assistant"}
@@ -56,9 +58,10 @@ def prompts_and_replies(records: list[dict]) -> tuple[list[list[dict]], list[str
   return prompts, replies, skipped
 
 
-def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_format: NemoChatFormat,
+def generate_replies(engine, tok: Tokenizer, prompts: list[list[dict]], chat_format: NemoChatFormat,
                      s: RolloutSettings, *, max_seq_length: int, seed: int) -> tuple[list[str], dict]:
-  """The model's reply text to each message prompt, sampled as ``s`` says, and generation statistics.
+  """The reply text of the rollout ``engine``'s weights to each message prompt, sampled as ``s`` says
+  (``s.micro_batch`` rows at a time), and generation statistics.
 
   A reply stops at the chat format's next turn start (or EOS); the end-of-turn text before it is cut,
   since the pair encoder adds it back. Prompts lose tokens from the left to leave room for the reply.
@@ -67,27 +70,20 @@ def generate_replies(model, tok: Tokenizer, prompts: list[list[dict]], chat_form
   stops = [i for i in (_single_id(tok, chat_format.turn_start), tok.eos_id) if i is not None]
   keep = max_seq_length - max_new
   ids = [tok.encode(render_prompt(p, chat_format)[0], add_special_tokens=False)[-keep:] for p in prompts]
-  width = max(len(x) for x in ids)
-  size = s.micro_batch
-  texts, lengths, ended = [], [], []
-  for start in range(0, len(ids), size):
-    batch = ids[start:start + size]
-    filled = batch + [batch[0]] * (size - len(batch))  # one compiled shape for the last batch too
-    rollout = generate(model, filled, max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k,
-                       top_p=s.top_p, greedy=s.greedy, stop_ids=tuple(stops),
-                       pad_id=tok.pad_id if tok.pad_id is not None else 0, seed=seed,
-                       prompt_ids=range(start, start + size), prompt_width=width)
-    is_end = np.asarray(rollout.is_end)
-    for b, reply in enumerate(rollout.responses()[:len(batch)]):
-      reply = reply[:-1] if is_end[b] else reply  # the stop token
-      text = tok.decode(reply)
-      if text.endswith(chat_format.end_of_turn):
-        text = text[:len(text) - len(chat_format.end_of_turn)]
-      texts.append(text)
-      lengths.append(len(reply))
-      ended.append(bool(is_end[b]))
+  request = Request(max_new_tokens=max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, greedy=s.greedy,
+                    stop_ids=tuple(stops), pad_id=tok.pad_id if tok.pad_id is not None else 0, seed=seed,
+                    prompt_width=max(len(x) for x in ids), rows=s.micro_batch)
+  out = engine.generate(ids, request)
+  texts, lengths = [], []
+  for reply, ended in zip(out.responses, out.is_end):
+    reply = reply[:-1] if ended else reply  # the stop token
+    text = tok.decode(reply)
+    if text.endswith(chat_format.end_of_turn):
+      text = text[:len(text) - len(chat_format.end_of_turn)]
+    texts.append(text)
+    lengths.append(len(reply))
   return texts, {"generated": len(texts), "mean_reply_tokens": float(np.mean(lengths)),
-                 "ended": float(np.mean(ended))}
+                 "ended": float(np.mean(out.is_end))}
 
 
 def _single_id(tok: Tokenizer, text: str) -> int | None:
@@ -163,11 +159,13 @@ def run(c, log=print) -> dict:
       stats = json.loads(stats_path.read_text())
     else:
       stats = {}
+      engine = _engine(c, model, k, sampling, log)
       for split, (prompts, replies, skipped) in data.items():
-        generated, gen_stats = generate_replies(model, tok, prompts, chat_format, sampling,
+        generated, gen_stats = generate_replies(engine, tok, prompts, chat_format, sampling,
                                                 max_seq_length=c.data.max_seq_length, seed=c.seed + 1000 * k)
         written = write_pairs(folder / f"{split}_pairs.jsonl", prompts, replies, generated)
         stats[split] = {"records_without_reply": skipped, **gen_stats, **written}
+      del engine  # its copy of the weights need not stay while the iteration trains
       stats_path.write_text(json.dumps(stats, indent=2))
     log(f"iteration {k}: " + ", ".join(f"{split} {s['pairs']} pairs ({s['mean_reply_tokens']:.1f} tokens a reply, "
                                        f"{s['ended']:.0%} ended)" for split, s in stats.items()))
@@ -188,6 +186,16 @@ def run(c, log=print) -> dict:
     del loop  # its optimizer state need not stay on the devices while the next iteration generates
   log(f"SPIN {stopped}: {len(results)} of {c.spin.iterations} iterations; run folder: {run_dir.absolute()}")
   return {"iterations": results, "steps": steps, "stopped": stopped, "run_dir": str(run_dir)}
+
+
+def _engine(c, model, version: int, sampling: RolloutSettings, log):
+  """The rollout engine of ``config.rollout.engine`` given ``model``'s weights as ``version``."""
+  rules = build.rules_of(c)
+  graphdef, state = nnx.split(model)
+  engine = rollouts.ENGINES[c.rollout.engine](c, graphdef, pmesh.make_mesh(dict(c.mesh)), rules,
+                                              engine_lib.generation_rules(sampling, rules), log=log)
+  engine.update_weights(version, (state,))
+  return engine
 
 
 def _starting_model(c, previous: Path | None):
