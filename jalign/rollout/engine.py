@@ -7,15 +7,14 @@ Every engine answers the same three calls:
   ``generate(prompts, request)``        ``Samples`` of the weights last given, with their version
   ``release()``                         lets go of the engine's copy of the weights until the next update
 
-``LocalEngine`` (``rollout.engine="local"``, here): the JAX decode loop in the trainer's own process, on a
-copy of the weights laid out for generation (LoRA folded in, cast to the compute dtype, sharded by the
-generation rules) that one compiled copy refits. ``ServedEngine`` (``"served"``,
-``jalign.serve.engine``): the same decode loop
-in a generation server job of its own (``python -m jalign.serve --config.generation.serve=True``); each
-update makes the local copy, offers it through a transfer server and has the server pull it bucket by
-bucket (``jalign.rollout.refit``). Both sample with ``jalign.rollout.sampling.sample``, so for the
-same weights and request they give the same tokens. ``jalign.recipes.rollouts.ENGINES`` maps
-``config.rollout.engine`` to them.
+``LocalEngine`` (``rollout.engine="local"``, here): the JAX decode loop in the trainer's own process,
+on a copy of the weights laid out for generation (LoRA folded in, cast to the compute dtype, sharded by
+the generation rules) that one compiled copy refits. ``ServedEngine`` (``"served"``,
+``jalign.serve.engine``): the same decode loop in a generation server job of its own (``python -m
+jalign.serve --config.generation.serve=True``); each update makes the local copy, offers it through a
+transfer server and has the server pull it bucket by bucket (``jalign.rollout.refit``). Both sample
+with ``jalign.rollout.sampling.sample``, so for the same weights and request they give the same tokens.
+``jalign.recipes.rollouts.ENGINES`` maps ``config.rollout.engine`` to them.
 """
 
 from __future__ import annotations
