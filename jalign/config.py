@@ -231,8 +231,8 @@ def _validate_engine(r) -> None:
   require(r.max_staleness in (0, 1), "rollout.max_staleness", f"{r.max_staleness} is not 0 or 1")
   require(not r.max_staleness or r.engine == "served", "rollout.max_staleness",
           "generating the next rollout while the actor trains needs rollout.engine='served'")
-  require(r.refit_bucket_mb > 0 and r.refit_timeout_s > 0 and r.connect_timeout_s > 0, "rollout.refit_bucket_mb",
-          "refit_bucket_mb, refit_timeout_s and connect_timeout_s must be positive")
+  for key in ("refit_bucket_mb", "refit_timeout_s", "connect_timeout_s"):
+    require(r[key] > 0, f"rollout.{key}", f"{r[key]} must be positive")
 
 
 def _validate_model(c, check_files: bool) -> None:

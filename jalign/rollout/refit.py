@@ -164,7 +164,6 @@ def pull_weights(weights: list, manifest: dict, *, timeout_s: float, connect) ->
       for i, x in zip(indices, pulled):
         saved[i] = (jax.device_get(weights[i]), weights[i].sharding)
         weights[i] = x  # the old array's device memory goes with its last reference
-    jax.block_until_ready(weights)
   except Exception as e:
     for i, (host, sharding) in saved.items():  # the version it had, back on the devices
       weights[i] = jax.device_put(host, sharding)
