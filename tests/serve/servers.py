@@ -68,3 +68,30 @@ def listening(port) -> bool:
 
 def checkpoint_files(folder) -> dict:
   return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_server_while_training(server, actor, checkpoints, port) -> str:
+  """kill -9 of ``server`` (serving at ``port``) once the ``actor`` process training through it has
+  saved checkpoint 4; checks that the actor then ends within 30 s with exit status 1, that checkpoint 2
+  is as it was and that nothing of the server is left listening. The actor's stderr."""
+  try:
+    deadline = time.monotonic() + 180
+    while not (checkpoints / "4").is_dir() and actor.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert (checkpoints / "4").is_dir(), actor.communicate(timeout=60)[1][-3000:]
+    saved = checkpoint_files(checkpoints / "2")
+    server.kill()
+    killed = time.monotonic()
+    _, err = actor.communicate(timeout=60)
+    assert time.monotonic() - killed < 30
+  finally:
+    for p in (actor, server):
+      if p.poll() is None:
+        p.kill()
+  assert actor.returncode == 1, err[-3000:]
+  assert checkpoint_files(checkpoints / "2") == saved
+  deadline = time.monotonic() + 15  # Triton, the server's child, goes with it
+  while any(listening(port + i) for i in range(3)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not any(listening(port + i) for i in range(3))
+  return err

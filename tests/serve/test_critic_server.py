@@ -29,7 +29,7 @@ from jalign.recipes.build import build_model, build_tokenizer
 from jalign.train import run
 from tests.conftest import ROOT, launch_job, run_job
 from tests.conftest import quiet
-from tests.serve.servers import checkpoint_files, free_port_block, listening, ppo_args, start_server
+from tests.serve.servers import free_port_block, kill_server_while_training, ppo_args, start_server
 
 
 def overrides(run_dir, reward_run, sft_run, address):
@@ -223,26 +223,6 @@ def test_an_actor_whose_critic_server_dies_stops_within_seconds_naming_it(tmp_pa
   server_process, _ = start_server(values)
   (actor,) = launch_job("jalign.train", ppo_args({**values, "critic.server": address}), 1, 8,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  checkpoints = tmp_path / "ppo" / "checkpoints"
-  try:
-    deadline = time.monotonic() + 180
-    while not (checkpoints / "4").is_dir() and actor.poll() is None and time.monotonic() < deadline:
-      time.sleep(0.2)
-    assert (checkpoints / "4").is_dir(), actor.communicate(timeout=60)[1][-3000:]
-    saved = checkpoint_files(checkpoints / "2")
-    server_process.kill()
-    killed = time.monotonic()
-    _, err = actor.communicate(timeout=60)
-    assert time.monotonic() - killed < 30
-  finally:
-    for p in (actor, server_process):
-      if p.poll() is None:
-        p.kill()
-  assert actor.returncode == 1
+  err = kill_server_while_training(server_process, actor, tmp_path / "ppo" / "checkpoints", port)
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"error: critic server http://{address}: stopped answering during "), err[-3000:]
-  assert checkpoint_files(checkpoints / "2") == saved
-  deadline = time.monotonic() + 15  # Triton, the server's child, goes with it
-  while any(listening(port + i) for i in range(3)) and time.monotonic() < deadline:
-    time.sleep(0.5)
-  assert not any(listening(port + i) for i in range(3))

@@ -25,7 +25,7 @@ from jalign.rollout.sampling import Request
 from jalign.serve.generation import RemoteGenerator
 from jalign.serve.triton import ServeError
 from tests.conftest import CPU_XLA_FLAGS, ROOT, launch_job, quiet
-from tests.serve.servers import checkpoint_files, config_args, free_port_block, listening, start_server
+from tests.serve.servers import config_args, free_port_block, kill_server_while_training, start_server
 
 
 @pytest.fixture(scope="module")
@@ -231,26 +231,6 @@ def test_an_actor_whose_engine_server_dies_stops_within_seconds_naming_it(tmp_pa
             "rollout.engine": "served", "train.max_steps": 200, "train.save_interval": 2, "train.keep_last": 100}
   (actor,) = launch_job("jalign.train", config_args(values, "reinforce_tiny"), 1, 8, stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)
-  checkpoints = tmp_path / "rf" / "checkpoints"
-  try:
-    deadline = time.monotonic() + 180
-    while not (checkpoints / "4").is_dir() and actor.poll() is None and time.monotonic() < deadline:
-      time.sleep(0.2)
-    assert (checkpoints / "4").is_dir(), actor.communicate(timeout=60)[1][-3000:]
-    saved = checkpoint_files(checkpoints / "2")
-    server_process.kill()
-    killed = time.monotonic()
-    _, err = actor.communicate(timeout=60)
-    assert time.monotonic() - killed < 30
-  finally:
-    for p in (actor, server_process):
-      if p.poll() is None:
-        p.kill()
-  assert actor.returncode == 1
+  err = kill_server_while_training(server_process, actor, tmp_path / "rf" / "checkpoints", port)
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"error: generation server http://{address}: stopped answering during "), err[-3000:]
-  assert checkpoint_files(checkpoints / "2") == saved
-  deadline = time.monotonic() + 15  # Triton, the server's child, goes with it
-  while any(listening(port + i) for i in range(3)) and time.monotonic() < deadline:
-    time.sleep(0.5)
-  assert not any(listening(port + i) for i in range(3))
