@@ -271,17 +271,22 @@ class Attention(nnx.Module):
       o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids, branch_ids=branch_ids,
                           impl=cfg.attention_impl, sliding_window=cfg.sliding_window)
     else:
-      k_cache, v_cache = cache
+      # Every layer's cache ``[L,B,S,Hkv,D]`` with this layer's index: the new keys and values are
+      # written into the stack in place and this layer's slice is read, so a decode step touches the
+      # cache once rather than copying it whole in and out of the layer loop.
+      k_all, v_all, layer = cache
       rows = jnp.arange(x.shape[0])[:, None]
-      k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
-      v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
+      k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype))
+      v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype))
+      k_cache = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+      v_cache = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
       if x.shape[1] == 1:  # one token per row: the ragged decode kernel, stopping at each row's length
         o = decode_attention(q[:, 0], k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions[:, 0] + 1,
                              sliding_window=cfg.sliding_window, impl=cfg.decode_attention_impl)[:, None]
       else:
         o = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions,
                              sliding_window=cfg.sliding_window)
-      cache = (k_cache, v_cache)
+      cache = (k_all, v_all)
     out = _with_lora(self, "o_proj", o, jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(x.dtype)))
     return constrain(out, (BATCH, LENGTH, ACT_EMBED)), cache
 
@@ -386,24 +391,28 @@ class Transformer(nnx.Module):
     x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
     cos, sin = rope_tables(positions, cfg, dtype)
 
-    def body(x, layer, layer_cache):
-      return layer(x, cos, sin, positions, segment_ids, layer_cache, branch_ids)
+    def body(x, layer):
+      return layer(x, cos, sin, positions, segment_ids, None, branch_ids)[0]
+
+    def cached_body(carry, layer, index):
+      x, k_all, v_all = carry
+      x, (k_all, v_all) = layer(x, cos, sin, positions, None, (k_all, v_all, index))
+      return x, k_all, v_all
 
     if branch_ids is not None and (cache is not None or segment_ids is None or cfg.pipeline_stages > 1):
       raise ValueError("branch_ids need segment_ids, no KV cache and no pipeline stages")
     if cfg.pipeline_stages > 1 and cache is None:
       x = self._pipelined_layers(x, positions, segment_ids)
       return self.final_norm(x)
-    policy = REMAT_POLICIES[cfg.remat]
+    if cache is not None:  # decoding: nothing to differentiate, so no remat
+      indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+      x, k_all, v_all = nnx.scan(cached_body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(
+          (x, cache.k, cache.v), self.layers, indices)
+      return self.final_norm(x), KVCache(k=k_all, v=v_all)
     if cfg.remat != "none":
-      body = nnx.remat(body, policy=policy, prevent_cse=False)
-    layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_caches = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
-        x, self.layers, layer_caches)
-    x = self.final_norm(x)
-    if cache is None:
-      return x
-    return x, KVCache(k=new_caches[0], v=new_caches[1])
+      body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+    return self.final_norm(x)
 
   def _pipelined_layers(self, x, positions, segment_ids):
     """The layers as pipeline stages over the ``pipeline`` mesh axis (see jalign.parallel.pipeline)."""
