@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jalign"
 LAYERS = [
     ("kernels",),
     ("parallel",),
-    ("data",),
+    ("data", "rewards"),
     ("models",),
     ("losses",),
     ("specs",),

@@ -1,0 +1,31 @@
+"""Reward functions for the pool's tests: well behaved and not."""
+
+import math
+import os
+import time
+
+
+def length(prompt, response, record):
+  return float(len(response))
+
+
+def raises(prompt, response, record):
+  raise ValueError(f"cannot grade {record['id']}")
+
+
+def hangs(prompt, response, record):
+  if record.get("hang"):
+    time.sleep(3600)
+  return 1.0
+
+
+def nan(prompt, response, record):
+  return math.nan
+
+
+def text(prompt, response, record):
+  return "1.0"
+
+
+def exits(prompt, response, record):
+  os._exit(3)
