@@ -18,6 +18,8 @@ prompt). Both must give every prompt the same tokens; tokens/s counts the replie
 one, over ``--new - 1`` steps) against transformers' ``generate`` on the same weights, each beside its
 floor on this machine: a decode step reads every weight once (bytes over the measured memory bandwidth)
 and does 2 FLOPs per weight per row (over the measured float32 matmul rate); the floor is the larger.
+Beside it, what XLA's matmuls alone take to multiply the batch's rows by every weight once: the part of
+the gap to the floor that the decode loop cannot close by itself on this backend.
 
 Times are the fastest of ``--rounds`` runs after a compiling one (``continuous``: of the programs compiled
 ahead, without a run).
@@ -140,6 +142,33 @@ def machine_rates() -> tuple[float, float]:
   return big.nbytes / t_read, 2 * 2048 ** 3 / t_mm
 
 
+def weight_matmuls(model, rows: int):
+  """A call that multiplies ``rows`` activations by every projection of ``model`` once, as a decode
+  step must (the layers' seven and the output head): what XLA's matmuls alone cost at this batch."""
+  import jax
+  import jax.numpy as jnp
+
+  layers = model.layers
+  kernels = [layers.attn.q_proj, layers.attn.k_proj, layers.attn.v_proj, layers.attn.o_proj,
+             layers.mlp.gate_proj, layers.mlp.up_proj, layers.mlp.down_proj]
+  count = model.config.num_layers
+  # Each stacked kernel [L, in..., out...] as [L, in, out] (o_proj's inputs are its first two axes).
+  values = [k[...] for k in kernels]
+  flat = [v.reshape(count, -1, v.shape[-1]) if k is layers.attn.o_proj else v.reshape(count, v.shape[1], -1)
+          for k, v in zip(kernels, values)]
+  head = model.lm_head_kernel()
+  inputs = [jnp.ones((rows, w.shape[1]), w.dtype) for w in flat]
+
+  @jax.jit
+  def run(flat, head, inputs):
+    def layer(i, total):
+      return total + sum(jnp.sum(x @ w[i]) for x, w in zip(inputs, flat))
+    total = jax.lax.fori_loop(0, count, layer, jnp.float32(0))
+    return total + jnp.sum(inputs[0] @ head)
+
+  return lambda: run(flat, head, inputs)
+
+
 def decode(args):
   import jax
   import torch
@@ -183,9 +212,11 @@ def decode(args):
       first, _ = fastest(make(batch, 1), args.rounds)
       figures[name] = (whole, (whole - first) / (args.new - 1))
     (ours_call, ours_step), (ref_call, ref_step) = figures["jalign"], figures["transformers"]
+    matmuls, _ = fastest(weight_matmuls(model, rows), args.rounds)
     print(f"  batch {rows}: call {ours_call * 1000:7.0f} ms (transformers {ref_call * 1000:7.0f} ms, "
           f"{ref_call / ours_call:4.2f}x); decode step {ours_step * 1000:5.1f} ms (transformers {ref_step * 1000:5.1f} ms); "
-          f"floor {floor * 1000:5.1f} ms: {ours_step / floor:4.2f}x the floor")
+          f"floor {floor * 1000:5.1f} ms: {ours_step / floor:4.2f}x the floor; XLA's matmuls over the weights "
+          f"alone {matmuls * 1000:5.1f} ms ({matmuls / floor:4.2f}x the floor)")
 
 
 def main():
