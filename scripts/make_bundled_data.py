@@ -5,7 +5,8 @@ Templated questions with regular answers, so that a tiny model learns them visib
 SFT chats, preference data (comparison pairs, KTO feedback) whose chosen answer is the right one
 and whose rejected answer is the same sentence with a wrong fact, so that a reward model or a policy
 can only tell them apart by learning the facts, regression reward-model data (attribute scores), and
-SteerLM 2.0 groups (the right answer among wrong ones, the attribute model favouring the right one).
+SteerLM 2.0 groups (the right answer among wrong ones, the attribute model favouring the right one),
+and arithmetic problems with their answers (GRPO's verifiable rewards; held-out problems apart).
 """
 
 import json
@@ -127,6 +128,47 @@ def record(rng):
   return {"system": rng.choice(SYSTEMS), "conversations": turns, "mask": "User", "type": "VALUE_TO_TEXT"}
 
 
+ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps"]
+
+
+def arithmetic_problems() -> tuple[list, list]:
+  """Every sum and difference of 0-20 (differences not negative), shuffled once and split so that no
+  held-out problem is in the training set: (train, validation) as (question, answer) pairs, some as
+  one-line word problems."""
+  rng = random.Random(12)
+  problems = [(a, op, b) for a in range(21) for b in range(21) for op in "+-" if op == "+" or a >= b]
+  rng.shuffle(problems)
+  out = []
+  for a, op, b in problems:
+    answer = a + b if op == "+" else a - b
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if rng.random() < 0.5:
+      question = f"What is {a} {op} {b}?"
+    elif op == "+":
+      question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+    else:
+      question = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+    out.append((question, str(answer)))
+  return out[64:], out[:64]
+
+
+def write_arithmetic():
+  """GRPO's problems with answers (``problem`` format), and SFT chats that answer the training problems
+  ("The answer is N."), for a warm start."""
+  train, val = arithmetic_problems()
+  for name, pairs in (("arithmetic_train.jsonl", train), ("arithmetic_val.jsonl", val)):
+    with open(OUT / name, "w") as f:
+      for question, answer in pairs:
+        f.write(json.dumps({"prompt": [{"role": "user", "content": question}], "answer": answer}) + "\n")
+    print(f"{len(pairs)} records -> {OUT / name}")
+  with open(OUT / "arithmetic_sft_train.jsonl", "w") as f:
+    for question, answer in train:
+      turns = [{"from": "User", "value": question, "label": None},
+               {"from": "Assistant", "value": f"The answer is {answer}.", "label": None}]
+      f.write(json.dumps({"system": "", "conversations": turns, "mask": "User", "type": "VALUE_TO_TEXT"}) + "\n")
+  print(f"{len(train)} records -> {OUT / 'arithmetic_sft_train.jsonl'}")
+
+
 def main():
   OUT.mkdir(parents=True, exist_ok=True)
   for name, make, n, seed in (("sft_chat_train.jsonl", record, 512, 0), ("sft_chat_val.jsonl", record, 64, 1),
@@ -142,6 +184,7 @@ def main():
       for _ in range(n):
         f.write(json.dumps(make(rng)) + "\n")
     print(f"{n} records -> {OUT / name}")
+  write_arithmetic()
 
 
 if __name__ == "__main__":

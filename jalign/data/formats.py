@@ -11,6 +11,7 @@ Every record is checked when the file is read, before any training: a malformed 
 | ``kto``             | ``{"prompt": str or messages, "response": str, "preference": "chosen"/"rejected" or bool}`` |
 | ``prompt``          | ``{"text": str}`` (PPO, REINFORCE prompts) |
 | ``regression``      | ``{"text": str, "label": [float, ...]}`` (SteerLM reward model) |
+| ``problem``         | ``{"prompt" or "messages" or "problem": str or messages, "answer" or "expected_answer": str or number, ...}`` (GRPO) |
 | ``steerlm2``        | ``{"system"?, "prompt_turns": [{"from", "value"}] (odd count, ending with the user), "label": str, "responses": [{"value", "log(P(a|x,y))", "log(P(y|x))", "log(Q(y|a,x))"}]}`` |
 """
 
@@ -124,6 +125,22 @@ def parse_prompt(obj: dict) -> dict:
   return {"text": _str(obj, "text", nonempty=True)}
 
 
+def parse_problem(obj: dict) -> dict:
+  """A prompt with its ground truth, for rewards that check answers (GRPO). The prompt is ``prompt``,
+  ``messages`` or ``problem`` (NeMo-RL's name), the reference ``answer`` or ``expected_answer``; every
+  field of the line rides along in ``record`` (``answer`` set) for the reward functions."""
+  key = next((k for k in ("prompt", "messages", "problem") if k in obj), None)
+  if key is None:
+    raise _FieldError("missing field 'prompt' (or 'messages' or 'problem')")
+  answer_key = next((k for k in ("answer", "expected_answer") if k in obj), None)
+  if answer_key is None:
+    raise _FieldError("missing field 'answer' (or 'expected_answer')")
+  answer = obj[answer_key]
+  if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+    raise _FieldError(f"field {answer_key!r} must be a non-empty string or a number")
+  return {"prompt": _prompt(obj, key), "answer": str(answer), "record": {**obj, "answer": str(answer)}}
+
+
 def parse_regression(obj: dict) -> dict:
   label = obj.get("label")
   if not isinstance(label, list) or not label or not all(
@@ -178,6 +195,7 @@ def parse_steerlm2(obj: dict) -> dict:
 PARSERS: dict[str, Callable[[dict], dict]] = {
     "prompt_response": parse_prompt_response, "chat": parse_chat, "comparison": parse_comparison,
     "kto": parse_kto, "prompt": parse_prompt, "regression": parse_regression, "steerlm2": parse_steerlm2,
+    "problem": parse_problem,
 }
 
 
@@ -187,6 +205,7 @@ class ReadReport:
   records: int = 0
   bad_lines: int = 0
   first_bad: str | None = None
+  lines: list = dataclasses.field(default_factory=list)  # the line number of each record
 
 
 def read_jsonl(path: str | os.PathLike, fmt: str, *, skip_bad_lines: bool = False) -> tuple[list[dict], ReadReport]:
@@ -218,6 +237,7 @@ def read_jsonl(path: str | os.PathLike, fmt: str, *, skip_bad_lines: bool = Fals
         if not isinstance(obj, dict):
           raise _FieldError(f"expected a JSON object, got {type(obj).__name__}")
         records.append(parse(obj))
+        report.lines.append(lineno)
       except _FieldError as e:
         where = f"{path}:{lineno}: {e}"
         if not skip_bad_lines:
