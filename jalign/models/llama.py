@@ -271,15 +271,17 @@ class Attention(nnx.Module):
       o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids, branch_ids=branch_ids,
                           impl=cfg.attention_impl, sliding_window=cfg.sliding_window)
     else:
-      # Every layer's cache ``[L,B,S,Hkv,D]`` with this layer's index: the new keys and values are
-      # written into the stack in place and this layer's slice is read, so a decode step touches the
-      # cache once rather than copying it whole in and out of the layer loop.
+      # Every layer's cache ``[L,B,S,Hkv,D]`` with this layer's index: this layer's slice is read, the
+      # new keys and values written into it and the slice written back into the stack in place, so a
+      # decode step copies each layer's cache once rather than the whole cache in and out of the loop.
       k_all, v_all, layer = cache
       rows = jnp.arange(x.shape[0])[:, None]
-      k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype))
-      v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype))
       k_cache = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
       v_cache = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+      k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
+      v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
+      k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_cache, layer, 0)
+      v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_cache, layer, 0)
       if x.shape[1] == 1:  # one token per row: the ragged decode kernel, stopping at each row's length
         o = decode_attention(q[:, 0], k_cache.astype(q.dtype), v_cache.astype(q.dtype), positions[:, 0] + 1,
                              sliding_window=cfg.sliding_window, impl=cfg.decode_attention_impl)[:, None]
