@@ -294,7 +294,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
     params = per_device_bytes(state.params) + per_device_bytes(state.rest)
     optimizer = per_device_bytes(state.opt_state)
     # The initial policy, frozen: a copy of the weights (none with LoRA: the base, adapters off).
-    initial = 0 if c.reference.offload or c.lora.rank or not spec.rollout.with_kl else params
+    initial = 0 if c.reference.offload or c.lora.rank or not spec.rollout.initial(c) else params
     optimizer_resident = 0 if settings.offload_optimizer else optimizer
 
     # Generation: a copy of the weights in the compute dtype, laid out by the generation rules
@@ -309,8 +309,8 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
                     continuous=settings.samples if c.rollout.continuous_batching else 0)
     rows, rounds = _rollout_rows(settings, pmesh.data_parallel_size(mesh, rules))
 
-    if not spec.rollout.critic:  # the reward model scores in the actor's job (PPO: in the critic's)
-      rm_spec = config_lib.value_at(c, spec.rollout.reward_model)
+    rm_spec = config_lib.value_at(c, spec.rollout.reward_model)
+    if not spec.rollout.critic and rm_spec:  # the reward model scores in the actor's job (PPO: in the critic's)
       rm_cfg = reward_lib.reward_model_config(rm_spec).replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
       rm_graphdef, rm_weights = job.weights(nnx.eval_shape(lambda: ValueModel(rm_cfg, 1, rngs=nnx.Rngs(0))),
                                             dtype=jnp.dtype(c.model.dtype))
@@ -320,7 +320,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
               resident=params + initial + engine + optimizer_resident,
               flops=_flops(rm_cfg, rows * scored, scored, backward=False), repeats=rounds)
 
-    if spec.rollout.with_kl:  # pi_old and pi_init on the scored rollout, a global batch at a time
+    if spec.rollout.old(c):  # pi_old (and pi_init for a KL) on the scored rollout, a global batch at a time
       scored = {**build_row([], length, 0), "group_ids": jnp.zeros((), jnp.int32), "is_end": jnp.zeros((), bool),
                 "rewards": jnp.zeros((), jnp.float32)}
       current = trainer.jit_reference_pass(
@@ -329,7 +329,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
       job.add("policy log-probs", current, (state.params, state.rest, job.batch(scored, t.global_batch_size)),
               resident=engine + initial + optimizer_resident,
               flops=_flops(cfg, t.global_batch_size * length, length, backward=False),
-              repeats=2 * math.ceil(settings.samples / t.global_batch_size))
+              repeats=(1 + spec.rollout.initial(c)) * math.ceil(settings.samples / t.global_batch_size))
 
     engine_resident = 0 if settings.unload_engine_train else engine
     job.train_step("actor train", build.train_step(c, graphdef, spec.rollout.loss(c), schedule, tx, mesh, rules),

@@ -20,13 +20,13 @@ from jalign.data import formats
 from jalign.metrics import MetricsError
 from jalign.models.safetensors_io import CheckpointError
 from jalign.parallel import distributed
-from jalign.recipes import ppo, reinforce, spin, supervised
+from jalign.recipes import grpo, ppo, reinforce, spin, supervised
 from jalign.specs.base import ConfigError
 from jalign.trainer import TrainingError
 
 # The recipe a spec names (``AlgorithmSpec.recipe``) -> what runs it.
 RECIPES = {"train": supervised.run, "spin": spin.run, "reinforce": reinforce.run, "rs": reinforce.run,
-           "ppo": ppo.run}
+           "ppo": ppo.run, "grpo": grpo.run}
 
 
 def run(c, log=print) -> dict:

@@ -19,7 +19,7 @@ LAYERS = [
     ("trainer", "checkpoints", "metrics", "run_folder", "rollout"),
     ("serve.critic", "serve.engine", "serve.generation", "serve.triton"),
     ("recipes",),
-    ("train", "plan", "score", "export", "distill", "steerlm", "demo", "report", "cli", "serve.__main__"),
+    ("train", "plan", "score", "evaluate", "export", "distill", "steerlm", "demo", "report", "cli", "serve.__main__"),
 ]
 SHARED_RECIPES = {"recipes.build", "recipes.rollouts", "recipes.reward", "recipes.critic"}
 

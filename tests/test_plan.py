@@ -137,3 +137,18 @@ def test_shipped_configs_fit_in_80_gb(name, params, meshes):
   assert len(peaks) == len(meshes) and all(5 < p < 80 for p in peaks), out.stdout
   for mesh in meshes:
     assert f"{params} parameters on mesh {mesh}" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("preset, kl", [("grpo", True), ("dapo", False)])
+def test_grpo_plan_generates_and_scores_with_functions_alone(preset, kl):
+  """Rewards from functions: no reward model step; pi_old always, pi_init only with a KL term."""
+  c = load_config_file(ROOT / "configs" / "grpo_tiny.py", {
+      "model.init": "random", "model.preset": "tiny", "grpo.preset": preset, "rollout.num_prompts": 16,
+      "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 4, "train.global_batch_size": 16,
+      "train.micro_batch_size": 2})
+  c.mesh.update({"data": 1, "fsdp": 4, "tensor": 2, "pipeline": 1})
+  (actor,) = plan(c, peak_flops=1e12)
+  assert [s.name for s in actor.steps] == ["rollout", "policy log-probs", "actor train"]
+  assert actor.step("policy log-probs").repeats == (2 if kl else 1) * 4
+  assert actor.step("actor train").repeats == 4
+  assert actor.step("rollout").resident_bytes == (1 + kl) * actor.params_bytes + actor.optimizer_bytes

@@ -21,8 +21,6 @@ Validation reports the mean reward ``val_reward`` of one reply to each validatio
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from jalign import specs, trainer
@@ -76,13 +74,13 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   spec = specs.get(c.algorithm)
   prepare = PREPARE[spec.recipe]
   settings = spec.sampling(c)
-  policy = rollouts_lib.build_policy(c, settings, log, with_kl=spec.rollout.with_kl)
+  policy = rollouts_lib.build_policy(c, settings, log, with_kl=spec.rollout.initial(c))
   # The reward model scores inside the trainer's mesh, so its weights are read onto it (by the same rules).
   reward = RewardModel.load_to_score(c, spec.rollout.reward_model, policy.mesh, policy.rules)
   reward.check_reads(policy.tok, spec.rollout.reward_model)
   rows = rollouts_lib.generation_rows(settings, pmesh.data_parallel_size(policy.mesh, policy.rules))
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts,
-                                   score=functools.partial(reward.rewards, batch_size=rows), prepare=prepare,
+                                   score=lambda examples, _: reward.rewards(examples, batch_size=rows), prepare=prepare,
                                    initial=policy.initial, current=policy.current, mesh=policy.mesh,
                                    rules=policy.rules, log=log, val_prompts=policy.val_prompts)
   loop = rollouts_lib.rollout_trainer(c, rollouts, policy, spec.rollout.loss(c))

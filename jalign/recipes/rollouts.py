@@ -33,6 +33,7 @@ from jalign import config as config_lib
 from jalign import run_folder, specs, trainer
 from jalign.data import formats
 from jalign.data.packing import build_row
+from jalign.data.preference import render_prompt
 from jalign.data.prompts import encode_prompts
 from jalign.data.sft import _example
 from jalign.losses import offpolicy, rloo
@@ -47,6 +48,19 @@ from jalign.specs.base import ConfigError, message_format
 # (rollouts, scored batch, statistics to add to, step) -> the batch the train step reads
 Prepare = Callable[["Rollouts", dict, dict, int], dict]
 
+
+@dataclasses.dataclass
+class Scoring:
+  """What a scorer may read besides the examples: each sample's prompt and response tokens (the
+  response without its stop token) and its prompt's data record (None for prompt-only data)."""
+  prompts: list
+  responses: list
+  records: list
+
+
+# (prompt + response examples, their Scoring) -> [N] rewards
+Score = Callable[[list, Scoring], np.ndarray]
+
 # config.rollout.engine -> the engine rollouts generate with
 ENGINES = {"local": engine_lib.LocalEngine, "served": ServedEngine}
 
@@ -56,9 +70,11 @@ class Rollouts:
   policy whenever the last one is used up. ``loop`` (the Trainer) is set once it exists."""
 
   def __init__(self, c, settings: RolloutSettings, tok, prompts: list[list[int]], *,
-               score: Callable[[list], np.ndarray], prepare: Prepare, initial: trainer.ReferencePass | None,
-               current, mesh, rules, log, val_prompts: list[list[int]] | None = None):
+               score: Score, prepare: Prepare, initial: trainer.ReferencePass | None,
+               current, mesh, rules, log, val_prompts: list[list[int]] | None = None,
+               records: list | None = None, val_records: list | None = None):
     self.c, self.r, self.tok, self.prompts, self.val_prompts = c, settings, tok, prompts, val_prompts
+    self.records, self.val_records = records, val_records
     self.score, self.prepare = score, prepare
     self.initial, self.current = initial, current
     self.mesh, self.rules, self.log = mesh, rules, log
@@ -137,6 +153,10 @@ class Rollouts:
     chosen = self._prompt_indices(index)
     return [self.prompts[i] for i in chosen for _ in range(k)], np.repeat(np.arange(len(chosen)), k)
 
+  def _scoring(self, prompts, responses, records) -> Scoring:
+    bare = [r[:-1] if r and r[-1] in self.stop_ids else r for r in responses]
+    return Scoring(prompts, bare, records if records is not None else [None] * len(prompts))
+
   def _seed(self, index: int) -> int:
     return self.c.seed + 7919 * index
 
@@ -168,6 +188,9 @@ class Rollouts:
     step = int(jax.device_get(self.loop.state.step))
     index = step // self.steps_per_rollout
     prompts, group_ids = self._rollout_prompts(index)
+    records = None
+    if self.records is not None:
+      records = [self.records[i] for i in self._prompt_indices(index) for _ in range(self.r.per_prompt)]
     if self._next is not None and self._next[0] == index:  # generated while the last rollout trained
       responses, is_end, sampled, self.version = self._next[1].result()
     else:
@@ -185,7 +208,7 @@ class Rollouts:
     for row, (p, logprobs) in enumerate(zip(prompts, sampled)):
       engine[row, len(p) - 1:len(p) - 1 + len(logprobs)] = logprobs
     batch["engine_logprobs"] = engine
-    rewards = self.score(examples)
+    rewards = self.score(examples, self._scoring(prompts, responses, records))
     stats = {"reward": float(np.mean(rewards)), "response_length": float(np.mean([len(x) for x in responses])),
              "fraction_ended": float(np.mean(is_end)), "weight_version": self.version}
     if self.engine.refit_seconds is not None:
@@ -206,7 +229,7 @@ class Rollouts:
     with self._optimizer_away():
       responses, is_end, _ = self._generate(self.val_prompts, seed=self.c.seed + 1)
       examples = [_example([(p, False), (resp, True)]) for p, resp in zip(self.val_prompts, responses)]
-      rewards = self.score(examples)
+      rewards = self.score(examples, self._scoring(self.val_prompts, responses, self.val_records))
     return {"val_reward": float(np.mean(rewards)), "val_response_length": float(np.mean([len(x) for x in responses])),
             "val_fraction_ended": float(np.mean(is_end))}
 
@@ -227,8 +250,8 @@ class Rollouts:
                    continuous=bool(self.c.rollout.continuous_batching))
 
   def logprobs(self, batch):
-    """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's,
-    one global batch at a time."""
+    """``(old, init)`` per-token log-probs ``[N, T]``: the current policy's and the initial policy's
+    (None without an initial policy), one global batch at a time."""
     old, init = [], []
     size = self.c.train.global_batch_size
     state = self.loop.state
@@ -236,8 +259,9 @@ class Rollouts:
       part = {key: value[start:start + size] for key, value in batch.items()}
       part = pmesh.put_global_batch(part, self.mesh, self.rules) if self.mesh is not None else part
       old.append(pmesh.fetch(self.current(state.params, state.rest, part)["token_logprobs"]))
-      init.append(pmesh.fetch(self.initial(part, state)["token_logprobs"]))
-    return np.concatenate(old), np.concatenate(init)
+      if self.initial is not None:
+        init.append(pmesh.fetch(self.initial(part, state)["token_logprobs"]))
+    return np.concatenate(old), np.concatenate(init) if init else None
 
   def compare_engine(self, batch: dict, old, stats: dict) -> None:
     """Adds the gap between the engine's log-probs and the trainer's ``old`` ones over the responses
@@ -267,12 +291,18 @@ def row_width(longest: int, max_seq_length: int, multiple: int) -> int:
   return min(max_seq_length, -(-longest // multiple) * multiple)
 
 
-def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> list[list[int]]:
-  """The prompt file's texts (``data.train``, or ``spec``) as token ids, left-truncated to leave room for
-  the responses."""
+def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> tuple[list[list[int]], list | None]:
+  """The prompt file's prompts (``data.train``, or ``spec``) as token ids, left-truncated to leave room
+  for the responses, and for ``problem`` data each prompt's record (its ground truth, every field of
+  its line, and ``where`` it is: ``file:line``) for the reward functions."""
   path = config_lib.data_path(spec or c.data.train)
   records, report = formats.read_jsonl(path, c.data.format, skip_bad_lines=c.data.skip_bad_lines)
   keep = c.data.max_seq_length - (settings.max_new_tokens or c.data.max_seq_length // 2)
+  extra = None
+  if c.data.format == "problem":  # message prompts rendered as the model is asked (its chat format)
+    chat = message_format(c, tok)
+    extra = [{**r["record"], "where": f"{path}:{line}"} for r, line in zip(records, report.lines)]
+    records = [{"text": render_prompt(r["prompt"], chat)[0]} for r in records]
   encoded, stats = encode_prompts(records, tok, max_length=keep, add_bos=c.data.add_bos)
   prompts = [p.tolist() for p in encoded]
   log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, {stats.truncated} cut to "
@@ -280,7 +310,7 @@ def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None
   if spec is None and len(prompts) < settings.prompts:
     raise formats.DataError(f"{path}: {len(prompts)} prompts, fewer than config.{settings.keys['prompts']} "
                             f"{settings.prompts}")
-  return prompts
+  return prompts, extra
 
 
 @dataclasses.dataclass
@@ -289,6 +319,8 @@ class Policy:
   tok: object
   prompts: list
   val_prompts: list | None
+  records: list | None       # each prompt's data record, for problem data (its ground truth)
+  val_records: list | None
   graphdef: object
   state: trainer.TrainState
   tx: object
@@ -299,17 +331,18 @@ class Policy:
   current: object                        # the current policy's log-probs (pi_old)
 
 
-def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
+def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool, with_old: bool | None = None) -> Policy:
   """The run folder, the policy of ``config.model``, its prompts and optimizer state; with ``with_kl``
-  the log-prob passes of the initial and current policy."""
+  the log-prob passes of the initial and current policy, with ``with_old`` (default: ``with_kl``) that of
+  the current policy."""
   if c.rollout.engine not in ENGINES:
     raise ConfigError(f"config.rollout.engine: {c.rollout.engine!r} is not one of {tuple(ENGINES)}")
   mesh, rules, _ = build.prepare_run(c)
   model, own = build.build_model(c, mesh, rules)
   model = build.algorithm_parts(c, model, mesh, rules)[0]  # config.lora's adapters, which alone then train
   tok = build.build_tokenizer(c, own)
-  prompts = load_prompts(c, settings, tok, log)
-  val_prompts = load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation else None
+  prompts, records = load_prompts(c, settings, tok, log)
+  val_prompts, val_records = load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation else (None, None)
   t = c.train
   micro_batches = build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
   schedule, tx = build.build_optimizer(c)
@@ -319,8 +352,10 @@ def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool) -> Policy:
   if with_kl:
     # With LoRA the starting policy is the base model, adapters off: no copy of its weights.
     initial = build.reference_pass(c, graphdef, state, rloo.token_logprobs_of, mesh, rules)
+  if with_kl if with_old is None else with_old:
     current = trainer.jit_reference_pass(graphdef, rloo.token_logprobs_of, micro_batches=micro_batches)
-  return Policy(tok, prompts, val_prompts, graphdef, state, tx, schedule, mesh, rules, initial, current)
+  return Policy(tok, prompts, val_prompts, records, val_records, graphdef, state, tx, schedule, mesh, rules,
+                initial, current)
 
 
 def trainer_options(c, has_val_prompts: bool) -> trainer.TrainerOptions:

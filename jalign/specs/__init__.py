@@ -7,11 +7,11 @@ config, the recipes and the planner ask the registry; nothing else compares algo
 
 from __future__ import annotations
 
-from jalign.specs import dpo, kd, kto, ppo, reinforce, rm, rs, sft, spin, steerlm2
+from jalign.specs import dpo, grpo, kd, kto, ppo, reinforce, rm, rs, sft, spin, steerlm2
 from jalign.specs.base import AlgorithmSpec, ConfigError, RolloutSettings, RolloutSpec
 
 REGISTRY: dict[str, AlgorithmSpec] = {s.name: s for s in (
-    sft.SPEC, rm.SPEC, dpo.SPEC, kto.SPEC, kd.SPEC, steerlm2.SPEC, spin.SPEC, reinforce.SPEC, rs.SPEC, ppo.SPEC)}
+    sft.SPEC, rm.SPEC, dpo.SPEC, kto.SPEC, kd.SPEC, steerlm2.SPEC, spin.SPEC, reinforce.SPEC, rs.SPEC, ppo.SPEC, grpo.SPEC)}
 ALGORITHMS = tuple(REGISTRY)
 
 

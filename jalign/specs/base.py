@@ -140,13 +140,24 @@ class RolloutSpec:
   (beyond tokens, targets, positions and segment ids) and its loss."""
   train_fields: Callable[[Any], dict]   # name -> dtype of the per-token or per-row fields, for the planner
   loss: Callable[[Any], Callable]
-  with_kl: bool                         # needs the current and initial policy's log-probs
+  # Needs the current and initial policy's log-probs (the KL); a function of the config where that
+  # depends on it.
+  with_kl: bool | Callable[[Any], bool]
   critic: bool = False                  # a critic job (and its server) beside the actor, which scores
   reward_model: str = "reinforce.reward_model"  # the config key of the reward model run that scores
+  always_old: bool = False              # needs the current policy's log-probs (pi_old) even without a KL
 
   def fields(self, c) -> tuple[str, ...]:
     """Every field of the rows the train step reads."""
     return ROW_FIELDS + tuple(self.train_fields(c))
+
+  def initial(self, c) -> bool:
+    """Whether config ``c`` needs the initial policy's log-probs."""
+    return self.with_kl(c) if callable(self.with_kl) else self.with_kl
+
+  def old(self, c) -> bool:
+    """Whether config ``c`` needs the current policy's log-probs of each rollout."""
+    return self.always_old or self.initial(c)
 
 
 @dataclasses.dataclass(frozen=True)
