@@ -1,12 +1,13 @@
 """The ``jalign`` console script: ``jalign train --config=...`` is ``python -m jalign.train --config=...``,
 and likewise ``jalign plan``, ``jalign serve``, ``jalign distill``, ``jalign steerlm``, ``jalign score`` and
-``jalign export``; ``jalign demo`` runs the demo and ``jalign report`` draws runs."""
+``jalign export``; ``jalign evaluate`` measures a policy's accuracy on problems, ``jalign demo`` runs the
+demo and ``jalign report`` draws runs."""
 
 import sys
 
 COMMANDS = {"train": "jalign.train", "plan": "jalign.plan", "serve": "jalign.serve.__main__", "distill": "jalign.distill",
             "steerlm": "jalign.steerlm", "score": "jalign.score", "export": "jalign.export", "demo": "jalign.demo",
-            "report": "jalign.report"}
+            "report": "jalign.report", "evaluate": "jalign.evaluate"}
 
 
 def main():
@@ -27,6 +28,9 @@ def main():
   elif command == "report":
     from jalign.report import main as report
     report(sys.argv[1:])
+  elif command == "evaluate":
+    from jalign.evaluate import main as evaluate
+    evaluate(sys.argv[1:])
   elif command == "score":
     from jalign.score import main as score
     score(sys.argv[1:])
