@@ -11,8 +11,9 @@ Then:
   - the policy's log-probs now (pi_old, the behaviour policy: the engine's with ``rollout.max_staleness``)
     and, with a KL term, the initial policy's; ``kl = "reward"`` subtracts ``kl_coef`` x each sequence's
     summed KL estimate from its reward;
-  - advantages relative to the group (``losses.grpo.group_advantages``), groups whose rewards are all
-    equal masked out with ``drop_zero_variance`` (DAPO's dynamic sampling, without resampling);
+  - advantages relative to the group (``losses.grpo.group_advantages``); with ``drop_zero_variance``
+    (DAPO's dynamic sampling) groups whose rewards are all equal are replaced by such groups of up to
+    ``max_resample_rounds`` extra rounds of prompts drawn at random, and those left train nothing;
   - ``num_prompts * samples_per_prompt / global_batch_size`` optimizer steps of the clipped policy loss
     in the preset's aggregation (``losses.grpo.train_loss``).
 Rollout statistics: each reward source's mean, the reward's spread within groups, the fraction of
@@ -88,16 +89,53 @@ class GroupAdvantages:
     self.settings = grpo_spec.resolved(c)
     self.max_new = grpo_spec.max_new_tokens(c)
 
+  def shaped(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The rewards of a scored batch with DAPO's overlong penalty added, and the penalty."""
+    rewards = np.asarray(batch["rewards"], np.float64)
+    penalty = np.zeros_like(rewards)
+    if self.settings["overlong_fraction"] > 0:
+      window = max(1, int(round(self.settings["overlong_fraction"] * self.max_new)))
+      penalty = np.asarray(grpo.overlong_penalty(batch["loss_mask"].sum(axis=1), max_length=self.max_new,
+                                                 window=window), np.float64)
+    return rewards + penalty, penalty
+
+  def refill(self, rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict) -> dict:
+    """DAPO's dynamic sampling: the rollout's groups whose shaped rewards differ, topped up with such
+    groups of up to ``max_resample_rounds`` extra rounds of prompts, then (when still short) with its
+    zero-variance groups, which train nothing. As many groups as the rollout had."""
+    wanted = len(np.unique(batch["group_ids"]))
+    batches, picked, flat_ones = [batch], [], []
+
+    def sort(b, index):
+      shaped, _ = self.shaped(b)
+      flat = np.asarray(grpo.zero_variance_groups(shaped, b["group_ids"]))
+      for g in dict.fromkeys(b["group_ids"].tolist()):
+        (flat_ones if flat[b["group_ids"] == g][0] else picked).append((index, g))
+
+    sort(batch, 0)
+    rounds = 0
+    while len(picked) < wanted and rounds < self.settings["max_resample_rounds"]:
+      rounds += 1
+      batches.append(rollouts.more_groups(rounds))
+      sort(batches[-1], rounds)
+    chosen = (picked + flat_ones)[:wanted]
+    stats.update(resample_rounds=float(rounds), informative_groups=float(min(len(picked), wanted) / wanted))
+    parts = []
+    for index, b in enumerate(batches):
+      groups = {g for i, g in chosen if i == index}
+      rows = np.flatnonzero(np.isin(b["group_ids"], list(groups)))
+      if len(rows):
+        parts.append({key: value[rows] for key, value in b.items()})
+    return rollouts_lib.concat_rows(parts, rollouts.pad)
+
   def __call__(self, rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict, step: int) -> dict:
     s = self.settings
-    rewards = np.asarray(batch["rewards"], np.float64)
-    mask = batch["loss_mask"]
-    lengths = mask.sum(axis=1)
     stats.update(self.rewards.last)
+    if s["drop_zero_variance"] and s["max_resample_rounds"] > 0:
+      batch = self.refill(rollouts, batch, stats)
+    rewards, penalty = self.shaped(batch)
+    mask = batch["loss_mask"]
     if s["overlong_fraction"] > 0:
-      window = max(1, int(round(s["overlong_fraction"] * self.max_new)))
-      penalty = np.asarray(grpo.overlong_penalty(lengths, max_length=self.max_new, window=window))
-      rewards = rewards + penalty
       stats["overlong_penalty"] = float(np.mean(penalty))
     old, init = rollouts.logprobs(batch)
     rollouts.compare_engine(batch, old, stats)

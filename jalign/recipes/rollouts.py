@@ -94,6 +94,7 @@ class Rollouts:
     # between rollouts unless settings.unload_engine_train (what the planner counts).
     self.generation_rules = None if mesh is None else engine_lib.generation_rules(settings, rules)
     self.engine = None  # made once the trainer exists
+    self.index = None  # of the rollout being prepared
     self.version = None  # of the weights that generated the latest rollout
     # rollout.max_staleness 1: the next rollout generates (on the served engine) while the actor trains
     # on this one, with the weights of this one's start; (index, its samples when they come).
@@ -147,11 +148,9 @@ class Rollouts:
     self.engine.update_weights(int(jax.device_get(state.step)), (state.params, state.rest))
     return self.engine
 
-  def _rollout_prompts(self, index: int) -> tuple[list, np.ndarray]:
-    """Rollout ``index``'s prompts, each repeated for its samples, and their group ids."""
-    k = self.r.per_prompt
-    chosen = self._prompt_indices(index)
-    return [self.prompts[i] for i in chosen for _ in range(k)], np.repeat(np.arange(len(chosen)), k)
+  def _rollout_prompts(self, index: int) -> list:
+    """Rollout ``index``'s prompts, each repeated for its samples."""
+    return [self.prompts[i] for i in self._prompt_indices(index) for _ in range(self.r.per_prompt)]
 
   def _scoring(self, prompts, responses, records) -> Scoring:
     bare = [r[:-1] if r and r[-1] in self.stop_ids else r for r in responses]
@@ -162,8 +161,7 @@ class Rollouts:
 
   def _samples_of(self, index: int) -> tuple:
     """Rollout ``index``'s samples from the engine as it is, and their weights' version."""
-    prompts = self._rollout_prompts(index)[0]
-    samples = self.engine.generate(prompts, self._request(self._seed(index)))
+    samples = self.engine.generate(self._rollout_prompts(index), self._request(self._seed(index)))
     return samples.responses, samples.is_end, samples.logprobs, samples.version
 
   @staticmethod
@@ -187,18 +185,36 @@ class Rollouts:
   def _rollout(self) -> list[dict]:
     step = int(jax.device_get(self.loop.state.step))
     index = step // self.steps_per_rollout
-    prompts, group_ids = self._rollout_prompts(index)
-    records = None
-    if self.records is not None:
-      records = [self.records[i] for i in self._prompt_indices(index) for _ in range(self.r.per_prompt)]
+    chosen = self._prompt_indices(index)
     if self._next is not None and self._next[0] == index:  # generated while the last rollout trained
       responses, is_end, sampled, self.version = self._next[1].result()
+      samples = (responses, is_end, sampled)
     else:
-      responses, is_end, sampled = self._generate(prompts, seed=self._seed(index))
+      samples = self._generate(self._rollout_prompts(index), seed=self._seed(index))
     self._next = None
     if self.max_staleness:  # the next rollout, with the weights of now, while this one trains
       self.engine_ready()
       self._next = (index + 1, self._in_background(self._samples_of, index + 1))
+    batch, stats = self.scored_groups(chosen, seed=self._seed(index), samples=samples)
+    self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
+    self.index = index
+    batch = self.prepared = self.prepare(self, batch, stats, step)
+    batch = {key: batch[key] for key in self.fields}
+    self.loop.metrics.write(step, stats, prefix="rollout")
+    self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
+    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
+    size = self.c.train.global_batch_size
+    return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
+
+  def scored_groups(self, chosen, *, seed: int, samples=None, first_group: int = 0) -> tuple[dict, dict]:
+    """``per_prompt`` samples of each of the prompts ``chosen`` (indices into the data), from the engine
+    with the current weights (or the ``samples`` already made), as rows of one width with their
+    engine log-probs, scored: ``(batch, statistics)``. Group ids count from ``first_group``."""
+    k = self.r.per_prompt
+    prompts = [self.prompts[i] for i in chosen for _ in range(k)]
+    group_ids = first_group + np.repeat(np.arange(len(chosen)), k)
+    records = None if self.records is None else [self.records[i] for i in chosen for _ in range(k)]
+    responses, is_end, sampled = samples or self._generate(prompts, seed=seed)
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
     width = row_width(max(len(p) + len(r) for p, r in zip(prompts, responses)), self.c.data.max_seq_length,
                       self.c.rollout.pad_to_multiple)
@@ -214,14 +230,17 @@ class Rollouts:
     if self.engine.refit_seconds is not None:
       stats["refit_s"] = self.engine.refit_seconds
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
-    self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
-    batch = self.prepared = self.prepare(self, batch, stats, step)
-    batch = {key: batch[key] for key in self.fields}
-    self.loop.metrics.write(step, stats, prefix="rollout")
-    self.log(f"rollout {index} (step {step}): " + " ".join(f"{key}={value:.4g}" for key, value in stats.items()))
-    order = np.random.default_rng([self.c.seed, index, 1]).permutation(len(batch["tokens"]))
-    size = self.c.train.global_batch_size
-    return [{key: value[order[i:i + size]] for key, value in batch.items()} for i in range(0, len(order), size)]
+    return batch, stats
+
+  def more_groups(self, round_: int) -> dict:
+    """Round ``round_`` (1, 2, ...) of extra groups for the rollout being prepared, for algorithms that
+    replace groups they cannot train on (DAPO's dynamic sampling): as many prompts as a rollout, drawn
+    at random from the data (seeded by the rollout and the round), sampled and scored as its own."""
+    rng = np.random.default_rng([self.c.seed, self.index, 2, round_])
+    chosen = rng.choice(len(self.prompts), self.r.prompts, replace=len(self.prompts) < self.r.prompts)
+    batch, _ = self.scored_groups(chosen, seed=self._seed(self.index) + 104729 * round_,
+                                  first_group=round_ * self.r.prompts)
+    return batch
 
   def validate(self) -> dict:
     """One response to each validation prompt from the current policy (the same seed every time, so
@@ -275,6 +294,19 @@ class Rollouts:
     """The log-probs an importance ratio divides by: the trainer's ``old`` ones of the weights that
     sampled the rollout, or with ``rollout.max_staleness`` the engine's, whose weights are older."""
     return batch["engine_logprobs"] if self.max_staleness else old
+
+
+def concat_rows(batches: list[dict], pad_id: int) -> dict:
+  """Scored batches of rollout rows, one after another: rows of different widths are padded to the
+  widest (token ids with ``pad_id``, everything else with 0)."""
+  width = max(b["tokens"].shape[1] for b in batches)
+
+  def widened(key, value):
+    if value.ndim < 2 or value.shape[1] == width:
+      return value
+    fill = pad_id if key in ("tokens", "targets") else 0
+    return np.pad(value, ((0, 0), (0, width - value.shape[1])), constant_values=fill)
+  return {key: np.concatenate([widened(key, b[key]) for b in batches]) for key in batches[0]}
 
 
 def generation_rows(settings: RolloutSettings, data_parallel: int) -> int:

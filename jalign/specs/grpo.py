@@ -3,12 +3,12 @@ reward functions or a reward model, group-relative advantages and no critic (``j
 
 ``grpo.preset`` picks the settings each paper uses; any key set in the config wins over its preset:
 
-| preset  | scale_rewards | eps_low / eps_high | ratio    | aggregation   | kl            | zero-variance groups | overlong |
-|---------|---------------|--------------------|----------|---------------|---------------|----------------------|----------|
-| grpo    | yes           | 0.2 / 0.2          | token    | sequence_mean | loss, k3 0.04 | kept                 | off      |
-| dr_grpo | no            | 0.2 / 0.2          | token    | sequence_sum  | none          | kept                 | off      |
-| dapo    | yes           | 0.2 / 0.28         | token    | token_mean    | none          | dropped              | last 20% |
-| gspo    | yes           | 3e-4 / 4e-4        | sequence | sequence_mean | none          | kept                 | off      |
+| preset  | scale_rewards | eps_low / eps_high | ratio    | aggregation   | kl            | zero-variance groups                    | overlong |
+|---------|---------------|--------------------|----------|---------------|---------------|-----------------------------------------|----------|
+| grpo    | yes           | 0.2 / 0.2          | token    | sequence_mean | loss, k3 0.04 | kept                                    | off      |
+| dr_grpo | no            | 0.2 / 0.2          | token    | sequence_sum  | none          | kept                                    | off      |
+| dapo    | yes           | 0.2 / 0.28         | token    | token_mean    | none          | replaced (up to 3 rounds), else dropped | last 20% |
+| gspo    | yes           | 3e-4 / 4e-4        | sequence | sequence_mean | none          | kept                                    | off      |
 """
 
 import functools
@@ -23,18 +23,22 @@ from jalign.specs.base import (AlgorithmSpec, RolloutSettings, RolloutSpec, requ
 
 PRESETS = {
     "grpo": dict(scale_rewards=True, eps_low=0.2, eps_high=0.2, ratio="token", aggregation="sequence_mean",
-                 kl="loss", kl_coef=0.04, kl_estimator="k3", drop_zero_variance=False, overlong_fraction=0.0),
+                 kl="loss", kl_coef=0.04, kl_estimator="k3", drop_zero_variance=False, overlong_fraction=0.0,
+                 max_resample_rounds=0),
     "dr_grpo": dict(scale_rewards=False, eps_low=0.2, eps_high=0.2, ratio="token", aggregation="sequence_sum",
-                    kl="none", kl_coef=0.0, kl_estimator="k3", drop_zero_variance=False, overlong_fraction=0.0),
+                    kl="none", kl_coef=0.0, kl_estimator="k3", drop_zero_variance=False, overlong_fraction=0.0,
+                    max_resample_rounds=0),
     "dapo": dict(scale_rewards=True, eps_low=0.2, eps_high=0.28, ratio="token", aggregation="token_mean",
-                 kl="none", kl_coef=0.0, kl_estimator="k3", drop_zero_variance=True, overlong_fraction=0.2),
+                 kl="none", kl_coef=0.0, kl_estimator="k3", drop_zero_variance=True, overlong_fraction=0.2,
+                 max_resample_rounds=3),
     "gspo": dict(scale_rewards=True, eps_low=3e-4, eps_high=4e-4, ratio="sequence", aggregation="sequence_mean",
-                 kl="none", kl_coef=0.0, kl_estimator="k3", drop_zero_variance=False, overlong_fraction=0.0),
+                 kl="none", kl_coef=0.0, kl_estimator="k3", drop_zero_variance=False, overlong_fraction=0.0,
+                 max_resample_rounds=0),
 }
 KL_MODES = ("loss", "reward", "none")
 PRESET_TYPES = {"scale_rewards": bool, "eps_low": float, "eps_high": float, "ratio": str, "aggregation": str,
                 "kl": str, "kl_coef": float, "kl_estimator": str, "drop_zero_variance": bool,
-                "overlong_fraction": float}
+                "overlong_fraction": float, "max_resample_rounds": int}
 
 
 def block():
@@ -128,6 +132,7 @@ def validate(c, check_files):
           f"{r['kl_estimator']!r} is not one of {grpo.KL_ESTIMATORS}")
   require(r["kl_coef"] >= 0, "grpo.kl_coef", "must not be negative")
   require(0 <= r["overlong_fraction"] < 1, "grpo.overlong_fraction", "must be in [0, 1)")
+  require(r["max_resample_rounds"] >= 0, "grpo.max_resample_rounds", "must not be negative")
   require(g.dual_clip == 0 or g.dual_clip > 1, "grpo.dual_clip", f"{g.dual_clip}: 0 (off) or above 1")
   require(g.norm_constant >= 0, "grpo.norm_constant", "must not be negative")
   require_rollout_policy(c)

@@ -1,6 +1,6 @@
 """Two processes x 4 CPU devices with jax.distributed: same losses as one process with 8 devices,
 a checkpoint saved by both, restored by one process onto another mesh; PPO's rollouts, scores, critic
-and actor the same over two processes as in one."""
+and actor, and GRPO's rollouts, rewards and steps, the same over two processes as in one."""
 
 import json
 import os
@@ -83,6 +83,27 @@ def test_ppo_over_two_processes_matches_one(tmp_path, reward_run, sft_run):
   assert _metrics(tmp_path / "two", "train", "loss")[1] != 0  # the second step trains on a real surrogate
   for job in ("", "critic/"):  # actor and critic checkpoints, saved by both processes together
     assert sorted(p.name for p in (tmp_path / "two" / job / "checkpoints").iterdir()) == ["2"]
+
+
+def test_grpo_over_two_processes_matches_one(tmp_path, sft_run):
+  """GRPO's rollouts, rewards from functions (each process runs its own reward workers) and steps: the
+  same numbers over two processes as in one."""
+  common = [f"--config.model.init=run:{sft_run}", "--config.rollout.num_prompts=4",
+            "--config.rollout.samples_per_prompt=4", "--config.rollout.micro_batch_size=2",
+            "--config.rollout.max_new_tokens=8",
+            "--config.grpo.reward_functions=tests.rewards.sample_functions:length*0.1,"
+            "jalign.rewards.math_answers:final_answer", "--config.train.global_batch_size=8",
+            "--config.train.micro_batch_size=1", "--config.train.max_steps=2", "--config.train.save_interval=2",
+            "--config.train.val_check_interval=0"]
+  _launch(tmp_path / "one", 1, 8, "grpo_tiny", common)
+  _launch(tmp_path / "two", 2, 4, "grpo_tiny", common)
+  for split, key in (("train", "loss"), ("train", "kl"), ("rollout", "reward"), ("rollout", "response_length"),
+                     ("rollout", "advantage_abs")):
+    single, multi = _metrics(tmp_path / "one", split, key), _metrics(tmp_path / "two", split, key)
+    assert len(single) == len(multi) == (2 if split == "train" else 1), (split, key)
+    np.testing.assert_allclose(multi, single, rtol=1e-4, atol=1e-6, err_msg=f"{split} {key}")
+  assert _metrics(tmp_path / "two", "rollout", "advantage_abs")[0] > 0  # the rewards differ within groups
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["2"]
 
 
 def test_followers_make_process_zeros_calls_until_released():

@@ -68,7 +68,8 @@ def test_dapo_masks_zero_variance_groups_and_shapes_overlong_responses(tmp_path,
   # The verifier alone: the tiny policy rarely answers right, so most groups score all 0 and only the
   # overlong penalty (past 4 of the 8 new tokens) sets some samples apart.
   c = grpo_config(tmp_path, sft_run, **{"grpo.preset": "dapo", "grpo.overlong_fraction": 0.5,
-                                        "grpo.reward_functions": "jalign.rewards.math_answers:final_answer"})
+                                        "grpo.reward_functions": "jalign.rewards.math_answers:final_answer",
+                                        "grpo.max_resample_rounds": 0})
   rollouts, _ = first_rollout(c)
   batch = rollouts.prepared
   groups, mask = batch["group_ids"], batch["loss_mask"]
@@ -81,6 +82,28 @@ def test_dapo_masks_zero_variance_groups_and_shapes_overlong_responses(tmp_path,
   assert not mask[flat].any()
   assert (mask[~flat].sum(1) > 0).all()
   assert "ref_logprobs" not in batch  # dapo: no KL term
+
+
+def test_dapo_replaces_zero_variance_groups_with_groups_of_more_prompts(tmp_path, sft_run):
+  """Problems with an odd answer score 0 whatever the response: their groups are flat, and extra rounds
+  of prompts drawn from the data replace them with groups of even answers."""
+  c = grpo_config(tmp_path, sft_run, **{"grpo.preset": "dapo", "grpo.overlong_fraction": 0.0,
+                                        "grpo.reward_functions": f"{FUNCS}:even_length", "grpo.max_resample_rounds": 4})
+  rollouts, batches = first_rollout(c)
+  batch = rollouts.prepared
+  groups = batch["group_ids"]
+  assert len(groups) == 32 and sorted(np.bincount(groups)[np.bincount(groups) > 0]) == [4] * 8
+  first = rollouts.last  # the rollout's own groups, as scored
+  informative = sorted(g for g in set(first["group_ids"].tolist())
+                       if np.ptp(first["rewards"][first["group_ids"] == g]) > 0)
+  assert len(informative) < 8  # some flat groups to replace
+  assert sorted(g for g in set(groups.tolist()) if g < 8) == informative  # its informative groups all kept
+  assert (groups >= 8).any()  # and groups of the extra rounds in place of the rest
+  flat = np.array([np.ptp(batch["rewards"][groups == g]) == 0 for g in groups])
+  assert not flat.any() and batch["loss_mask"].sum(1).min() > 0
+  np.testing.assert_allclose(batch["advantages"], np_advantages(batch["rewards"], groups, True, 1e-6),
+                             rtol=1e-5, atol=1e-6)
+  assert all(b["tokens"].shape == batches[0]["tokens"].shape for b in batches)  # one width
 
 
 @pytest.mark.parametrize("preset", sorted(grpo_spec.PRESETS))

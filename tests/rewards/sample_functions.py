@@ -29,3 +29,9 @@ def text(prompt, response, record):
 
 def exits(prompt, response, record):
   os._exit(3)
+
+
+def even_length(prompt, response, record):
+  """The response's length for problems with an even answer; 0 for the others (a group of an odd
+  answer scores all the same)."""
+  return float(len(response)) if int(record["answer"]) % 2 == 0 else 0.0

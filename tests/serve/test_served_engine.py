@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jalign.config import load_config_file
-from jalign.recipes import ppo, reinforce
+from jalign.recipes import grpo, ppo, reinforce
 from jalign.recipes.build import build_model, build_tokenizer
 from jalign.rollout import engine as engine_lib
 from jalign.rollout import refit
@@ -58,6 +58,10 @@ def actor_settings(algorithm, address, reward_run, sft_run, **more) -> dict:
     return {**common, "critic.init": f"run:{reward_run}", "critic.reward_model": f"run:{reward_run}",
             "rollout.num_prompts": 16, "rollout.micro_batch_size": 16, "critic.global_batch_size": 8,
             "critic.micro_batch_size": 1, **more}
+  if algorithm == "grpo":  # rewards from functions: the responses' lengths, and the math verifier
+    return {**common, "grpo.reward_functions": "tests.rewards.sample_functions:length*0.1,"
+            "jalign.rewards.math_answers:final_answer", "data.max_seq_length": 80, "rollout.num_prompts": 4,
+            "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 16, **more}
   return {**common, "reinforce.reward_model": f"run:{reward_run}", "rollout.num_prompts": 4,
           "rollout.samples_per_prompt": 4, "rollout.micro_batch_size": 16, **more}
 
@@ -65,8 +69,8 @@ def actor_settings(algorithm, address, reward_run, sft_run, **more) -> dict:
 def _engine_run(algorithm, c):
   """A rollout algorithm's run of ``c``: its losses, each rollout's samples and rollout metrics, and its
   rollouts (their engine as the run left it)."""
-  build = {"reinforce": reinforce.build, "ppo": ppo.build}[algorithm]
-  loop, rollouts_ = build(c, log=quiet)
+  build = {"reinforce": reinforce.build, "ppo": ppo.build, "grpo": grpo.build}[algorithm]
+  loop, rollouts_ = build(c, log=quiet)[:2]
   sampled, make = [], rollouts_.rollout
 
   def rollout():
@@ -79,7 +83,7 @@ def _engine_run(algorithm, c):
   return loop.losses, sampled, [r for r in logged if r["split"] == "rollout"], rollouts_
 
 
-@pytest.mark.parametrize("algorithm", ["reinforce", "ppo"])
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo", "grpo"])
 def test_the_served_engine_samples_and_trains_as_the_local_one(server, tmp_path, reward_run, sft_run, algorithm):
   """The module's server as the rollout engine refitted from this process at every rollout: the same
   samples and losses as the local engine, each rollout recording the weights' version that made it,
