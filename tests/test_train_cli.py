@@ -110,7 +110,7 @@ def test_saved_configs_without_newer_keys_read_with_their_defaults(tmp_path):
 
 
 # The runs that shipped configs start from (run:runs/...), as the tests make them.
-EARLIER_RUNS = {"runs/sft_tiny": "sft_run", "runs/rm_tiny": "reward_run"}
+EARLIER_RUNS = {"runs/sft_tiny": "sft_run", "runs/rm_tiny": "reward_run", "runs/sft_arithmetic_tiny": "sft_run"}
 
 
 def _run_references(tree) -> set[str]:

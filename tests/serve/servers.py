@@ -1,5 +1,6 @@
 """Starting jalign's servers for tests: free ports on loopback, ``python -m jalign.serve`` once it serves."""
 
+import re
 import socket
 import subprocess
 import threading
@@ -47,7 +48,8 @@ def start_server(values, lines=None, config: str = "ppo_tiny"):
   def read():
     for line in process.stdout:
       lines.append(line)
-      if line.startswith("serving "):
+      # The server's line may land inside a line of Triton's log, which shares its output.
+      if re.search(r"serving [\w, ]+ at ", line):
         ready.set()
   threading.Thread(target=read, daemon=True).start()
   deadline = time.monotonic() + 180
