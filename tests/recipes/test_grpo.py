@@ -169,3 +169,24 @@ def test_a_reward_function_that_fails_stops_the_run_in_one_line(tmp_path, sft_ru
   assert last.startswith(f"error: reward function {FUNCS}:raises raised KeyError: 'id' on ") and \
       "arithmetic_train.jsonl:" in last, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+
+
+def test_grpo_raises_a_verifiable_reward(tmp_path, sft_run):
+  """A reward code computes (shorter answers score higher): within 40 steps the policy's mean reward
+  climbs well above where it started."""
+  c = grpo_config(tmp_path, sft_run, **{"grpo.preset": "grpo", "grpo.reward_functions": f"{FUNCS}:length*-0.1",
+                                        "rollout.num_prompts": 16, "rollout.samples_per_prompt": 8,
+                                        "rollout.micro_batch_size": 64, "train.global_batch_size": 32,
+                                        "train.micro_batch_size": 4, "train.max_steps": 40,
+                                        "train.save_interval": 0, "train.val_check_interval": 0,
+                                        "optimizer.lr": 3e-3, "optimizer.min_lr": 3e-3})
+  loop, _, rewards = grpo_recipe.build(c, log=quiet)
+  try:
+    loop.run()
+  finally:
+    rewards.close()
+  rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+  reward = [r["reward"] for r in rows if r["split"] == "rollout"]
+  assert len(reward) == 10
+  start, end = np.mean(reward[:2]), np.mean(reward[-3:])
+  assert end > start + 0.3 * abs(start), reward
