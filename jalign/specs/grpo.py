@@ -118,6 +118,8 @@ def validate(c, check_files):
   require(s.temperature > 0, key["temperature"], "must be positive")
   require(bool(g.reward_functions.strip()) or bool(g.reward_model), "grpo.reward_functions",
           "no reward: name reward functions or a grpo.reward_model")
+  require(not g.reward_functions.strip() or c.data.format == "problem", "grpo.reward_functions",
+          f"reward functions read each prompt's record: they need data.format 'problem', not {c.data.format!r}")
   if g.reward_model:
     require_reward_model(g.reward_model, "grpo.reward_model", check_files)
   require(g.reward_on_error in ("default", "stop"), "grpo.reward_on_error", f"{g.reward_on_error!r} is not default or stop")

@@ -126,6 +126,7 @@ def test_presets_and_overrides(tmp_path, preset):
     ("grpo.reward_functions", "", "config.grpo.reward_functions: no reward"),
     ("grpo.dual_clip", 0.5, "config.grpo.dual_clip: 0.5: 0 (off) or above 1"),
     ("rollout.samples_per_prompt", 1, "config.rollout.samples_per_prompt: must be at least 2"),
+    ("data.format", "prompt", "config.grpo.reward_functions: reward functions read each prompt's record"),
 ])
 def test_bad_settings_name_their_key(tmp_path, key, value, message):
   c = load("grpo_tiny", tmp_path, **{key: value})
