@@ -286,8 +286,9 @@ def _validate_data(c, check_files: bool) -> None:
   require(d.chat_prompt_tokens in ("default", "extra_id"), "data.chat_prompt_tokens",
           f"{d.chat_prompt_tokens!r} is not default or extra_id")
   require(d.chat_template in ("nemo", "model"), "data.chat_template", f"{d.chat_template!r} is not nemo or model")
-  require(d.chat_template == "nemo" or d.format in ("comparison", "kto"), "data.chat_template",
-          f"'model' renders the message prompts of comparison and kto data; {d.format} data uses NeMo's chat format")
+  require(d.chat_template == "nemo" or d.format in ("comparison", "kto", "problem"), "data.chat_template",
+          f"'model' renders the message prompts of comparison, kto and problem data; {d.format} data uses "
+          "NeMo's chat format")
   require("{input}" in d.prompt_template and "{output}" in d.prompt_template, "data.prompt_template",
           "must contain {input} and {output}")
 

@@ -1,6 +1,8 @@
 """``python -m jalign.evaluate --run=runs/grpo_tiny --data=bundled:arithmetic_val.jsonl [--samples=4]
-[--temperature=1.0] [--greedy] [--max_new_tokens=32] [--reward_functions=module:function,...]
-[--output=answers.jsonl]``: held-out accuracy of a trained policy on problem data.
+[--temperature=1.0] [--greedy] [--max_new_tokens=32] [--reward_functions=module:function,...]``:
+held-out accuracy of a trained policy on problem data. ``--run`` also takes a model a config's
+``model.init`` names (``smollm2``, ``hf:<folder>``, ``gguf:<file>``), prompted in its own chat template:
+the accuracy before training.
 
 Each prompt of the ``problem`` jsonl (``prompt``/``messages``/``problem`` with ``answer``/
 ``expected_answer``) is rendered in the run's chat format and answered ``--samples`` times (or once,
@@ -8,7 +10,8 @@ greedily); every answer is scored by the reward functions (default: the math ver
 ``jalign.rewards.math_answers:final_answer``) and counts as correct when its reward is at least
 ``--threshold`` (1). Printed and written to ``<run>/eval_<data name>.json``: pass@1 (the mean fraction of
 correct samples per prompt) and pass@k for k = 1..samples by the unbiased estimator of Chen et al.
-(2021), ``1 - C(n - c, k) / C(n, k)`` per prompt with c of n samples correct.
+(2021), ``1 - C(n - c, k) / C(n, k)`` per prompt with c of n samples correct (beside a model that is
+not a run folder: ``eval_<data name>.json`` in the working directory).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import numpy as np
 
 from jalign import config as config_lib
 from jalign.data import formats
+from jalign.data.chat import stop_ids
 from jalign.data.preference import render_prompt
-from jalign.recipes.build import load_trained, read_run_config, tool_mesh
+from jalign.recipes.build import build_model, build_tokenizer, load_trained, read_run_config, rules_of, tool_mesh
 from jalign.rewards import functions
 from jalign.rollout import generate
 from jalign.specs.base import ConfigError, message_format
@@ -37,19 +41,32 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def policy(run: str):
+  """``(model, tokenizer, chat format)`` of run folder ``run``, or of the model ``run`` names as a
+  config's ``model.init`` would (in the tokenizer's own chat template when it has one)."""
+  if (Path(run) / "config.json").is_file():
+    saved = read_run_config(run)
+    model, tok, _ = load_trained(run, mesh=tool_mesh())
+    return model, tok, message_format(saved, tok)
+  c = config_lib.base_config()
+  c.model.init, c.tokenizer = run, "model"
+  mesh = tool_mesh()
+  model, own = build_model(c, mesh, rules_of(c))
+  tok = build_tokenizer(c, own)
+  c.data.chat_template = "model" if tok.chat_template is not None else "nemo"
+  return model, tok, message_format(c, tok)
+
+
 def evaluate(run: str, data: str, *, samples: int = 1, temperature: float = 1.0, greedy: bool = False,
              max_new_tokens: int = 32, reward_functions: str = "jalign.rewards.math_answers:final_answer",
              threshold: float = 1.0, batch_size: int = 64, seed: int = 0, log=print) -> dict:
   """The accuracy summary of run folder ``run`` on problem file ``data`` (see the module docstring),
   with every answer under ``"answers"``."""
-  saved = read_run_config(run)
-  model, tok, _ = load_trained(run, mesh=tool_mesh())
+  model, tok, chat = policy(run)
   path = config_lib.data_path(data)
   records, report = formats.read_jsonl(path, "problem")
-  chat = message_format(saved, tok)
   prompts = [tok.encode(render_prompt(r["prompt"], chat)[0], add_special_tokens=False) for r in records]
-  turn = tok.encode(chat.turn_start, add_special_tokens=False)
-  stops = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
+  stops = stop_ids(chat, tok)
   pad = tok.pad_id if tok.pad_id is not None else 0
   n = 1 if greedy else samples
   flat = [(i, j) for i in range(len(prompts)) for j in range(n)]
@@ -83,7 +100,7 @@ def evaluate(run: str, data: str, *, samples: int = 1, temperature: float = 1.0,
 
 def main(argv=None):
   p = argparse.ArgumentParser(description="Held-out accuracy of a trained policy on problem data.")
-  p.add_argument("--run", required=True, help="a jalign run folder")
+  p.add_argument("--run", required=True, help="a jalign run folder, or a model: smollm2, hf:<folder>, gguf:<file>")
   p.add_argument("--data", required=True, help="problem jsonl (a path or bundled:<name>)")
   p.add_argument("--samples", type=int, default=1, help="answers per prompt (pass@k for k up to this)")
   p.add_argument("--temperature", type=float, default=1.0)
@@ -102,7 +119,8 @@ def main(argv=None):
   except (FileNotFoundError, ValueError, ConfigError, functions.RewardError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  out = Path(args.run) / f"eval_{Path(summary['data']).stem}.json"
+  folder = Path(args.run) if (Path(args.run) / "config.json").is_file() else Path(".")
+  out = folder / f"eval_{Path(summary['data']).stem}.json"
   out.write_text(json.dumps(summary, indent=1) + "\n")
   scores = " ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
   print(f"{summary['data']}: {summary['prompts']} prompts x {summary['samples']} "

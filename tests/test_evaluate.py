@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jalign import evaluate
+from jalign.rewards import math_answers
 from tests.conftest import ROOT
 
 FUNCS = "tests.rewards.sample_functions"
@@ -52,3 +53,14 @@ def test_the_command_writes_its_summary_and_bad_input_is_one_line(tmp_path, sft_
   bad = subprocess.run(cmd[:4] + [f"--data={tmp_path / 'none.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none.jsonl'}: file not found"
+
+
+def test_a_model_that_is_not_a_run_is_asked_in_its_own_chat_template(tmp_path, smollm2_file):
+  """``smollm2`` (SmolLM2-135M-Instruct, ChatML): the accuracy before any training."""
+  data = tmp_path / "problems.jsonl"
+  data.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}) + "\n")
+  summary = evaluate.evaluate("smollm2", str(data), greedy=True, max_new_tokens=24, log=lambda *_: None)
+  (answer,) = summary["answers"]
+  # An answer to the question, not a continuation of the prompt, its end-of-turn token cut off.
+  assert answer["response"].strip() and "<|im" not in answer["response"] and "user" not in answer["response"]
+  assert answer["reward"] == math_answers.final_answer("", answer["response"], {"answer": "5"})

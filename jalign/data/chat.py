@@ -164,3 +164,15 @@ class ModelChatTemplate:
       raise ChatTemplateError("the chat template renders a conversation that does not start with its own "
                               "generation prompt; use data.chat_template = 'nemo'")
     return full[len(prompt):]
+
+
+def stop_ids(chat, tok) -> tuple[int, ...]:
+  """The token ids that end a sampled reply: the tokenizer's EOS, and the token that closes a turn of
+  the chat format (NeMo's next turn start, a template's end of turn) when it is a single token."""
+  if isinstance(chat, ModelChatTemplate):
+    tail = chat.reply_text([{"role": "user", "content": "?"}], "x")
+    ids = tok.encode(tail[tail.index("x") + 1:], add_special_tokens=False)[:1]
+  else:
+    ids = tok.encode(chat.turn_start, add_special_tokens=False)
+    ids = ids if len(ids) == 1 else []
+  return tuple(dict.fromkeys(i for i in (tok.eos_id, *ids) if i is not None))

@@ -31,7 +31,7 @@ import numpy as np
 
 from jalign import config as config_lib
 from jalign import run_folder, specs, trainer
-from jalign.data import formats
+from jalign.data import chat, formats
 from jalign.data.packing import build_row
 from jalign.data.preference import render_prompt
 from jalign.data.prompts import encode_prompts
@@ -100,9 +100,9 @@ class Rollouts:
     # on this one, with the weights of this one's start; (index, its samples when they come).
     self.max_staleness = int(c.rollout.max_staleness)
     self._next: tuple[int, concurrent.futures.Future] | None = None
-    # EOS, and the next turn's start of the chat format the prompts were rendered in (NeMo's end_strings).
-    turn = tok.encode(message_format(c).turn_start, add_special_tokens=False)
-    self.stop_ids = tuple(i for i in (tok.eos_id, turn[0] if len(turn) == 1 else None) if i is not None)
+    # EOS, and the token that closes a turn of the chat format the prompts were rendered in (NeMo's
+    # end_strings: the next turn's start).
+    self.stop_ids = chat.stop_ids(message_format(c, tok), tok)
 
   def __iter__(self):
     return self
@@ -332,9 +332,9 @@ def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None
   keep = c.data.max_seq_length - (settings.max_new_tokens or c.data.max_seq_length // 2)
   extra = None
   if c.data.format == "problem":  # message prompts rendered as the model is asked (its chat format)
-    chat = message_format(c, tok)
+    fmt = message_format(c, tok)
     extra = [{**r["record"], "where": f"{path}:{line}"} for r, line in zip(records, report.lines)]
-    records = [{"text": render_prompt(r["prompt"], chat)[0]} for r in records]
+    records = [{"text": render_prompt(r["prompt"], fmt)[0]} for r in records]
   encoded, stats = encode_prompts(records, tok, max_length=keep, add_bos=c.data.add_bos)
   prompts = [p.tolist() for p in encoded]
   log(f"{path}: {report.records} prompts, {report.bad_lines} bad lines skipped, {stats.truncated} cut to "
