@@ -99,7 +99,7 @@ class GroupAdvantages:
                                                  window=window), np.float64)
     return rewards + penalty, penalty
 
-  def refill(self, rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict) -> dict:
+  def refill(self, rollouts: rollouts_lib.Rollouts, batch: dict, stats: dict, step: int) -> dict:
     """DAPO's dynamic sampling: the rollout's groups whose shaped rewards differ, topped up with such
     groups of up to ``max_resample_rounds`` extra rounds of prompts, then (when still short) with its
     zero-variance groups, which train nothing. As many groups as the rollout had."""
@@ -116,7 +116,7 @@ class GroupAdvantages:
     rounds = 0
     while len(picked) < wanted and rounds < self.settings["max_resample_rounds"]:
       rounds += 1
-      batches.append(rollouts.more_groups(rounds))
+      batches.append(rollouts.more_groups(step, rounds))
       sort(batches[-1], rounds)
     chosen = (picked + flat_ones)[:wanted]
     stats.update(resample_rounds=float(rounds), informative_groups=float(min(len(picked), wanted) / wanted))
@@ -132,7 +132,7 @@ class GroupAdvantages:
     s = self.settings
     stats.update(self.rewards.last)
     if s["drop_zero_variance"] and s["max_resample_rounds"] > 0:
-      batch = self.refill(rollouts, batch, stats)
+      batch = self.refill(rollouts, batch, stats, step)
     rewards, penalty = self.shaped(batch)
     mask = batch["loss_mask"]
     if s["overlong_fraction"] > 0:

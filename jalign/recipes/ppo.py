@@ -89,8 +89,9 @@ def build(c, log=print) -> tuple[trainer.Trainer, rollouts_lib.Rollouts]:
   else:
     critic = critic_lib.build(c, options, tok=policy.tok)
   rollouts = rollouts_lib.Rollouts(c, settings, policy.tok, policy.prompts,
-                                   score=lambda examples, _: critic.rewards(examples), prepare=GAEAdvantages(c, critic), initial=policy.initial, current=policy.current,
-                                   mesh=policy.mesh, rules=policy.rules, log=log, val_prompts=policy.val_prompts)
+                                   score=lambda examples, _: critic.rewards(examples), prepare=GAEAdvantages(c, critic),
+                                   initial=policy.initial, current=policy.current, mesh=policy.mesh, rules=policy.rules,
+                                   log=log, val_prompts=policy.val_prompts)
   loop = rollouts_lib.rollout_trainer(c, rollouts, policy, spec.rollout.loss(c), options=options, companion=critic)
   return loop, rollouts
 

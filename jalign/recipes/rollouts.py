@@ -94,7 +94,6 @@ class Rollouts:
     # between rollouts unless settings.unload_engine_train (what the planner counts).
     self.generation_rules = None if mesh is None else engine_lib.generation_rules(settings, rules)
     self.engine = None  # made once the trainer exists
-    self.index = None  # of the rollout being prepared
     self.version = None  # of the weights that generated the latest rollout
     # rollout.max_staleness 1: the next rollout generates (on the served engine) while the actor trains
     # on this one, with the weights of this one's start; (index, its samples when they come).
@@ -150,7 +149,11 @@ class Rollouts:
 
   def _rollout_prompts(self, index: int) -> list:
     """Rollout ``index``'s prompts, each repeated for its samples."""
-    return [self.prompts[i] for i in self._prompt_indices(index) for _ in range(self.r.per_prompt)]
+    return self._each_sample(self.prompts, self._prompt_indices(index))
+
+  def _each_sample(self, items: list, chosen) -> list:
+    """The ``items`` of the prompts ``chosen``, each repeated for its samples."""
+    return [items[i] for i in chosen for _ in range(self.r.per_prompt)]
 
   def _scoring(self, prompts, responses, records) -> Scoring:
     bare = [r[:-1] if r and r[-1] in self.stop_ids else r for r in responses]
@@ -197,7 +200,6 @@ class Rollouts:
       self._next = (index + 1, self._in_background(self._samples_of, index + 1))
     batch, stats = self.scored_groups(chosen, seed=self._seed(index), samples=samples)
     self.last = batch  # every sample of the latest rollout, rejection sampling's unkept ones too (to inspect)
-    self.index = index
     batch = self.prepared = self.prepare(self, batch, stats, step)
     batch = {key: batch[key] for key in self.fields}
     self.loop.metrics.write(step, stats, prefix="rollout")
@@ -210,10 +212,9 @@ class Rollouts:
     """``per_prompt`` samples of each of the prompts ``chosen`` (indices into the data), from the engine
     with the current weights (or the ``samples`` already made), as rows of one width with their
     engine log-probs, scored: ``(batch, statistics)``. Group ids count from ``first_group``."""
-    k = self.r.per_prompt
-    prompts = [self.prompts[i] for i in chosen for _ in range(k)]
-    group_ids = first_group + np.repeat(np.arange(len(chosen)), k)
-    records = None if self.records is None else [self.records[i] for i in chosen for _ in range(k)]
+    prompts = self._each_sample(self.prompts, chosen)
+    group_ids = first_group + np.repeat(np.arange(len(chosen)), self.r.per_prompt)
+    records = None if self.records is None else self._each_sample(self.records, chosen)
     responses, is_end, sampled = samples or self._generate(prompts, seed=seed)
     examples = [_example([(p, False), (resp, True)]) for p, resp in zip(prompts, responses)]
     width = row_width(max(len(p) + len(r) for p, r in zip(prompts, responses)), self.c.data.max_seq_length,
@@ -232,14 +233,15 @@ class Rollouts:
     batch["group_ids"], batch["is_end"], batch["rewards"] = group_ids.astype(np.int32), is_end, rewards
     return batch, stats
 
-  def more_groups(self, round_: int) -> dict:
-    """Round ``round_`` (1, 2, ...) of extra groups for the rollout being prepared, for algorithms that
-    replace groups they cannot train on (DAPO's dynamic sampling): as many prompts as a rollout, drawn
-    at random from the data (seeded by the rollout and the round), sampled and scored as its own."""
-    rng = np.random.default_rng([self.c.seed, self.index, 2, round_])
+  def more_groups(self, step: int, round_: int) -> dict:
+    """Round ``round_`` (1, 2, ...) of extra groups for the rollout of ``step`` being prepared, for
+    algorithms that replace groups they cannot train on (DAPO's dynamic sampling): as many prompts as a
+    rollout, drawn at random from the data (seeded by the rollout and the round), sampled and scored as
+    its own."""
+    index = step // self.steps_per_rollout
+    rng = np.random.default_rng([self.c.seed, index, 2, round_])
     chosen = rng.choice(len(self.prompts), self.r.prompts, replace=len(self.prompts) < self.r.prompts)
-    batch, _ = self.scored_groups(chosen, seed=self._seed(self.index) + 104729 * round_,
-                                  first_group=round_ * self.r.prompts)
+    batch, _ = self.scored_groups(chosen, seed=self._seed(index) + 104729 * round_, first_group=round_ * self.r.prompts)
     return batch
 
   def validate(self) -> dict:
@@ -323,7 +325,8 @@ def row_width(longest: int, max_seq_length: int, multiple: int) -> int:
   return min(max_seq_length, -(-longest // multiple) * multiple)
 
 
-def load_prompts(c, settings: RolloutSettings, tok, log, spec: str | None = None) -> tuple[list[list[int]], list | None]:
+def load_prompts(c, settings: RolloutSettings, tok, log,
+                 spec: str | None = None) -> tuple[list[list[int]], list | None]:
   """The prompt file's prompts (``data.train``, or ``spec``) as token ids, left-truncated to leave room
   for the responses, and for ``problem`` data each prompt's record (its ground truth, every field of
   its line, and ``where`` it is: ``file:line``) for the reward functions."""
@@ -374,7 +377,8 @@ def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool, with_old: 
   model = build.algorithm_parts(c, model, mesh, rules)[0]  # config.lora's adapters, which alone then train
   tok = build.build_tokenizer(c, own)
   prompts, records = load_prompts(c, settings, tok, log)
-  val_prompts, val_records = load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation else (None, None)
+  val_prompts, val_records = (load_prompts(c, settings, tok, log, c.data.validation) if c.data.validation
+                              else (None, None))
   t = c.train
   micro_batches = build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
   schedule, tx = build.build_optimizer(c)

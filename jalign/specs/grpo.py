@@ -18,8 +18,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from jalign.losses import grpo
-from jalign.specs.base import (AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model,
-                               require_rollout_policy, sampling)
+from jalign.specs.base import (SAMPLING_KEYS, AlgorithmSpec, RolloutSettings, RolloutSpec, require,
+                               require_reward_model, require_rollout_policy, sampling)
 
 PRESETS = {
     "grpo": dict(scale_rewards=True, eps_low=0.2, eps_high=0.2, ratio="token", aggregation="sequence_mean",
@@ -70,8 +70,7 @@ def block():
   return b
 
 
-NAMES = {key: key for key in ("num_prompts", "samples_per_prompt", "micro_batch_size", "max_new_tokens",
-                              "min_new_tokens", "temperature", "top_k", "top_p")}
+NAMES = {key: key for key in SAMPLING_KEYS}  # the block holds every shared sampling key under its own name
 
 
 def resolved(c) -> dict:
@@ -122,7 +121,8 @@ def validate(c, check_files):
           f"reward functions read each prompt's record: they need data.format 'problem', not {c.data.format!r}")
   if g.reward_model:
     require_reward_model(g.reward_model, "grpo.reward_model", check_files)
-  require(g.reward_on_error in ("default", "stop"), "grpo.reward_on_error", f"{g.reward_on_error!r} is not default or stop")
+  require(g.reward_on_error in ("default", "stop"), "grpo.reward_on_error",
+          f"{g.reward_on_error!r} is not default or stop")
   require(g.reward_timeout_s > 0, "grpo.reward_timeout_s", "must be positive")
   require(g.reward_workers >= 1, "grpo.reward_workers", "must be at least 1")
   require(0 <= r["eps_low"] < 1 and r["eps_high"] >= 0, "grpo.eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
