@@ -16,12 +16,18 @@ import numpy as np
 from jalign.data.packing import build_row
 
 
+# Batches are built a few steps ahead by one thread: a step takes far longer than building its batch.
+# (Grain's default, 16 threads filling a buffer of 500 batches, holds hundreds of global batches in host
+# memory and keeps the host's cores busy with batches no step may reach.)
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+
+
 class BatchIterator:
   """An endless (or ``num_epochs``-long) iterator of batches ``{name: [B, T]}``."""
 
   def __init__(self, dataset: grain.MapDataset):
     self._dataset = dataset
-    self._it = iter(dataset.to_iter_dataset())
+    self._it = iter(dataset.to_iter_dataset(READ_OPTIONS))
 
   def __iter__(self):
     return self
