@@ -26,7 +26,7 @@ import numpy as np
 
 from jalign import config as config_lib
 from jalign.data import formats
-from jalign.data.chat import stop_ids
+from jalign.data.chat import stop_ids, without_stop
 from jalign.data.preference import render_prompt
 from jalign.recipes.build import build_model, build_tokenizer, load_trained, read_run_config, rules_of, tool_mesh
 from jalign.rewards import functions
@@ -77,7 +77,7 @@ def evaluate(run: str, data: str, *, samples: int = 1, temperature: float = 1.0,
     out = generate(model, [prompts[i] for i, _ in chunk], prompt_ids=np.asarray([i * n + j for i, j in chunk]),
                    max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, stop_ids=stops,
                    pad_id=pad, seed=seed, prompt_width=width)
-    responses += [r[:-1] if r and r[-1] in stops else r for r in out.responses()]
+    responses += [without_stop(r, stops) for r in out.responses()]
   named = [functions.parse(s) for s in reward_functions.split(",") if s.strip()]
   pool = functions.RewardPool(named, log=log)
   try:

@@ -176,3 +176,8 @@ def stop_ids(chat, tok) -> tuple[int, ...]:
     ids = tok.encode(chat.turn_start, add_special_tokens=False)
     ids = ids if len(ids) == 1 else []
   return tuple(dict.fromkeys(i for i in (tok.eos_id, *ids) if i is not None))
+
+
+def without_stop(response: list[int], stops) -> list[int]:
+  """A sampled reply without the stop token that ended it (``stop_ids``), as a reward function reads it."""
+  return response[:-1] if response and response[-1] in stops else response

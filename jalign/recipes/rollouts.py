@@ -156,7 +156,7 @@ class Rollouts:
     return [items[i] for i in chosen for _ in range(self.r.per_prompt)]
 
   def _scoring(self, prompts, responses, records) -> Scoring:
-    bare = [r[:-1] if r and r[-1] in self.stop_ids else r for r in responses]
+    bare = [chat.without_stop(r, self.stop_ids) for r in responses]
     return Scoring(prompts, bare, records if records is not None else [None] * len(prompts))
 
   def _seed(self, index: int) -> int:

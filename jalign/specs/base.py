@@ -134,6 +134,20 @@ class RolloutSettings:
     return self.prompts * self.kept
 
 
+def require_sampling(c, s: RolloutSettings, why_two: str) -> None:
+  """The checks every algorithm that samples several replies per prompt makes of its settings;
+  ``why_two`` says why it needs at least two samples of each prompt."""
+  key, length, batch = s.keys, c.data.max_seq_length, c.train.global_batch_size
+  require(s.per_prompt >= 2, key["per_prompt"], f"must be at least 2 ({why_two})")
+  require(s.trained % batch == 0, key["prompts"],
+          f"{s.prompts} x {s.kept} samples to train on do not split into global batches of {batch}")
+  require(s.micro_batch >= 1, key["micro_batch"], "must be at least 1")
+  require(0 <= s.max_new_tokens < length and 0 <= s.min_new_tokens <= (s.max_new_tokens or length // 2),
+          key["max_new_tokens"], f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {length}")
+  require(s.temperature > 0, key["temperature"], "must be positive")
+  require_rollout_policy(c)
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutSpec:
   """What an algorithm that trains on rollouts adds: the fields of the rows its train step reads

@@ -19,7 +19,7 @@ from ml_collections import config_dict
 
 from jalign.losses import grpo
 from jalign.specs.base import (SAMPLING_KEYS, AlgorithmSpec, RolloutSettings, RolloutSpec, require,
-                               require_reward_model, require_rollout_policy, sampling)
+                               require_reward_model, require_sampling, sampling)
 
 PRESETS = {
     "grpo": dict(scale_rewards=True, eps_low=0.2, eps_high=0.2, ratio="token", aggregation="sequence_mean",
@@ -107,14 +107,7 @@ def needs_reference(c) -> bool:
 
 def validate(c, check_files):
   g, s, r = c.grpo, settings(c), resolved(c)
-  key = s.keys
-  require(s.per_prompt >= 2, key["per_prompt"], "must be at least 2 (advantages are relative to the group)")
-  require(s.trained % c.train.global_batch_size == 0, key["prompts"],
-          f"{s.prompts} x {s.per_prompt} samples do not split into global batches of {c.train.global_batch_size}")
-  require(s.micro_batch >= 1, key["micro_batch"], "must be at least 1")
-  require(0 <= s.max_new_tokens < c.data.max_seq_length, key["max_new_tokens"],
-          f"need 0 <= max_new_tokens < data.max_seq_length {c.data.max_seq_length}")
-  require(s.temperature > 0, key["temperature"], "must be positive")
+  require_sampling(c, s, "advantages are relative to the group")
   require(bool(g.reward_functions.strip()) or bool(g.reward_model), "grpo.reward_functions",
           "no reward: name reward functions or a grpo.reward_model")
   require(not g.reward_functions.strip() or c.data.format == "problem", "grpo.reward_functions",
@@ -137,7 +130,6 @@ def validate(c, check_files):
   require(r["max_resample_rounds"] >= 0, "grpo.max_resample_rounds", "must not be negative")
   require(g.dual_clip == 0 or g.dual_clip > 1, "grpo.dual_clip", f"{g.dual_clip}: 0 (off) or above 1")
   require(g.norm_constant >= 0, "grpo.norm_constant", "must not be negative")
-  require_rollout_policy(c)
 
 
 def train_fields(c) -> dict:

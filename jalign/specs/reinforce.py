@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jalign.losses import rloo
-from jalign.specs.base import (AlgorithmSpec, RolloutSettings, RolloutSpec, require, require_reward_model,
-                               require_rollout_policy, sampling)
+from jalign.specs.base import (AlgorithmSpec, RolloutSettings, RolloutSpec, require_reward_model,
+                               require_sampling, sampling)
 
 
 def block():
@@ -41,18 +41,8 @@ def settings(c, kept: int | None = None) -> RolloutSettings:
 
 def validate_sampling(c, check_files, s: RolloutSettings):
   """The checks REINFORCE and rejection sampling share."""
-  r, length, key = c.reinforce, c.data.max_seq_length, s.keys
-  require_reward_model(r.reward_model, "reinforce.reward_model", check_files)
-  require(s.per_prompt >= 2, key["per_prompt"],
-          "must be at least 2 (the baseline, or the choice, is among a prompt's samples)")
-  require(s.trained % c.train.global_batch_size == 0, key["prompts"],
-          f"{s.prompts} x {s.kept} samples to train on do not split into global batches of "
-          f"{c.train.global_batch_size}")
-  require(s.micro_batch >= 1, key["micro_batch"], "must be at least 1")
-  require(0 <= s.max_new_tokens < length and 0 <= s.min_new_tokens <= (s.max_new_tokens or length // 2),
-          key["max_new_tokens"], f"need 0 <= min_new_tokens <= max_new_tokens < data.max_seq_length {length}")
-  require(s.temperature > 0, key["temperature"], "must be positive")
-  require_rollout_policy(c)
+  require_reward_model(c.reinforce.reward_model, "reinforce.reward_model", check_files)
+  require_sampling(c, s, "the baseline, or the choice, is among a prompt's samples")
 
 
 def validate(c, check_files):
