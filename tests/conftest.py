@@ -26,6 +26,36 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+# JALIGN_COMPILE_REPORT=<file>: each test's seconds of tracing, lowering and XLA compilation in the test
+# process (not in the processes it starts), appended as JSON lines: which tests compile most.
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                  "/jax/core/compile/backend_compile_duration": "compile_s"}
+_compile_seconds: dict[str, float] = {}
+
+
+def _count_compile_seconds(event, duration, **_):
+  if event in COMPILE_EVENTS:
+    key = COMPILE_EVENTS[event]
+    _compile_seconds[key] = _compile_seconds.get(key, 0.0) + duration
+
+
+if os.environ.get("JALIGN_COMPILE_REPORT"):
+  jax.monitoring.register_event_duration_secs_listener(_count_compile_seconds)
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    import json
+    import time
+    _compile_seconds.clear()
+    began = time.perf_counter()
+    yield
+    row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - began, 2),
+           **{k: round(v, 2) for k, v in _compile_seconds.items()}}
+    with open(os.environ["JALIGN_COMPILE_REPORT"], "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
 # Modules whose processes take several GB each (the memory probes, the real-size local runs): under
 # pytest-xdist's loadfile they make one unit of work, run one after another on one worker and handed
 # out first, so that no two of them share the machine's memory and the longest unit does not end the run.

@@ -8,6 +8,10 @@ import pytest
 from jalign.losses import rm
 
 SEEDS = [0, 1, 7, 123]
+# The losses as a train step calls them, jitted: one compiled program per call shape instead of one per
+# primitive when called eagerly.
+bt_loss = jax.jit(rm.bt_loss, static_argnames="kind")
+regression_loss = jax.jit(rm.regression_loss, static_argnames="mask_value")
 
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -46,7 +50,7 @@ class TestBradleyTerry:
   @pytest.mark.parametrize("kind", rm.BT_KINDS)
   def test_matches_numpy(self, seed, kind):
     r_c, r_r, s = _pairs(seed)
-    loss, metrics = rm.bt_loss(r_c, r_r, kind=kind, strength=None if kind == "regular" else s)
+    loss, metrics = bt_loss(r_c, r_r, kind=kind, strength=None if kind == "regular" else s)
     assert loss.dtype == jnp.float64
     np.testing.assert_allclose(float(loss), np_bt(r_c, r_r, kind, s), rtol=1e-12)
     np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(r_c > r_r), rtol=1e-14)
@@ -60,7 +64,7 @@ class TestBradleyTerry:
   def test_float32_inputs(self, seed):
     r_c, r_r, s = _pairs(seed)
     for kind in rm.BT_KINDS:
-      loss, _ = rm.bt_loss(r_c.astype(np.float32), r_r.astype(np.float32), kind=kind,
+      loss, _ = bt_loss(r_c.astype(np.float32), r_r.astype(np.float32), kind=kind,
                            strength=s.astype(np.float32))
       assert loss.dtype == jnp.float32
       np.testing.assert_allclose(float(loss), np_bt(r_c.astype(np.float32).astype(np.float64),
@@ -70,29 +74,29 @@ class TestBradleyTerry:
   def test_nemo_names_are_aliases(self):
     r_c, r_r, s = _pairs(3)
     for kind in rm.BT_KINDS:
-      a, _ = rm.bt_loss(r_c, r_r, kind=kind, strength=s)
-      b, _ = rm.bt_loss(r_c, r_r, kind=f"{kind}_bt", strength=s)
+      a, _ = bt_loss(r_c, r_r, kind=kind, strength=s)
+      b, _ = bt_loss(r_c, r_r, kind=f"{kind}_bt", strength=s)
       assert float(a) == float(b)
 
   def test_variants_differ_and_sign_of_strength_is_ignored(self):
     r_c, r_r, s = _pairs(5, b=8)
     s = np.where(s == 0, 2.0, s)
-    values = {k: float(rm.bt_loss(r_c, r_r, kind=k, strength=s)[0]) for k in rm.BT_KINDS}
+    values = {k: float(bt_loss(r_c, r_r, kind=k, strength=s)[0]) for k in rm.BT_KINDS}
     assert len(set(values.values())) == 3
     for k in ("margin", "scaled"):
-      assert float(rm.bt_loss(r_c, r_r, kind=k, strength=-s)[0]) == values[k]
+      assert float(bt_loss(r_c, r_r, kind=k, strength=-s)[0]) == values[k]
 
   def test_margin_zero_strength_is_regular_and_scaled_zero_is_zero(self):
     r_c, r_r, _ = _pairs(9)
     zeros = np.zeros_like(r_c)
-    reg = float(rm.bt_loss(r_c, r_r)[0])
-    np.testing.assert_allclose(float(rm.bt_loss(r_c, r_r, kind="margin", strength=zeros)[0]), reg, rtol=1e-15)
-    assert float(rm.bt_loss(r_c, r_r, kind="scaled", strength=zeros)[0]) == 0.0
+    reg = float(bt_loss(r_c, r_r)[0])
+    np.testing.assert_allclose(float(bt_loss(r_c, r_r, kind="margin", strength=zeros)[0]), reg, rtol=1e-15)
+    assert float(bt_loss(r_c, r_r, kind="scaled", strength=zeros)[0]) == 0.0
 
   def test_gradient(self):
     r_c, r_r, s = _pairs(11)
     b = len(r_c)
-    g_c, g_r = jax.grad(lambda c, r: rm.bt_loss(c, r, kind="margin", strength=s)[0], argnums=(0, 1))(r_c, r_r)
+    g_c, g_r = jax.grad(lambda c, r: bt_loss(c, r, kind="margin", strength=s)[0], argnums=(0, 1))(r_c, r_r)
     sig = 1.0 / (1.0 + np.exp(-(r_c - r_r - np.abs(s))))
     np.testing.assert_allclose(np.asarray(g_c), -(1.0 - sig) / b, rtol=1e-12)
     np.testing.assert_allclose(np.asarray(g_r), (1.0 - sig) / b, rtol=1e-12)
@@ -101,13 +105,13 @@ class TestBradleyTerry:
     r_c, r_r, s = _pairs(0, b=4)
     for kind in ("margin", "scaled"):
       with pytest.raises(ValueError, match=kind):
-        rm.bt_loss(r_c, r_r, kind=kind)
+        bt_loss(r_c, r_r, kind=kind)
     with pytest.raises(ValueError, match="regular"):
-      rm.bt_loss(r_c, r_r, kind="hinge")
+      bt_loss(r_c, r_r, kind="hinge")
     with pytest.raises(ValueError, match="shape"):
-      rm.bt_loss(r_c, r_r[:3])
+      bt_loss(r_c, r_r[:3])
     with pytest.raises(ValueError, match="strength"):
-      rm.bt_loss(r_c, r_r, kind="margin", strength=s[:2])
+      bt_loss(r_c, r_r, kind="margin", strength=s[:2])
 
 
 class TestRegression:
@@ -130,7 +134,7 @@ class TestRegression:
     labels = rng.integers(0, 5, (b, a)).astype(np.float64)
     labels[rng.random((b, a)) < 0.4] = -100.0
     labels[0, 0] = 3.0
-    loss, metrics = rm.regression_loss(pred, labels)
+    loss, metrics = regression_loss(pred, labels)
     want, count = self.np_regression(pred, labels, -100.0)
     np.testing.assert_allclose(float(loss), want, rtol=1e-12)
     assert float(metrics["num_labelled"]) == count
@@ -141,10 +145,10 @@ class TestRegression:
     rng = np.random.default_rng(4)
     pred, labels = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
     labels[1] = -1.0
-    loss, _ = rm.regression_loss(pred, labels, mask_value=-1.0)
+    loss, _ = regression_loss(pred, labels, mask_value=-1.0)
     pred2 = pred.copy()
     pred2[1] = 1e6
-    assert float(rm.regression_loss(pred2, labels, mask_value=-1.0)[0]) == float(loss)
+    assert float(regression_loss(pred2, labels, mask_value=-1.0)[0]) == float(loss)
     np.testing.assert_allclose(float(loss), self.np_regression(pred, labels, -1.0)[0], rtol=1e-12)
 
   def test_gradient_only_on_labelled(self):
@@ -153,16 +157,16 @@ class TestRegression:
     labels[rng.random((4, 3)) < 0.5] = -100.0
     labels[0, 0] = 0.5
     mask = labels != -100.0
-    g = np.asarray(jax.grad(lambda p: rm.regression_loss(p, labels)[0])(pred))
+    g = np.asarray(jax.grad(lambda p: regression_loss(p, labels)[0])(pred))
     np.testing.assert_allclose(g, np.where(mask, 2.0 * (pred - labels) / mask.sum(), 0.0), rtol=1e-12)
 
   def test_all_masked_is_zero_not_nan(self):
-    loss, metrics = rm.regression_loss(np.ones((2, 3)), np.full((2, 3), -100.0))
+    loss, metrics = regression_loss(np.ones((2, 3)), np.full((2, 3), -100.0))
     assert float(loss) == 0.0 and float(metrics["num_labelled"]) == 0.0
 
   def test_shape_error(self):
     with pytest.raises(ValueError, match="shape"):
-      rm.regression_loss(np.ones((2, 3)), np.ones((2, 4)))
+      regression_loss(np.ones((2, 3)), np.ones((2, 4)))
 
 
 class TestReadout:
