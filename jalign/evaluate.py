@@ -41,10 +41,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def is_run_folder(run: str) -> bool:
+  """Whether ``--run`` names a jalign run folder rather than a model (which then has no folder to write to)."""
+  return (Path(run) / "config.json").is_file()
+
+
 def policy(run: str):
   """``(model, tokenizer, chat format)`` of run folder ``run``, or of the model ``run`` names as a
   config's ``model.init`` would (in the tokenizer's own chat template when it has one)."""
-  if (Path(run) / "config.json").is_file():
+  if is_run_folder(run):
     saved = read_run_config(run)
     model, tok, _ = load_trained(run, mesh=tool_mesh())
     return model, tok, message_format(saved, tok)
@@ -119,7 +124,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError, ConfigError, functions.RewardError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  folder = Path(args.run) if (Path(args.run) / "config.json").is_file() else Path(".")
+  folder = Path(args.run) if is_run_folder(args.run) else Path(".")
   out = folder / f"eval_{Path(summary['data']).stem}.json"
   out.write_text(json.dumps(summary, indent=1) + "\n")
   scores = " ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
