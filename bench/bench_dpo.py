@@ -22,7 +22,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers as tr  # noqa: E402
 
@@ -77,8 +76,8 @@ def jalign_steps(model, tok, records, args, *, pack, share=False):
   width = max(pipeline.trim_batch(b, 16)["tokens"].shape[1] for b in batches)
   batches = [{k: v[:, :width] if v.shape[-1] == length else v for k, v in b.items()} for b in batches]
   pairs_per_step = float(np.mean([np.sum(b["pair_mask"]) for b in batches]))
-  tx = optim.adamw(optax.constant_schedule(LR), b1=0.9, b2=0.999, weight_decay=WEIGHT_DECAY, grad_clip=1.0)
-  graphdef, state = trainer.init_state(model, tx)
+  tx = optim.adamw(b1=0.9, b2=0.999, weight_decay=WEIGHT_DECAY, grad_clip=1.0)
+  graphdef, state = trainer.init_state(model, tx, schedule=optim.constant_schedule(LR))
   state = jax.tree.map(jax.numpy.copy, state)  # the step donates its state; keep the model's arrays
   reference = trainer.ReferencePass(graphdef, state, dpo.reference_logprobs)
   step = jax.jit(trainer.make_train_step(graphdef, lambda m, b, r: dpo.train_loss(m, b, r, beta=BETA), tx),

@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers as tr  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -76,8 +75,8 @@ def main():
     real = lambda d: float(np.mean([np.sum(b["segment_ids"] > 0) for b in d]))
 
     lr = 1e-5
-    tx = optim.adamw(optax.constant_schedule(lr), weight_decay=0.01)
-    graphdef, state = trainer.init_state(model, tx)
+    tx = optim.adamw(weight_decay=0.01)
+    graphdef, state = trainer.init_state(model, tx, schedule=optim.constant_schedule(lr))
     step = jax.jit(trainer.make_train_step(graphdef, sft.loss, tx), donate_argnums=0)
     holder = {"state": state}
 

@@ -3,24 +3,69 @@
 AdamW (betas 0.9/0.98, eps 1e-8), no weight decay on norm scales and biases, gradients clipped to a
 global norm of 1.0, and NeMo's ``CosineAnnealing``: linear warmup to ``lr``, cosine decay to
 ``min_lr``, then ``constant_steps`` at ``min_lr`` until ``max_steps``.
+
+The schedule is numbers, not code: a ``NemoSchedule`` of scalar arrays that a train step receives in its
+state and hands to the optimizer's update (``schedule=``). Runs that differ only in their rates or lengths
+(a resume with more steps, a sweep of learning rates) then run one compiled step, where a schedule closed
+over by the step would be baked into each program as constants.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 
 
+@flax.struct.dataclass
+class NemoSchedule:
+  """NeMo's ``CosineAnnealing`` as float32 scalars; ``schedule(step)`` is the rate at optimizer step ``step``."""
+  lr: jax.Array
+  min_lr: jax.Array
+  warmup_steps: jax.Array
+  constant_steps: jax.Array
+  max_steps: jax.Array
+
+  def __call__(self, step) -> jax.Array:
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.where(self.warmup_steps > 0, self.lr * step / jnp.maximum(self.warmup_steps, 1.0), self.lr)
+    decay_steps = jnp.maximum(1.0, self.max_steps - self.warmup_steps - self.constant_steps)
+    progress = jnp.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+    cosine = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < self.warmup_steps, warmup,
+                     jnp.where(step < self.warmup_steps + decay_steps, cosine, self.min_lr))
+
+
 def nemo_schedule(lr: float, *, max_steps: int, warmup_steps: int = 10, constant_steps: int = 0,
-                  min_lr: float | None = None) -> optax.Schedule:
+                  min_lr: float | None = None) -> NemoSchedule:
+  """The schedule NeMo's ``CosineAnnealing`` takes these arguments for; ``min_lr`` defaults to ``lr / 10``."""
   min_lr = lr / 10 if min_lr is None else min_lr
-  decay_steps = max(1, max_steps - warmup_steps - constant_steps)
-  alpha = min_lr / lr if lr > 0 else 0.0
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else optax.constant_schedule(lr),
-       optax.cosine_decay_schedule(lr, decay_steps, alpha=alpha),
-       optax.constant_schedule(min_lr)],
-      boundaries=[warmup_steps, warmup_steps + decay_steps])
+  scalar = lambda x: jnp.asarray(x, jnp.float32)
+  return NemoSchedule(lr=scalar(lr), min_lr=scalar(min_lr), warmup_steps=scalar(warmup_steps),
+                      constant_steps=scalar(constant_steps), max_steps=scalar(max_steps))
+
+
+def constant_schedule(lr: float) -> NemoSchedule:
+  """One rate throughout."""
+  return nemo_schedule(lr, max_steps=1, warmup_steps=0, min_lr=lr)
+
+
+def scale_by_schedule_argument() -> optax.GradientTransformationExtraArgs:
+  """Scales updates by minus the rate of the ``schedule=`` its update is given, at its own step count
+  (the state of ``optax.scale_by_schedule``, so that checkpoints of either read alike)."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, *, schedule: NemoSchedule):
+    del params
+    lr = schedule(state.count)
+    updates = jax.tree.map(lambda g: (-lr).astype(g.dtype) * g, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _decays(path, _) -> bool:
@@ -28,9 +73,13 @@ def _decays(path, _) -> bool:
   return not (name == "scale" or name.endswith("bias"))
 
 
-def adamw(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8,
-          weight_decay: float = 0.01, grad_clip: float | None = 1.0) -> optax.GradientTransformation:
+def adamw(*, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8, weight_decay: float = 0.01,
+          grad_clip: float | None = 1.0) -> optax.GradientTransformationExtraArgs:
+  """``optax.adamw`` (decoupled weight decay, scaled by the rate) clipped first, whose rate comes from the
+  ``schedule=`` (a ``NemoSchedule``) each update is given: ``tx.update(grads, state, params, schedule=s)``."""
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+  parts.append(optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                           optax.add_decayed_weights(weight_decay, decay_mask),
+                           scale_by_schedule_argument()))
   return optax.chain(*parts)

@@ -113,12 +113,12 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def planned_state(model, tx, mesh, rules, trainable=nnx.Param):
+def planned_state(model, tx, mesh, rules, trainable=nnx.Param, schedule=None):
   """``(graphdef, abstract TrainState)`` of an abstract model (``nnx.eval_shape``) as the planner counts
   it: every array with the sharding ``rules`` give it on ``mesh``, as the run lays it out."""
   graphdef, abstract_state = nnx.split(model)
-  state = jax.eval_shape(lambda s: trainer.init_state(nnx.merge(graphdef, s), tx, trainable=trainable)[1],
-                         abstract_state)
+  state = jax.eval_shape(lambda s: trainer.init_state(nnx.merge(graphdef, s), tx, trainable=trainable,
+                                                      schedule=schedule)[1], abstract_state)
   graphdef = nnx.split(model, trainable, ...)[0]
   return graphdef, _abstract(state, pmesh.tree_shardings(state, mesh, rules))
 
@@ -136,8 +136,8 @@ class _Job:
     arrays = {k: jax.ShapeDtypeStruct((rows, *jnp.shape(v)), jnp.asarray(v).dtype) for k, v in row.items()}
     return _abstract(arrays, pmesh.batch_shardings(arrays, self.mesh, rules or self.rules))
 
-  def state(self, model, tx, trainable=nnx.Param):
-    return planned_state(model, tx, self.mesh, self.rules, trainable)
+  def state(self, model, tx, schedule, trainable=nnx.Param):
+    return planned_state(model, tx, self.mesh, self.rules, trainable, schedule)
 
   def weights(self, model, rules=None, dtype=None):
     """``(graphdef, abstract state)`` of a model's weights for inference (cast to ``dtype``)."""
@@ -197,7 +197,7 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
       return model
 
     model = nnx.eval_shape(make)
-    graphdef, state = job.state(model, tx, trainable=build.trainable_filter(c))
+    graphdef, state = job.state(model, tx, schedule, trainable=build.trainable_filter(c))
     row, length = build.abstract_row(c)
     if spin is not None:  # the iteration's replies, from the model as the last iteration left it
       s, max_seq = specs.sampling_settings(spin), spin.data.max_seq_length
@@ -219,7 +219,7 @@ def train_job(c, devices, *, peak_flops, hbm_bytes_per_s, spin=None) -> JobPlan:
       job.add("reference log-probs", reference, (state.params, state.rest, batch), resident=resident,
               flops=_flops(cfg, tokens, length, backward=False))
       batch = {**batch, **_abstract(outputs, pmesh.batch_shardings(outputs, mesh, rules))}
-    job.train_step("train", build.train_step(c, graphdef, parts["loss"], schedule, tx, mesh, rules), state, batch,
+    job.train_step("train", build.train_step(c, graphdef, parts["loss"], tx, mesh, rules), state, batch,
                    resident=reference_bytes, flops=_flops(cfg, tokens, length, backward=True))
   return JobPlan(name=c.run_dir, mesh=dict(mesh.shape), num_params=cfg.num_params,
                  params_bytes=per_device_bytes(state.params) + per_device_bytes(state.rest),
@@ -289,7 +289,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   with pmesh.use(mesh, rules):
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     policy = nnx.eval_shape(lambda: build.add_adapters(c, Transformer(cfg, rngs=nnx.Rngs(0))))
-    graphdef, state = job.state(policy, tx, trainable=build.trainable_filter(c))
+    graphdef, state = job.state(policy, tx, schedule, trainable=build.trainable_filter(c))
     # The policy's weights (with LoRA: its adapters and the frozen base) and optimizer state.
     params = per_device_bytes(state.params) + per_device_bytes(state.rest)
     optimizer = per_device_bytes(state.opt_state)
@@ -332,7 +332,7 @@ def actor_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
               repeats=(1 + spec.rollout.initial(c)) * math.ceil(settings.samples / t.global_batch_size))
 
     engine_resident = 0 if settings.unload_engine_train else engine
-    job.train_step("actor train", build.train_step(c, graphdef, spec.rollout.loss(c), schedule, tx, mesh, rules),
+    job.train_step("actor train", build.train_step(c, graphdef, spec.rollout.loss(c), tx, mesh, rules),
                    state, job.batch(_train_row(c, spec, length), t.global_batch_size),
                    resident=initial + engine_resident,
                    flops=_flops(cfg, t.global_batch_size * length, length, backward=True),
@@ -352,7 +352,7 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
   job = _Job(mesh, rules, peak_flops)
   with pmesh.use(mesh, rules):
     critic = nnx.eval_shape(lambda: ValueModel(cfg, 1, rngs=nnx.Rngs(0)))
-    graphdef, state = job.state(critic, tx)
+    graphdef, state = job.state(critic, tx, schedule)
     params, optimizer = per_device_bytes(state.params), per_device_bytes(state.opt_state)
     optimizer_resident = 0 if k.offload_adam_states else optimizer
     # The reward model only scores: its weights are kept in the compute dtype.
@@ -373,7 +373,7 @@ def critic_job(c, devices, *, peak_flops, hbm_bytes_per_s) -> JobPlan:
             repeats=passes)
     row = {name: jnp.zeros((length,), jnp.int32) for name in ("tokens", "positions", "segment_ids")}
     row.update({name: jnp.zeros((length,), jnp.float32) for name in ("mask", "old_values", "returns")})
-    job.train_step("critic train", critic_lib.critic_train_step(c, graphdef, schedule, tx, mesh, rules), state,
+    job.train_step("critic train", critic_lib.critic_train_step(c, graphdef, tx, mesh, rules), state,
                    job.batch(row, k.global_batch_size), resident=rm_bytes,
                    flops=_flops(cfg, k.global_batch_size * length, length, backward=True),
                    repeats=math.ceil(settings.prompts / k.global_batch_size))

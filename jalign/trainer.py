@@ -57,12 +57,25 @@ class TrainState:
   rest: Any             # any other model state
   opt_state: Any
   rng: jax.Array        # uint32[2], split once per step
+  schedule: Any = None  # the optimizer's rate schedule as arrays (optim.NemoSchedule), handed to its update
 
 
-def init_state(model, tx: optax.GradientTransformation, seed: int = 0, trainable=nnx.Param, *, mesh=None,
-               rules=pmesh.DEFAULT_RULES):
+def checkpointed(state: TrainState) -> dict:
+  """What a checkpoint holds of a state: not ``rest`` (frozen weights, kept as an empty entry) nor the
+  schedule, both rebuilt from the config."""
+  return {"step": state.step, "params": state.params, "rest": None, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def restored_state(saved: dict, state: TrainState) -> TrainState:
+  """``state`` with what a checkpoint held (``checkpointed``) in place of its own."""
+  return state.replace(**{k: v for k, v in saved.items() if k != "rest"})
+
+
+def init_state(model, tx: optax.GradientTransformation, seed: int = 0, trainable=nnx.Param, *, schedule=None,
+               mesh=None, rules=pmesh.DEFAULT_RULES):
   """``(graphdef, TrainState)`` for an NNX model; ``trainable`` (an NNX filter, e.g. ``LoRAParam``)
-  picks the parameters the optimizer updates, everything else stays fixed in ``rest``. With ``mesh``,
+  picks the parameters the optimizer updates, everything else stays fixed in ``rest``. ``schedule``
+  (an ``optim.NemoSchedule``, for ``optim.adamw``) is the rate the train step hands ``tx``. With ``mesh``,
   the optimizer state is created by a jitted ``tx.init`` straight into the shardings ``rules`` give
   it (the parameters keep theirs)."""
   graphdef, params, rest = nnx.split(model, trainable, ...)
@@ -73,7 +86,7 @@ def init_state(model, tx: optax.GradientTransformation, seed: int = 0, trainable
       shardings = pmesh.tree_shardings(jax.eval_shape(tx.init, params), mesh, rules)
       opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state,
-                     rng=jax.random.PRNGKey(seed))
+                     rng=jax.random.PRNGKey(seed), schedule=schedule)
   return graphdef, state
 
 
@@ -89,9 +102,9 @@ def _split_micro(batch, micro_batches: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None, *, micro_batches: int = 1):
-  """A pure ``(state, batch) -> (state, metrics)``; jit it (with ``donate_argnums=0``)."""
+def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *, micro_batches: int = 1):
+  """A pure ``(state, batch) -> (state, metrics)``; jit it (with ``donate_argnums=0``). A state with a
+  ``schedule`` hands it to ``tx.update`` and reports its rate as ``lr``."""
 
   def step(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
@@ -113,20 +126,23 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
       return (jax.tree.map(jnp.add, acc_g, grads), acc_t + total, acc_w + weight,
               jax.tree.map(jnp.add, acc_s, sums)), None
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    g0, t0, w0, s0 = grads_of(first, 0)
-    if micro_batches > 1:
-      rest = jax.tree.map(lambda x: x[1:], micro)
-      (g0, t0, w0, s0), _ = jax.lax.scan(accumulate, (g0, t0, w0, s0),
-                                         (rest, jnp.arange(1, micro_batches)))
+    if micro_batches == 1:
+      g0, t0, w0, s0 = grads_of(jax.tree.map(lambda x: x[0], micro), 0)
+    else:
+      # From zeros (0 + g is g exactly), so that the program holds one forward and backward pass, the
+      # loop's: a first micro-batch taken out of the loop would be a second copy to compile.
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), 0))
+      (g0, t0, w0, s0), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(micro_batches)))
     weight = jnp.maximum(w0, 1e-9)
     grads = jax.tree.map(lambda g: g / weight, g0)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    scheduled = {} if state.schedule is None else {"schedule": state.schedule}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **scheduled)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": t0 / weight, "grad_norm": optax.tree.norm(grads), "weight": w0}
     metrics.update({k: v / weight for k, v in s0.items()})
-    if schedule is not None:
-      metrics["lr"] = schedule(state.step)
+    if state.schedule is not None:
+      metrics["lr"] = state.schedule(state.step)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new, metrics
 
@@ -304,11 +320,12 @@ class Trainer:
   # -- checkpoints ------------------------------------------------------------------------------
 
   # Checkpoints hold what training changes: trained parameters, optimizer, step, RNG, data position.
-  # ``rest`` (frozen weights such as a LoRA base model) is rebuilt from the config, never saved.
+  # ``rest`` (frozen weights such as a LoRA base model) and the schedule are rebuilt from the config,
+  # never saved: a resume with more steps follows the schedule of its config.
 
   def _save(self, step: int, metrics: dict | None = None):
     data_state = self.train_batches.get_state() if hasattr(self.train_batches, "get_state") else {}
-    saved = self.state.replace(rest=None)
+    saved = checkpointed(self.state)
     self._check_saves(wait=True)  # the one before: a failed write stops the run before another begins
     try:
       self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
@@ -340,14 +357,14 @@ class Trainer:
     """Restores the newest checkpoint, returning its step (None: there is none). One that cannot be read
     stops the resume with its name and the newest intact one, or with ``skip_unreadable_checkpoints``
     is set aside (renamed ``<step>.unreadable``, never deleted) and the intact one is taken."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(self.state))
     step, restored, unreadable = restore_newest_readable(self.checkpoints, ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     if unreadable:
       self._set_aside(unreadable, step)
     if step is None:
       return None
-    self.state = restored.state.replace(rest=self.state.rest)
+    self.state = restored_state(restored.state, self.state)
     if self.companion is not None:
       self.companion.restore(step)
     if restored.data and hasattr(self.train_batches, "set_state"):

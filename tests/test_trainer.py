@@ -186,15 +186,64 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
-def test_nemo_schedule_and_weight_decay_mask():
-  s = optim.nemo_schedule(1.0, max_steps=110, warmup_steps=10, constant_steps=20, min_lr=0.1)
-  assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
-  assert abs(float(s(10 + 40)) - 0.55) < 1e-6  # cosine halfway between 1.0 and 0.1
-  assert abs(float(s(95)) - 0.1) < 1e-6 and abs(float(s(109)) - 0.1) < 1e-6
-  params = {"embed": jnp.ones((2, 2)), "final_norm": {"scale": jnp.ones(2)}, "q_bias": jnp.ones(2)}
-  updates, _ = optim.adamw(optax.constant_schedule(0.0), weight_decay=0.5).update(
-      jax.tree.map(jnp.zeros_like, params), optim.adamw(optax.constant_schedule(0.0)).init(params), params)
-  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))  # lr 0: nothing moves
+def nemo_cosine_annealing(step, *, lr, min_lr, warmup, constant, max_steps):
+  """NeMo's CosineAnnealing in float64: linear warmup, cosine to min_lr, then constant."""
+  decay = max(1, max_steps - warmup - constant)
+  if step < warmup:
+    return lr * step / warmup
+  if step >= warmup + decay:
+    return min_lr
+  return min_lr + (lr - min_lr) * 0.5 * (1 + np.cos(np.pi * (step - warmup) / decay))
+
+
+@pytest.mark.parametrize("lr,min_lr,warmup,constant,max_steps", [(1.0, 0.1, 10, 20, 110), (3e-4, 3e-5, 0, 0, 7)])
+def test_nemo_schedule_follows_cosine_annealing(lr, min_lr, warmup, constant, max_steps):
+  s = optim.nemo_schedule(lr, max_steps=max_steps, warmup_steps=warmup, constant_steps=constant, min_lr=min_lr)
+  steps = np.arange(max_steps + 5)
+  want = [nemo_cosine_annealing(int(t), lr=lr, min_lr=min_lr, warmup=warmup, constant=constant, max_steps=max_steps)
+          for t in steps]
+  np.testing.assert_allclose(np.asarray(jax.vmap(s)(steps)), want, rtol=1e-6, atol=1e-7 * lr)
+
+
+def test_adamw_is_optax_adamw_at_the_rate_of_the_schedule_it_is_given():
+  params = {"embed": jnp.arange(6.0).reshape(2, 3), "final_norm": {"scale": jnp.ones(3)}, "q_bias": jnp.ones(3)}
+  s = optim.nemo_schedule(0.5, max_steps=6, warmup_steps=2, min_lr=0.05)
+  mask = lambda p: jax.tree_util.tree_map_with_path(optim._decays, p)
+  reference = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(lambda t: float(s(t)), b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.5, mask=mask))
+  tx = optim.adamw(weight_decay=0.5)
+  ours, theirs = tx.init(params), reference.init(params)
+  # The same state as optax's: checkpoints of either read alike.
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for t in range(4):
+    grads = jax.tree.map(lambda p: jnp.sin(p + t), params)
+    got, ours = tx.update(grads, ours, params, schedule=s)
+    want, theirs = reference.update(grads, theirs, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), got, want)
+  # No weight decay on norm scales and biases: a zero rate's decoupled decay moves nothing, nor do zero
+  # gradients on the undecayed.
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params,
+                         schedule=optim.constant_schedule(0.0))
+  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params,
+                         schedule=optim.constant_schedule(1.0))
+  assert float(jnp.abs(updates["embed"]).max()) > 0 and float(jnp.abs(updates["q_bias"]).max()) == 0.0
+
+
+def test_runs_that_differ_in_rates_and_lengths_compile_one_step():
+  model = Transformer(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0))
+  tx = optim.adamw()
+  step = jax.jit(trainer.make_train_step(nnx.graphdef(model), sft.loss, tx))
+  batch = {"tokens": np.ones((2, 8), np.int32), "targets": np.ones((2, 8), np.int32),
+           "loss_mask": np.ones((2, 8), np.float32), "segment_ids": np.ones((2, 8), np.int32),
+           "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1))}
+  programs = set()
+  for lr, max_steps in [(1e-4, 10), (3e-3, 500)]:
+    _, state = trainer.init_state(model, tx, schedule=optim.nemo_schedule(lr, max_steps=max_steps))
+    programs.add(step.lower(state, batch).as_text())
+    _, metrics = step(state, batch)
+    assert float(metrics["lr"]) == 0.0  # the first of ten warm-up steps
+  assert len(programs) == 1
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):

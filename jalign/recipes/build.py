@@ -195,12 +195,13 @@ def trainable_filter(c):
 def build_optimizer(c, *, max_steps: int | None = None, lr: float | None = None, min_lr: float | None = None,
                     weight_decay: float | None = None):
   """``(schedule, optax transformation)`` of ``config.optimizer`` over ``train.max_steps``; the critic
-  overrides its rate, floor, decay and length."""
+  overrides its rate, floor, decay and length. The schedule goes into the train state (``init_state``),
+  whose step hands it to the transformation."""
   o = c.optimizer
   schedule = optim.nemo_schedule(o.lr if lr is None else lr, max_steps=max_steps or c.train.max_steps,
                                  warmup_steps=o.warmup_steps, constant_steps=o.constant_steps,
                                  min_lr=o.min_lr if min_lr is None else min_lr)
-  return schedule, optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+  return schedule, optim.adamw(b1=o.b1, b2=o.b2, eps=o.eps,
                                weight_decay=o.weight_decay if weight_decay is None else weight_decay,
                                grad_clip=o.grad_clip or None)
 
@@ -210,10 +211,10 @@ def micro_batches(global_batch_size: int, micro_batch_size: int, mesh, rules) ->
   return global_batch_size // (micro_batch_size * pmesh.data_parallel_size(mesh, rules))
 
 
-def train_step(c, graphdef, loss_fn, schedule, tx, mesh, rules):
+def train_step(c, graphdef, loss_fn, tx, mesh, rules):
   """The pure train step of the policy a config trains."""
   micro = micro_batches(c.train.global_batch_size, c.train.micro_batch_size, mesh, rules)
-  return trainer.make_train_step(graphdef, loss_fn, tx, schedule, micro_batches=micro)
+  return trainer.make_train_step(graphdef, loss_fn, tx, micro_batches=micro)
 
 
 def reference_pass(c, graphdef, state, reference_fn, mesh, rules) -> trainer.ReferencePass:
@@ -246,7 +247,8 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
   model, loss_fn, reference_fn = algorithm_parts(c, model, mesh, rules)
 
   schedule, tx = build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c), mesh=mesh, rules=rules)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=trainable_filter(c), schedule=schedule,
+                                       mesh=mesh, rules=rules)
   log(f"training {trainer.count(state.params):,} of {trainer.count(state.params) + trainer.count(state.rest):,} "
       "parameters")
   reference = None
@@ -259,7 +261,7 @@ def build_trainer(c, log=print, *, model=None, tokenizer: Tokenizer | None = Non
       skip_unreadable_checkpoints=t.skip_unreadable_checkpoints,
       flops_per_token=metrics_lib.train_flops_per_token(lm_config, c.data.max_seq_length),
       monitor="val_loss")
-  return trainer.Trainer(state=state, train_step=train_step(c, graphdef, loss_fn, schedule, tx, mesh, rules),
+  return trainer.Trainer(state=state, train_step=train_step(c, graphdef, loss_fn, tx, mesh, rules),
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=train_batches,
                          val_batches=val_batches, run_dir=run_dir, options=options, mesh=mesh, rules=rules,
                          wandb_project=t.wandb_project or None, config=c.to_dict(), graphdef=graphdef,

@@ -68,11 +68,11 @@ class Critic:
     self.vocab_size = min(model.config.vocab_size, reward.model.config.vocab_size)  # the ids it can read
     self.batch_size = cc.global_batch_size
     schedule, tx = critic_optimizer(c, total_steps)
-    graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1, mesh=self.mesh, rules=rules)
+    graphdef, state = trainer.init_state(model, tx, seed=c.seed + 1, schedule=schedule, mesh=self.mesh, rules=rules)
     self.state_sharding = pmesh.tree_shardings(state, self.mesh, rules)
     self.state = pmesh.place(state, self.state_sharding)
     micro = build_lib.micro_batches(cc.global_batch_size, cc.micro_batch_size, self.mesh, rules)
-    self._step_fn = critic_train_step(c, graphdef, schedule, tx, self.mesh, rules)
+    self._step_fn = critic_train_step(c, graphdef, tx, self.mesh, rules)
     self._step = None
     self._values = trainer.jit_reference_pass(graphdef, values_of, micro_batches=micro,
                                               out_sharding=pmesh.batch_sharding(self.mesh, rules))
@@ -119,7 +119,7 @@ class Critic:
     return out
 
   def save(self, step: int, metrics: dict | None = None):
-    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state.replace(rest=None))),
+    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.checkpointed(self.state))),
                           metrics=metrics, force=True)
 
   def restore(self, step: int):
@@ -127,9 +127,9 @@ class Critic:
     if step not in self.checkpoints.all_steps():
       raise trainer.TrainingError(f"{self.directory}: no critic checkpoint at step {step}, the actor's latest "
                                   f"(critic steps: {sorted(self.checkpoints.all_steps())})")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state.replace(rest=None))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpointed(self.state))
     restored = self.checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    self.state = restored.state.replace(rest=self.state.rest)
+    self.state = trainer.restored_state(restored.state, self.state)
 
   def wait(self):
     self.checkpoints.wait_until_finished()
@@ -142,11 +142,11 @@ def critic_optimizer(c, total_steps: int):
   return build_lib.build_optimizer(c, max_steps=total_steps, lr=cc.lr, min_lr=cc.min_lr, weight_decay=cc.weight_decay)
 
 
-def critic_train_step(c, graphdef, schedule, tx, mesh, rules):
+def critic_train_step(c, graphdef, tx, mesh, rules):
   """The critic's pure train step: the clipped value loss against a rollout's returns."""
   cc = c.critic
   micro = build_lib.micro_batches(cc.global_batch_size, cc.micro_batch_size, mesh, rules)
-  return trainer.make_train_step(graphdef, functools.partial(ppo.critic_train_loss, clip=cc.loss_clip), tx, schedule,
+  return trainer.make_train_step(graphdef, functools.partial(ppo.critic_train_loss, clip=cc.loss_clip), tx,
                                  micro_batches=micro)
 
 

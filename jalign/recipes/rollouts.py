@@ -359,7 +359,6 @@ class Policy:
   graphdef: object
   state: trainer.TrainState
   tx: object
-  schedule: object
   mesh: object
   rules: tuple
   initial: trainer.ReferencePass | None  # the starting policy's log-probs, frozen (for the KL)
@@ -382,15 +381,15 @@ def build_policy(c, settings: RolloutSettings, log, *, with_kl: bool, with_old: 
   t = c.train
   micro_batches = build.micro_batches(t.global_batch_size, t.micro_batch_size, mesh, rules)
   schedule, tx = build.build_optimizer(c)
-  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=build.trainable_filter(c), mesh=mesh,
-                                       rules=rules)
+  graphdef, state = trainer.init_state(model, tx, seed=c.seed, trainable=build.trainable_filter(c),
+                                       schedule=schedule, mesh=mesh, rules=rules)
   initial = current = None
   if with_kl:
     # With LoRA the starting policy is the base model, adapters off: no copy of its weights.
     initial = build.reference_pass(c, graphdef, state, rloo.token_logprobs_of, mesh, rules)
   if with_kl if with_old is None else with_old:
     current = trainer.jit_reference_pass(graphdef, rloo.token_logprobs_of, micro_batches=micro_batches)
-  return Policy(tok, prompts, val_prompts, records, val_records, graphdef, state, tx, schedule, mesh, rules,
+  return Policy(tok, prompts, val_prompts, records, val_records, graphdef, state, tx, mesh, rules,
                 initial, current)
 
 
@@ -413,8 +412,7 @@ def rollout_trainer(c, rollouts: Rollouts, policy: Policy, loss_fn, *, options=N
   run_folder.check_config(c)
   graphdef = policy.graphdef
   loop = trainer.Trainer(state=policy.state,
-                         train_step=build.train_step(c, graphdef, loss_fn, policy.schedule, policy.tx, policy.mesh,
-                                                     policy.rules),
+                         train_step=build.train_step(c, graphdef, loss_fn, policy.tx, policy.mesh, policy.rules),
                          eval_step=trainer.make_eval_step(graphdef, loss_fn), train_batches=rollouts,
                          validator=rollouts.validate if options.val_check_interval else None,
                          run_dir=Path(c.run_dir), options=options, mesh=policy.mesh, rules=policy.rules,
