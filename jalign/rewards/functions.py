@@ -6,7 +6,9 @@ with the prompt and response as text and the data record (its ground truth, such
 
 Calls run in ``workers`` processes of their own (started with ``spawn``: no copy of the trainer's
 process), so that a function that hangs is stopped after ``timeout_s`` (its worker is killed and a fresh
-one started) and one that crashes its process takes only its worker down. A call that raises, times out
+one started) and one that crashes its process takes only its worker down. A call's time starts once its
+worker has started and imported the functions (up to ``START_TIMEOUT_S``, a busy machine's start-up),
+so that a slow start is never taken for a hanging call. A call that raises, times out
 or returns anything but a finite number fails: with ``on_error="default"`` it scores ``default`` and is
 counted and reported (``failures``), with ``"stop"`` the scoring raises ``RewardError`` naming the
 function and the record's ``file:line``.
@@ -22,6 +24,7 @@ import time
 from multiprocessing.connection import wait
 
 ON_ERROR = ("default", "stop")
+START_TIMEOUT_S = 300.0
 
 
 class RewardError(RuntimeError):
@@ -74,6 +77,7 @@ def call(fn, prompt: str, response: str, record: dict) -> tuple[bool, object]:
 
 def _worker(conn, names: list[str]) -> None:
   functions = [load(n) for n in names]
+  conn.send("ready")
   while True:
     task = conn.recv()
     if task is None:
@@ -113,6 +117,14 @@ class RewardPool:
     process.start()
     theirs.close()
     self._workers[slot] = (process, ours)
+    try:
+      ready = ours.poll(START_TIMEOUT_S) and ours.recv() == "ready"
+    except (EOFError, OSError):
+      ready = False
+    if not ready:
+      self._kill(slot)
+      raise RewardError(f"reward functions {', '.join(self.names)}: a worker process did not start within "
+                        f"{START_TIMEOUT_S:g} s")
     return self._workers[slot]
 
   def _kill(self, slot: int) -> None:

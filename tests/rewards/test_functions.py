@@ -55,6 +55,17 @@ def test_a_hanging_function_is_stopped_at_its_timeout_and_the_rest_still_score()
   assert f"reward function {FUNCS}:hangs timed out after 1 s on data.jsonl:3" in logs[0]
 
 
+def test_a_call_is_timed_from_when_its_worker_has_started():
+  """A worker's start (a spawned Python importing the functions: seconds on a busy machine) is not the
+  call's time: a module that takes 2 s to import, calls allowed 1 s."""
+  pool = f.RewardPool([f.parse("tests.rewards.slow_import:one")], timeout_s=1.0, workers=2)
+  try:
+    totals, _ = pool.score(items({}, {}, {}))
+  finally:
+    pool.close()
+  assert totals == [1.0, 1.0, 1.0] and pool.failures == 0
+
+
 def test_stop_on_error_raises_naming_the_function_and_record():
   pool = f.RewardPool([f.parse(f"{FUNCS}:raises")], on_error="stop", workers=1)
   with pytest.raises(f.RewardError, match=rf"^reward function {FUNCS}:raises raised ValueError: cannot grade 9 on data.jsonl:3$"):
