@@ -20,30 +20,36 @@ import optax
 
 @flax.struct.dataclass
 class NemoSchedule:
-  """NeMo's ``CosineAnnealing`` as float32 scalars; ``schedule(step)`` is the rate at optimizer step ``step``."""
+  """NeMo's ``CosineAnnealing`` as float32 scalars; ``schedule(step)`` is the rate at optimizer step ``step``,
+  computed as optax's warmup, cosine decay and constant schedules joined compute it, operation for
+  operation (``alpha``: ``min_lr / lr`` and ``1 - alpha`` rounded from float64, as optax takes them)."""
   lr: jax.Array
   min_lr: jax.Array
   warmup_steps: jax.Array
-  constant_steps: jax.Array
-  max_steps: jax.Array
+  decay_steps: jax.Array
+  alpha: jax.Array
+  one_minus_alpha: jax.Array
 
   def __call__(self, step) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)
-    warmup = jnp.where(self.warmup_steps > 0, self.lr * step / jnp.maximum(self.warmup_steps, 1.0), self.lr)
-    decay_steps = jnp.maximum(1.0, self.max_steps - self.warmup_steps - self.constant_steps)
-    progress = jnp.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-    cosine = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < self.warmup_steps, warmup,
-                     jnp.where(step < self.warmup_steps + decay_steps, cosine, self.min_lr))
+    warmup = jnp.maximum(self.warmup_steps, 1.0)
+    warming = -self.lr * (1 - jnp.clip(step, 0.0, warmup) / warmup) + self.lr
+    rate = jnp.where(self.warmup_steps > 0, warming, self.lr)
+    decayed = jnp.minimum(step - self.warmup_steps, self.decay_steps)
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * decayed / self.decay_steps))
+    rate = jnp.where(step < self.warmup_steps, rate, self.lr * (self.one_minus_alpha * cosine + self.alpha))
+    return jnp.where(step < self.warmup_steps + self.decay_steps, rate, self.min_lr)
 
 
 def nemo_schedule(lr: float, *, max_steps: int, warmup_steps: int = 10, constant_steps: int = 0,
                   min_lr: float | None = None) -> NemoSchedule:
   """The schedule NeMo's ``CosineAnnealing`` takes these arguments for; ``min_lr`` defaults to ``lr / 10``."""
   min_lr = lr / 10 if min_lr is None else min_lr
+  alpha = min_lr / lr if lr > 0 else 0.0
   scalar = lambda x: jnp.asarray(x, jnp.float32)
   return NemoSchedule(lr=scalar(lr), min_lr=scalar(min_lr), warmup_steps=scalar(warmup_steps),
-                      constant_steps=scalar(constant_steps), max_steps=scalar(max_steps))
+                      decay_steps=scalar(max(1, max_steps - warmup_steps - constant_steps)), alpha=scalar(alpha),
+                      one_minus_alpha=scalar(1 - alpha))
 
 
 def constant_schedule(lr: float) -> NemoSchedule:

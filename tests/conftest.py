@@ -170,8 +170,7 @@ def facts_reward_run(tmp_path_factory, worker_id):
   """A tiny reward model trained until it prefers the right facts of the bundled pairs (250 steps,
   validated at the last): a reward that training a policy against can raise."""
   return _shared_run(tmp_path_factory, worker_id, "rm_facts", "rm_tiny",
-                     {"train.max_steps": 250, "train.val_check_interval": 250, "train.save_interval": 0,
-                      "data.pad_to_multiple_of": 16})  # the scorer the PPO tests' thresholds were set with
+                     {"train.max_steps": 250, "train.val_check_interval": 250, "train.save_interval": 0})
 
 
 @pytest.fixture(scope="session")
