@@ -110,22 +110,28 @@ class RewardPool:
     self._workers = [None] * max(1, workers)
     self.failures = 0
 
-  def _start(self, slot: int):
-    ours, theirs = self._context.Pipe()
-    process = self._context.Process(target=_worker, args=(theirs, self.names), daemon=True,
-                                    name=f"reward-worker-{slot}")
-    process.start()
-    theirs.close()
-    self._workers[slot] = (process, ours)
-    try:
-      ready = ours.poll(START_TIMEOUT_S) and ours.recv() == "ready"
-    except (EOFError, OSError):
-      ready = False
-    if not ready:
-      self._kill(slot)
-      raise RewardError(f"reward functions {', '.join(self.names)}: a worker process did not start within "
-                        f"{START_TIMEOUT_S:g} s")
-    return self._workers[slot]
+  def _start(self, slots) -> None:
+    """Starts a worker in each of ``slots`` (replacing one that died), all at once, and waits until each
+    has imported the functions."""
+    for slot in slots:
+      if self._workers[slot] is not None:
+        self._kill(slot)
+      ours, theirs = self._context.Pipe()
+      process = self._context.Process(target=_worker, args=(theirs, self.names), daemon=True,
+                                      name=f"reward-worker-{slot}")
+      process.start()
+      theirs.close()
+      self._workers[slot] = (process, ours)
+    for slot in slots:
+      conn = self._workers[slot][1]
+      try:
+        ready = conn.poll(START_TIMEOUT_S) and conn.recv() == "ready"
+      except (EOFError, OSError):
+        ready = False
+      if not ready:
+        self._kill(slot)
+        raise RewardError(f"reward functions {', '.join(self.names)}: a worker process did not start within "
+                          f"{START_TIMEOUT_S:g} s")
 
   def _kill(self, slot: int) -> None:
     process, conn = self._workers[slot]
@@ -142,16 +148,13 @@ class RewardPool:
     pending = list(reversed(tasks))
     running = {}  # slot -> (task, deadline)
     while pending or running:
-      for slot in range(len(self._workers)):
-        if slot not in running and pending:
-          process, conn = self._workers[slot] or self._start(slot)
-          if not process.is_alive():
-            self._kill(slot)
-            process, conn = self._start(slot)
-          task = pending.pop()
-          item = items[task[0]]
-          conn.send((task[0], task[1], item.prompt, item.response, item.record))
-          running[slot] = (task, time.monotonic() + self.timeout_s)
+      idle = [slot for slot in range(len(self._workers)) if slot not in running][:len(pending)]
+      self._start([slot for slot in idle if self._workers[slot] is None or not self._workers[slot][0].is_alive()])
+      for slot in idle:
+        task = pending.pop()
+        item = items[task[0]]
+        self._workers[slot][1].send((task[0], task[1], item.prompt, item.response, item.record))
+        running[slot] = (task, time.monotonic() + self.timeout_s)
       conns = {self._workers[s][1]: s for s in running}
       nearest = min(deadline for _, deadline in running.values())
       ready = wait(list(conns), timeout=max(0.0, nearest - time.monotonic()))
