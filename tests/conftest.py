@@ -168,7 +168,7 @@ def reward_run(tmp_path_factory, worker_id):
 @pytest.fixture(scope="session")
 def facts_reward_run(tmp_path_factory, worker_id):
   """A tiny reward model trained until it prefers the right facts of the bundled pairs (250 steps,
-  validated at the last): a reward that training a policy against can raise."""
+  validated at the last): a reward model that scores content, for the policy tests that need one."""
   return _shared_run(tmp_path_factory, worker_id, "rm_facts", "rm_tiny",
                      {"train.max_steps": 250, "train.val_check_interval": 250, "train.save_interval": 0})
 
