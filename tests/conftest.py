@@ -27,17 +27,21 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ
 
 
 # JALIGN_COMPILE_REPORT=<file>: each test's seconds of tracing, lowering and XLA compilation in the test
-# process (not in the processes it starts), appended as JSON lines: which tests compile most.
+# process (not in the processes it starts), appended as JSON lines: which tests compile most, and which
+# programs (those of a second or more, by name) each compiled.
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
                   "/jax/core/compile/backend_compile_duration": "compile_s"}
 _compile_seconds: dict[str, float] = {}
+_compiled_programs: list[tuple[str, float]] = []
 
 
-def _count_compile_seconds(event, duration, **_):
+def _count_compile_seconds(event, duration, fun_name="", **_):
   if event in COMPILE_EVENTS:
     key = COMPILE_EVENTS[event]
     _compile_seconds[key] = _compile_seconds.get(key, 0.0) + duration
+    if key == "compile_s" and duration >= 1.0:
+      _compiled_programs.append((fun_name, round(duration, 1)))
 
 
 if os.environ.get("JALIGN_COMPILE_REPORT"):
@@ -48,10 +52,12 @@ if os.environ.get("JALIGN_COMPILE_REPORT"):
     import json
     import time
     _compile_seconds.clear()
-    began = time.perf_counter()
+    _compiled_programs.clear()
+    started, began = time.time(), time.perf_counter()
     yield
-    row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - began, 2),
-           **{k: round(v, 2) for k, v in _compile_seconds.items()}}
+    row = {"test": item.nodeid, "worker": os.environ.get("PYTEST_XDIST_WORKER", ""), "started": round(started, 1),
+           "wall_s": round(time.perf_counter() - began, 2),
+           **{k: round(v, 2) for k, v in _compile_seconds.items()}, "programs": _compiled_programs}
     with open(os.environ["JALIGN_COMPILE_REPORT"], "a") as f:
       f.write(json.dumps(row) + "\n")
 

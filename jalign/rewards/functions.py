@@ -5,7 +5,7 @@ final_answer``, ``my_rewards:unit_tests*0.5``. It is called as ``fn(prompt, resp
 with the prompt and response as text and the data record (its ground truth, such as ``answer``).
 
 Calls run in ``workers`` processes of their own (started with ``spawn``: no copy of the trainer's
-process), so that a function that hangs is stopped after ``timeout_s`` (its worker is killed and a fresh
+process; nor do they import the trainer's main module, only the functions'), so that a function that hangs is stopped after ``timeout_s`` (its worker is killed and a fresh
 one started) and one that crashes its process takes only its worker down. A call's time starts once its
 worker has started and imported the functions (up to ``START_TIMEOUT_S``, a busy machine's start-up),
 so that a slow start is never taken for a hanging call. A call that raises, times out
@@ -16,11 +16,14 @@ function and the record's ``file:line``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
 import multiprocessing
+import sys
 import time
+import types
 from multiprocessing.connection import wait
 
 ON_ERROR = ("default", "stop")
@@ -75,6 +78,22 @@ def call(fn, prompt: str, response: str, record: dict) -> tuple[bool, object]:
   return True, float(value)
 
 
+@contextlib.contextmanager
+def _spawned_without_main(names: list[str]):
+  """A spawned process imports its parent's main module first: for ``python -m jalign.train`` that is
+  jax and the whole trainer, seconds and about 200 MB per worker that a reward function never uses.
+  While workers start, the parent's main is a bare module, unless a function lives in it."""
+  if any(name.partition(":")[0] == "__main__" for name in names):
+    yield
+    return
+  main = sys.modules["__main__"]
+  sys.modules["__main__"] = types.ModuleType("__main__")
+  try:
+    yield
+  finally:
+    sys.modules["__main__"] = main
+
+
 def _worker(conn, names: list[str]) -> None:
   functions = [load(n) for n in names]
   conn.send("ready")
@@ -119,7 +138,8 @@ class RewardPool:
       ours, theirs = self._context.Pipe()
       process = self._context.Process(target=_worker, args=(theirs, self.names), daemon=True,
                                       name=f"reward-worker-{slot}")
-      process.start()
+      with _spawned_without_main(self.names):
+        process.start()
       theirs.close()
       self._workers[slot] = (process, ours)
     for slot in slots:

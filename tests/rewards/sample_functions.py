@@ -35,3 +35,9 @@ def even_length(prompt, response, record):
   """The response's length for problems with an even answer; 0 for the others (a group of an odd
   answer scores all the same)."""
   return float(len(response)) if int(record["answer"]) % 2 == 0 else 0.0
+
+
+def jax_imported(prompt, response, record):
+  """1 if the worker process has imported jax (which none of these functions needs), else 0."""
+  import sys
+  return float("jax" in sys.modules)

@@ -1,10 +1,14 @@
 """The reward-function pool: weights, and functions that raise, hang, return NaN or kill their worker."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from jalign.rewards import functions as f
+from tests.conftest import ROOT
 
 FUNCS = "tests.rewards.sample_functions"
 
@@ -64,6 +68,15 @@ def test_a_call_is_timed_from_when_its_worker_has_started():
   finally:
     pool.close()
   assert totals == [1.0, 1.0, 1.0] and pool.failures == 0
+
+
+def test_workers_do_not_import_the_trainers_main_module():
+  """Started from ``python -m`` a module that imports jax, as the trainer is, a worker imports only the
+  functions (jax and the trainer would cost each worker seconds and about 200 MB)."""
+  out = subprocess.run([sys.executable, "-m", "tests.rewards.trainer_like_main"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["0.0"]
 
 
 def test_stop_on_error_raises_naming_the_function_and_record():
