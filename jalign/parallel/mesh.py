@@ -97,18 +97,27 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# A model of at most this many bytes (the tiny presets) is made by one program: per-variable programs
+# bound the peak memory where it matters, and for a model of a few MB they are only a compile each.
+ONE_PROGRAM_BYTES = 16 * 2**20
+
+
 def create_sharded(make, mesh: Mesh | None, rules=DEFAULT_RULES):
   """The NNX module ``make()`` builds, each variable created straight into its sharding by ``rules``, so
   that no device or host ever holds a whole parameter the mesh splits. Shapes come from
   ``nnx.eval_shape``; each variable's value from a jitted ``make`` that returns only it, laid out by its
   sharding. They run in decreasing order of their scratch memory (a random draw's bits), so that the
-  largest scratch is needed while few values are held. Without a mesh, ``make()``."""
+  largest scratch is needed while few values are held. A model of at most ``ONE_PROGRAM_BYTES`` is made
+  by one jitted ``make`` (the same values). Without a mesh, ``make()``."""
   if mesh is None:
     return make()
   with use(mesh, rules):
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     shapes, treedef = jax.tree.flatten(abstract)
     shardings = jax.tree.leaves(tree_shardings(abstract, mesh, rules))
+    if sum(x.size * x.dtype.itemsize for x in shapes) <= ONE_PROGRAM_BYTES:
+      values = jax.jit(lambda: jax.tree.leaves(nnx.split(make())[1]), out_shardings=shardings)()
+      return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
     programs = [jax.jit(lambda i=i: jax.tree.leaves(nnx.split(make())[1])[i], out_shardings=sharding).lower()
                 .compile() for i, sharding in enumerate(shardings)]
     values = [None] * len(shapes)

@@ -97,3 +97,17 @@ def test_mesh_shape_fill_and_errors():
     pmesh.mesh_shape({"data": 3, "tensor": 2}, 8)
   with pytest.raises(ValueError, match="unknown mesh axes"):
     pmesh.mesh_shape({"model": 8}, 8)
+
+
+def test_a_small_model_made_by_one_program_has_the_per_variable_programs_values(monkeypatch):
+  cfg = LlamaConfig.preset("tiny")
+  mesh = pmesh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(3))  # noqa: E731
+  one = nnx.to_flat_state(nnx.state(pmesh.create_sharded(make, mesh)))
+  monkeypatch.setattr(pmesh, "ONE_PROGRAM_BYTES", 0)
+  each = nnx.to_flat_state(nnx.state(pmesh.create_sharded(make, mesh)))
+  assert [path for path, _ in one] == [path for path, _ in each]
+  for (path, a), (_, b) in zip(one, each):
+    a, b = a.get_value(), b.get_value()
+    assert a.sharding == b.sharding, path
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
