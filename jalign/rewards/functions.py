@@ -5,8 +5,9 @@ final_answer``, ``my_rewards:unit_tests*0.5``. It is called as ``fn(prompt, resp
 with the prompt and response as text and the data record (its ground truth, such as ``answer``).
 
 Calls run in ``workers`` processes of their own (started with ``spawn``: no copy of the trainer's
-process; nor do they import the trainer's main module, only the functions'), so that a function that hangs is stopped after ``timeout_s`` (its worker is killed and a fresh
-one started) and one that crashes its process takes only its worker down. A call's time starts once its
+process, and only the functions' modules imported, not the trainer's main module), so that a function
+that hangs is stopped after ``timeout_s`` (its worker is killed and a fresh one started) and one that
+crashes its process takes only its worker down. A call's time starts once its
 worker has started and imported the functions (up to ``START_TIMEOUT_S``, a busy machine's start-up),
 so that a slow start is never taken for a hanging call. A call that raises, times out
 or returns anything but a finite number fails: with ``on_error="default"`` it scores ``default`` and is
