@@ -11,8 +11,9 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 
 local_mode() { [ -n "${JALIGN_LOCAL:-}" ]; }
 
-# XLA:CPU compiles with its older fusion emitters ~40% faster, and the programs run as fast.
-LOCAL_XLA_FLAGS="--xla_cpu_use_fusion_emitters=false"
+# XLA:CPU compiles with its older fusion emitters ~40% faster, and the programs run as fast. Its
+# concurrency-maximising scheduler can deadlock a program's collectives among a process's fake devices.
+LOCAL_XLA_FLAGS="--xla_cpu_use_fusion_emitters=false --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 # The host other jobs reach this job's first process at.
 first_host() {

@@ -10,8 +10,9 @@ n="${1:?usage: scripts/launch_local.sh N --config=configs/<name>.py [flags...]}"
 shift
 devices="${DEVICES_PER_PROCESS:-2}"
 python="${PYTHON:-.venv/bin/python}"
-# XLA:CPU compiles with its older fusion emitters ~40% faster, and the programs run as fast.
-xla_flags="--xla_cpu_use_fusion_emitters=false"
+# XLA:CPU compiles with its older fusion emitters ~40% faster, and the programs run as fast. Its
+# concurrency-maximising scheduler can deadlock a program's collectives among a process's fake devices.
+xla_flags="--xla_cpu_use_fusion_emitters=false --xla_cpu_enable_concurrency_optimized_scheduler=false"
 port=$("$python" -c "import portpicker; print(portpicker.pick_unused_port())")
 # The run folder the config names (a --config.run_dir flag wins), for the followers' logs.
 run_dir=$("$python" - "$@" <<'EOF'

@@ -6,14 +6,14 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import CPU_XLA_FLAGS, ROOT
+from tests.conftest import FEW_STEPS_XLA_FLAGS, ROOT
 
 
 def test_every_part_runs_at_the_tiny_shape(tmp_path):
   out = tmp_path / "gpu_scale.json"
   done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_scale.py"), "--tiny", "--out", str(out),
                          "--parts", "sft-1b,dpo-1b,ppo-1b,gen-1b"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env=dict(os.environ, XLA_FLAGS=CPU_XLA_FLAGS))  # one device, as on one GPU
+                        timeout=600, env=dict(os.environ, XLA_FLAGS=FEW_STEPS_XLA_FLAGS))  # one device, as on one GPU
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   results = json.loads(out.read_text())
   parts = results["parts"]
