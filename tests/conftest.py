@@ -12,11 +12,11 @@ from pathlib import Path
 # deadlock a program until XLA aborts the process (PPO's critic step on a data x tensor mesh: 4 of 13 runs;
 # 0 of 10 without it). Every process a test starts is given these too (CPU_XLA_FLAGS in place of the fake
 # device count).
-CPU_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1 "
-                 "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+_XLA_CPU = "--xla_cpu_use_fusion_emitters=false --xla_cpu_enable_concurrency_optimized_scheduler=false"
+CPU_XLA_FLAGS = f"{_XLA_CPU} --xla_backend_optimization_level=1"
 # For processes whose programs each run once or a few times (a benchmark's every part at the tiny shape):
 # LLVM at -O0 compiles 2.5x faster than at -O2, and the code runs 2-3x slower.
-FEW_STEPS_XLA_FLAGS = CPU_XLA_FLAGS.replace("optimization_level=1", "optimization_level=0")
+FEW_STEPS_XLA_FLAGS = f"{_XLA_CPU} --xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
