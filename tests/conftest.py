@@ -11,11 +11,11 @@ from pathlib import Path
 # the devices of one process run independent collectives in different orders, which on two cores can
 # deadlock a program until XLA aborts the process (PPO's critic step on a data x tensor mesh: 4 of 13 runs;
 # 0 of 10 without it). Every process a test starts is given these too (CPU_XLA_FLAGS in place of the fake
-# device count).
+# device count; FEW_STEPS_XLA_FLAGS for the jobs and commands that run a few steps).
 _XLA_CPU = "--xla_cpu_use_fusion_emitters=false --xla_cpu_enable_concurrency_optimized_scheduler=false"
 CPU_XLA_FLAGS = f"{_XLA_CPU} --xla_backend_optimization_level=1"
-# For processes whose programs each run once or a few times (a benchmark's every part at the tiny shape):
-# LLVM at -O0 compiles 2.5x faster than at -O2, and the code runs 2-3x slower.
+# For processes whose programs each run once or a few times (a benchmark's every part at the tiny shape, a
+# job of a few steps): LLVM at -O0 compiles 2.5x faster than at -O2, and the code runs 2-3x slower.
 FEW_STEPS_XLA_FLAGS = f"{_XLA_CPU} --xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,6 +68,19 @@ if os.environ.get("JALIGN_COMPILE_REPORT"):
            **{k: round(v, 2) for k, v in _compile_seconds.items()}, "programs": _compiled_programs}
     with open(os.environ["JALIGN_COMPILE_REPORT"], "a") as f:
       f.write(json.dumps(row) + "\n")
+
+
+# Most tests run what they compile once or a few times: their programs are compiled with LLVM at -O0
+# (jax_disable_most_optimizations; half the compile time, code 2-3x slower). Tests marked many_steps
+# (training until something is learned, long generation) and the shared runs keep -O1. The persistent
+# cache keys each program on its level.
+def _optimize(on: bool):
+  jax.config.update("jax_disable_most_optimizations", not on)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  _optimize(item.get_closest_marker("many_steps") is not None)
 
 
 # Modules whose processes take several GB each (the memory probes, the real-size local runs): under
@@ -129,7 +142,7 @@ def launch_job(module, args, processes, devices_each, *, only=None, **popen):
   no coordinator) of ``devices_each`` CPU devices; the ``Popen`` of each, process 0 first. ``only``:
   ``{process id: [args]}`` added to that process's alone."""
   import portpicker
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FEW_STEPS_XLA_FLAGS)
   job = [f"--config.distributed.coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
          f"--config.distributed.num_processes={processes}"]
   only = only or {}
@@ -167,7 +180,12 @@ def _shared_run(tmp_path_factory, worker_id, name, config, overrides):
   folder.parent.mkdir(parents=True, exist_ok=True)
   with FileLock(str(folder) + ".lock"):
     if not (folder / "done").exists():
-      run(load(config, folder, **overrides), log=quiet)
+      optimized = not jax.config.read("jax_disable_most_optimizations")
+      _optimize(True)  # it trains for many steps, whichever test needs it first
+      try:
+        run(load(config, folder, **overrides), log=quiet)
+      finally:
+        _optimize(optimized)
       (folder / "done").touch()
   return folder
 

@@ -55,6 +55,7 @@ def test_the_command_writes_its_summary_and_bad_input_is_one_line(tmp_path, sft_
   assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none.jsonl'}: file not found"
 
 
+@pytest.mark.many_steps
 def test_a_model_that_is_not_a_run_is_asked_in_its_own_chat_template(tmp_path, smollm2_file):
   """``smollm2`` (SmolLM2-135M-Instruct, ChatML): the accuracy before any training."""
   data = tmp_path / "problems.jsonl"

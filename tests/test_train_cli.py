@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CPU_XLA_FLAGS
+from tests.conftest import FEW_STEPS_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.train.max_steps=3", "--config.train.val_check_interval=0", "--config.train.save_interval=0",
@@ -16,7 +16,7 @@ SMALL = ["--config.train.max_steps=3", "--config.train.val_check_interval=0", "-
 
 
 def train(*args, command=(sys.executable, "-m", "jalign.train")):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FEW_STEPS_XLA_FLAGS)
   return subprocess.run([*command, "--config=configs/sft_tiny.py", *SMALL, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -205,7 +205,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path)
   fails, the run stops before its next save would have, and checkpoints 2 and 4 are as they were."""
   mnt, out = tmp_path / "disk", tmp_path / "out"
   mnt.mkdir(), out.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_XLA_FLAGS, MNT=str(mnt), OUT=str(out))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FEW_STEPS_XLA_FLAGS, MNT=str(mnt), OUT=str(out))
   subprocess.run(["unshare", "--map-root-user", "--mount", "bash", "-c", DISK_FULL, "disk_full", sys.executable,
                   "-m", "jalign.train", "--config=configs/sft_tiny.py", *SMALL[3:], "--config.train.val_check_interval=0",
                   f"--config.run_dir={mnt / 'run'}"], cwd=ROOT, env=env, check=True, timeout=300)

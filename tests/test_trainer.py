@@ -45,6 +45,7 @@ def quiet(*_):
   pass
 
 
+@pytest.mark.many_steps
 def test_sft_loss_falls_well_below_its_start(tmp_path):
   c = tiny_config(tmp_path / "run", max_steps=60, val_check_interval=30)
   summary = run(c, log=quiet)
@@ -76,6 +77,7 @@ class SigtermAt:
     self.inner.set_state(state)
 
 
+@pytest.mark.many_steps
 def test_resume_after_sigterm_repeats_the_uninterrupted_losses(tmp_path):
   steps = 8
   straight = run(tiny_config(tmp_path / "a", max_steps=steps), log=quiet)["losses"]

@@ -24,6 +24,7 @@ def kd_config(tmp_path, teacher, **overrides):
                                                   "data.max_seq_length": 64, "train.save_interval": 0, **overrides})
 
 
+@pytest.mark.many_steps
 def test_student_learns_the_teachers_top_k(tmp_path, teacher):
   c = kd_config(tmp_path, teacher, **{"train.max_steps": 60, "train.val_check_interval": 60})
   written = distill.run(c, log=quiet)

@@ -15,6 +15,8 @@ from jalign.specs.base import ConfigError
 from tests.conftest import ROOT, load, quiet
 from tests.losses.test_grpo import np_advantages
 
+pytestmark = pytest.mark.many_steps
+
 FUNCS = "tests.rewards.sample_functions"
 # Dense rewards from the tiny policy: its response's length in characters (a tenth), plus the verifier.
 REWARDS = f"{FUNCS}:length*0.1,jalign.rewards.math_answers:final_answer"

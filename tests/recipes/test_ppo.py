@@ -184,6 +184,7 @@ def test_bad_ppo_configs_name_their_key(tmp_path, reward_run, sft_run):
     run(ppo_config(tmp_path, reward_run, sft_run, **{"rollout.tis_cap": -1.0}), log=quiet)
 
 
+@pytest.mark.many_steps
 def test_lora_ppo_trains_only_adapters_generates_with_them_folded_in_and_ascends_its_objective(
     tmp_path, facts_reward_run, sft_run, monkeypatch):
   """lora.rank on the rollout policy: the adapters alone train (the base stays frozen and, adapters

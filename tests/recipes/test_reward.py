@@ -24,6 +24,7 @@ def rm_run(tmp_path_factory):
   return run_dir
 
 
+@pytest.mark.many_steps
 def test_rewards_are_the_models_last_token_values_standardised(rm_run):
   (rm_run / STANDARDIZATION_FILE).unlink(missing_ok=True)
   reward_model = RewardModel.load(rm_run)

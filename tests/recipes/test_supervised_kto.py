@@ -9,6 +9,8 @@ from jalign.recipes.build import build_trainer
 
 from tests.conftest import load, quiet
 
+pytestmark = pytest.mark.many_steps
+
 
 def feedback_file(path, n, seed):
   """Answers in a desirable style or an undesirable one, for prompts of one template."""

@@ -16,6 +16,8 @@ from jalign.train import run
 from jalign.plan import plan
 from tests.conftest import load, quiet
 
+pytestmark = pytest.mark.many_steps
+
 
 def test_dpo_starts_at_log2_and_raises_margin_and_accuracy(tmp_path):
   c = load("dpo_tiny", tmp_path / "dpo", **{"train.max_steps": 100, "train.val_check_interval": 100,

@@ -13,6 +13,8 @@ from jalign.train import run
 
 from tests.conftest import CPU_XLA_FLAGS, load, quiet
 
+pytestmark = pytest.mark.many_steps
+
 
 def test_reward_model_learns_the_facts(facts_reward_run):
   rows = [json.loads(line) for line in (facts_reward_run / "metrics.jsonl").read_text().splitlines()]

@@ -92,6 +92,7 @@ def test_group_rows_give_each_responses_log_prob(tmp_path):
   assert float(value) == pytest.approx(float(alone), rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.many_steps
 def test_steerlm2_learns_to_prefer_the_weighted_answer(tmp_path):
   c = load("steerlm2_tiny", tmp_path / "sl2", **{"train.max_steps": 120, "train.val_check_interval": 120,
                                                  "train.micro_batch_size": 2,  # one micro-batch per step

@@ -31,6 +31,8 @@ from tests.conftest import ROOT, launch_job, run_job
 from tests.conftest import quiet
 from tests.serve.servers import free_port_block, kill_server_while_training, ppo_args, start_server
 
+pytestmark = pytest.mark.many_steps
+
 
 def overrides(run_dir, reward_run, sft_run, address):
   return {"run_dir": str(run_dir), "model.init": f"run:{sft_run}", "critic.init": f"run:{reward_run}",

@@ -27,6 +27,8 @@ from jalign.serve.triton import ServeError
 from tests.conftest import CPU_XLA_FLAGS, ROOT, launch_job, quiet
 from tests.serve.servers import config_args, free_port_block, kill_server_while_training, start_server
 
+pytestmark = pytest.mark.many_steps
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, reward_run, sft_run):
