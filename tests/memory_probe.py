@@ -17,13 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-# Each program runs once, but makes up to GBs of random values: LLVM at -O1 (the three probes: 72 s; at
-# -O0, 135 s).
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false "
-                           "--xla_backend_optimization_level=1 --xla_cpu_enable_concurrency_optimized_scheduler=false")
-os.environ["JAX_PLATFORMS"] = "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.xla_flags import CPU_XLA_FLAGS  # noqa: E402
+
+# Each program runs once, but makes up to GBs of random values: LLVM at -O1, not the few-steps -O0 (the
+# three probes: 72 s; at -O0, 135 s).
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}"
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
